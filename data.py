@@ -1,0 +1,288 @@
+"""Datasets and batch loaders; both loaders yield (images, labels) already on the training device.
+
+Small images (CIFAR-10/100, ImageFolder trees of images up to 64 px): decoded once into a uint8 tensor
+(cached beside the data), kept on the device, and cropped, flipped and normalised a whole batch at a
+time there (`TensorLoader`). Large images (ImageNet) and `--loader torchvision`: torchvision datasets,
+transforms and a DataLoader with worker processes (`EpochLoader`). Both shuffle with a generator seeded
+by (seed, epoch), so an epoch's order is a pure function of the two and resuming needs only counters.
+"""
+import hashlib
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import datasets as tv_datasets
+from torchvision import transforms as T
+
+from utils import save_torch
+
+DATASETS = ("CIFAR10", "CIFAR100", "ImageNet", "ImageFolder")
+LOADERS = ("memory", "torchvision")
+SMALL_IMAGE = 64  # images up to this size are kept decoded in memory
+PAD = 4           # random-crop padding for small images
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+EVAL_BATCH = 512
+
+
+class DataError(ValueError):
+    """A data folder or dataset that cannot be used."""
+
+
+def epoch_generator(seed, epoch):
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The in-memory loader for small images
+# ---------------------------------------------------------------------------------------------------
+
+class TensorLoader:
+    """Batches from uint8 images (N, C, H, W) and labels held on the device; with `augment`, each batch
+    gets a random crop after zero-padding by PAD pixels and a random horizontal flip. With world_size
+    > 1, rank r takes every world_size-th example of each global batch of `batch_size`."""
+
+    def __init__(self, images, labels, batch_size, mean, std, augment=False, shuffle=False, seed=0,
+                 channels_last=False, rank=0, world_size=1):
+        self.images, self.labels = images, labels
+        self.batch_size, self.augment, self.shuffle, self.seed = batch_size, augment, shuffle, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        device = images.device
+        self.shift = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.scale = 1 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
+
+    def __len__(self):
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        return self.batches()
+
+    def batches(self, start=0):
+        """The epoch's batches from batch number `start` on (for resuming inside an epoch)."""
+        n, device = len(self.labels), self.images.device
+        gen = epoch_generator(self.seed, self.epoch)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        shifts = torch.randint(0, 2 * PAD + 1, (n, 2), generator=gen)
+        flips = torch.rand(n, generator=gen) < 0.5
+        order, shifts, flips = order.to(device), shifts.to(device), flips.to(device)
+        for b in range(start, len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world_size]
+            images = self.images[idx]
+            if self.augment:
+                images = crop_and_flip(images, shifts[idx], flips[idx])
+            images = (images.float() - self.shift).mul_(self.scale)
+            yield images.contiguous(memory_format=self.memory_format), self.labels[idx]
+
+
+def crop_and_flip(images, shifts, flips):
+    """Per-image random crop of the zero-padded batch at (dy, dx) = shifts, then flip where `flips`."""
+    b, _, h, w = images.shape
+    padded = F.pad(images, (PAD, PAD, PAD, PAD))
+    rows = (shifts[:, 0, None] + torch.arange(h, device=images.device))[:, :, None]  # b, h, 1
+    cols = (shifts[:, 1, None] + torch.arange(w, device=images.device))[:, None, :]  # b, 1, w
+    cols = torch.where(flips[:, None, None], cols.flip(-1), cols)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # gathered as (b, h, w, c)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The torchvision loader
+# ---------------------------------------------------------------------------------------------------
+
+class EpochLoader:
+    """torchvision's DataLoader with worker processes, shuffled by a (seed, epoch) generator and
+    sharded by rank like DistributedSampler; batches are moved to `device`."""
+
+    def __init__(self, dataset, batch_size, device, shuffle=False, workers=4, seed=0,
+                 channels_last=False, rank=0, world_size=1):
+        self.dataset, self.batch_size, self.device, self.shuffle = dataset, batch_size, device, shuffle
+        self.workers, self.seed, self.rank, self.world_size, self.epoch = workers, seed, rank, world_size, 0
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self):
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        return self.batches()
+
+    def batches(self, start=0):
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch)) if self.shuffle \
+            else torch.arange(n)
+        batch_indices = [order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world_size]
+                         .tolist() for b in range(start, len(self))]
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batch_indices, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for images, labels in loader:
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            yield images, labels.to(self.device, non_blocking=True)
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """uint8 (N, C, H, W) images as a Dataset of (transformed PIL image, label) for EpochLoader."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
+        return self.transform(image), int(self.labels[i])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading datasets
+# ---------------------------------------------------------------------------------------------------
+
+def split_dirs(root):
+    """train/ and val/ (or test/) inside an ImageFolder root."""
+    train = os.path.join(root, "train")
+    test = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))),
+                None)
+    if not os.path.isdir(train) or test is None:
+        raise DataError(f"--data-dir {root} must hold train/ and val/ (or test/) class folders")
+    return train, test
+
+
+def image_folder(path):
+    try:
+        folder = tv_datasets.ImageFolder(path)
+    except (FileNotFoundError, RuntimeError) as err:  # no class folders, or no images in them
+        raise DataError(f"no images found in {path}: {err}") from None
+    return folder
+
+
+def decoded_image_folder(path, cache_dir=None):
+    """(images uint8 N x C x H x W, labels, classes) of an ImageFolder tree of equal-size images,
+    decoded once and cached as a .pt file keyed by the files' names, sizes and times."""
+    folder = image_folder(path)
+    key = hashlib.sha1()
+    for file, label in folder.samples:
+        stat = os.stat(file)
+        key.update(f"{os.path.relpath(file, path)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    cache = os.path.join(cache_dir or _cache_dir(path), f"{os.path.basename(path)}-{key.hexdigest()[:16]}.pt")
+    if os.path.exists(cache):
+        saved = torch.load(cache, weights_only=True)
+        return saved["images"], saved["labels"], saved["classes"]
+    arrays = [np.asarray(Image.open(file).convert("RGB")) for file, _ in folder.samples]
+    if len({a.shape for a in arrays}) != 1:
+        raise DataError(f"images in {path} differ in size; use --loader torchvision")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor(folder.targets, dtype=torch.int64)
+    save_torch({"images": images, "labels": labels, "classes": folder.classes}, cache)
+    return images, labels, folder.classes
+
+
+def _cache_dir(path):
+    local = os.path.join(os.path.dirname(os.path.abspath(path)), ".twa-cache")
+    try:
+        os.makedirs(local, exist_ok=True)
+        if os.access(local, os.W_OK):
+            return local
+    except OSError:
+        pass
+    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    user = os.path.join(os.path.expanduser("~"), ".cache", "twa", digest)
+    os.makedirs(user, exist_ok=True)
+    return user
+
+
+def torchvision_cifar(name, root, train):
+    cls = tv_datasets.CIFAR10 if name == "CIFAR10" else tv_datasets.CIFAR100
+    try:
+        data = cls(root=root, train=train, download=True)
+    except Exception as err:  # no network, or a partial download
+        raise DataError(f"could not get {name} into --data-dir {root} ({err}); for a local ImageFolder "
+                        "copy use --datasets ImageFolder --data-dir <tree>") from None
+    images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(data.targets, dtype=torch.int64), data.classes
+
+
+def channel_stats(images):
+    """Per-channel mean and std of uint8 images, in [0, 1] units."""
+    flat = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255
+    return tuple(flat.mean(1).tolist()), tuple(flat.std(1).tolist())
+
+
+def small_image_tensors(args):
+    """(train images, train labels, test images, test labels, classes) as uint8 tensors on the CPU."""
+    if args.datasets in ("CIFAR10", "CIFAR100"):
+        train = torchvision_cifar(args.datasets, args.data_dir, True)
+        test = torchvision_cifar(args.datasets, args.data_dir, False)
+    else:
+        train_dir, test_dir = split_dirs(args.data_dir)
+        train, test = decoded_image_folder(train_dir), decoded_image_folder(test_dir)
+        if train[2] != test[2]:
+            raise DataError(f"{train_dir} and {test_dir} have different class folders")
+    images, labels = train[0], train[1]
+    if 0 < args.train_subset < len(labels):  # fixed seed: both scripts and all runs see one subset
+        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:args.train_subset]
+        images, labels = images[keep], labels[keep]
+    return images, labels, test[0], test[1], train[2]
+
+
+def is_small_image_dataset(args):
+    if args.datasets in ("CIFAR10", "CIFAR100"):
+        return True
+    if args.datasets == "ImageNet":
+        return False
+    train_dir, _ = split_dirs(args.data_dir)
+    first_file = image_folder(train_dir).samples[0][0]
+    with Image.open(first_file) as image:
+        return max(image.size) <= SMALL_IMAGE
+
+
+def build_loaders(args, device, rank=0, world_size=1):
+    """(train loader, test loader, number of classes) for args.datasets at args.data_dir."""
+    if args.datasets not in DATASETS:
+        raise DataError(f"unknown --datasets {args.datasets!r}; choose one of: {', '.join(DATASETS)}")
+    if not is_small_image_dataset(args):
+        return large_image_loaders(args, device, rank, world_size)
+    train_x, train_y, test_x, test_y, classes = small_image_tensors(args)
+    mean, std = channel_stats(train_x)
+    common = dict(channels_last=args.channels_last, rank=rank, world_size=world_size)
+    if args.loader == "torchvision":
+        size = train_x.shape[-1]
+        normalise = [T.ToTensor(), T.Normalize(mean, std)]
+        train_tf = T.Compose([T.RandomCrop(size, padding=PAD), T.RandomHorizontalFlip(), *normalise])
+        train = EpochLoader(TensorImages(train_x, train_y, train_tf), args.batch_size, device,
+                            shuffle=True, workers=args.workers, seed=args.randomseed, **common)
+        test = EpochLoader(TensorImages(test_x, test_y, T.Compose(normalise)), EVAL_BATCH, device,
+                           workers=args.workers, **common)
+        return train, test, len(classes)
+    train_x, train_y = train_x.to(device), train_y.to(device)
+    train = TensorLoader(train_x, train_y, args.batch_size, mean, std, augment=True, shuffle=True,
+                         seed=args.randomseed, **common)
+    test = TensorLoader(test_x.to(device), test_y.to(device), EVAL_BATCH, mean, std, **common)
+    return train, test, len(classes)
+
+
+def large_image_loaders(args, device, rank, world_size):
+    """ImageNet transforms (RandomResizedCrop + flip; Resize + CenterCrop) through a DataLoader."""
+    train_dir, test_dir = split_dirs(args.data_dir)
+    size = 224
+    if args.datasets == "ImageFolder":
+        with Image.open(image_folder(train_dir).samples[0][0]) as image:
+            size = min(image.size)
+    normalise = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *normalise])
+    test_tf = T.Compose([T.Resize(round(size * 8 / 7)), T.CenterCrop(size), *normalise])
+    train_set, test_set = image_folder(train_dir), image_folder(test_dir)
+    train_set.transform, test_set.transform = train_tf, test_tf
+    common = dict(workers=args.workers, channels_last=args.channels_last, rank=rank,
+                  world_size=world_size)
+    train = EpochLoader(train_set, args.batch_size, device, shuffle=True, seed=args.randomseed, **common)
+    test = EpochLoader(test_set, args.batch_size, device, **common)
+    return train, test, len(train_set.classes)

@@ -1,0 +1,85 @@
+"""Tests for plot.py, run as a command-line script in a subprocess."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PLOT_SCRIPT = Path(__file__).resolve().parents[1] / "plot.py"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_plot(*args):
+    """Run plot.py with `args`; return the completed process."""
+    return subprocess.run([sys.executable, str(PLOT_SCRIPT), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_png(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert len(data) > 1000
+
+
+def write_metrics(run_dir, offset):
+    """Write a 3-epoch metrics.jsonl into `run_dir`, plus rows plot.py must skip."""
+    run_dir.mkdir(parents=True)
+    rows = [{"stage": "start", "lr": 0.1}]
+    for epoch in range(1, 4):
+        rows.append({"epoch": epoch, "stage": "train", "lr": 0.1, "time": 1.5,
+                     "train_loss": 2.0 / epoch + offset, "train_acc": 30.0 * epoch,
+                     "test_loss": 2.2 / epoch + offset, "test_acc": 28.0 * epoch})
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return run_dir
+
+
+def test_curves_two_runs(tmp_path):
+    run_a = write_metrics(tmp_path / "sgd", offset=0.0)
+    run_b = write_metrics(tmp_path / "twa", offset=0.1)
+    out = tmp_path / "figures" / "curves.png"
+    result = run_plot("curves", run_a, run_b / "metrics.jsonl", "-o", out, "--labels", "SGD", "TWA")
+    assert result.returncode == 0, result.stderr
+    assert_png(out)
+    assert [p.name for p in out.parent.iterdir()] == ["curves.png"]
+
+
+def test_coefficients_bar_chart(tmp_path):
+    coefficients = tmp_path / "coefficients.json"
+    coefficients.write_text(json.dumps({
+        "checkpoints": ["0.pt", "1.pt", "2.pt", "3.pt"],
+        "alpha": [0.4, 0.35, -0.05, 0.3],
+        "uniform": 0.25,
+    }))
+    out = tmp_path / "alpha.png"
+    result = run_plot("coefficients", coefficients, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert_png(out)
+
+
+def test_malformed_json_line_exits_2(tmp_path):
+    run = write_metrics(tmp_path / "broken_run", offset=0.0)
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"epoch": 4, "train_loss": \n')
+    result = run_plot("curves", run, "-o", tmp_path / "out.png")
+    assert result.returncode == 2
+    assert "metrics.jsonl:5" in result.stderr
+    assert "broken_run" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_missing_file_exits_2(tmp_path):
+    result = run_plot("curves", tmp_path / "nowhere", "-o", tmp_path / "out.png")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    result = run_plot("coefficients", tmp_path / "nowhere.json", "-o", tmp_path / "out.png")
+    assert result.returncode == 2
+    assert "nowhere.json" in result.stderr
+
+
+def test_mismatched_coefficients_exits_2(tmp_path):
+    coefficients = tmp_path / "coefficients.json"
+    coefficients.write_text(json.dumps({"checkpoints": ["0.pt", "1.pt"], "alpha": [1.0]}))
+    result = run_plot("coefficients", coefficients, "-o", tmp_path / "out.png")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1

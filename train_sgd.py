@@ -1,0 +1,123 @@
+"""Regular SGD training that saves the checkpoints TWA averages.
+
+<save-dir>/0.pt holds the initial weights, then 1.pt, 2.pt, ... one per save point (--save-every per
+epoch, numbered consecutively): plain state_dicts, interchangeable with the reference code's.
+<save-dir>/state.pt holds what --resume needs; <log-dir>/metrics.jsonl one row per epoch.
+"""
+import argparse
+import os
+import time
+
+import torch
+
+import utils
+from utils import UsageError, log
+
+STATE = "state.pt"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    utils.add_common_args(parser)
+    add = parser.add_argument
+    add("--epochs", type=int, default=200, help="training epochs")
+    add("--lr", "--learning-rate", type=float, default=0.1, help="initial learning rate")
+    add("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-4, help="weight decay")
+    add("--schedule", default="step", choices=("step", "cosine", "constant"),
+        help="learning-rate schedule; step: /10 at 50%% and 75%% of the epochs")
+    add("--optimizer", default="sgd", choices=("sgd", "SGD"), help="kept for the reference's flags")
+    add("--save-every", type=int, default=1, help="checkpoints saved per epoch")
+    args = parser.parse_args(argv)
+    utils.check_common_args(args)
+    if args.save_every <= 0:
+        raise UsageError(f"--save-every must be positive, not {args.save_every}")
+    return args
+
+
+def save_points(batches, per_epoch):
+    """Batch indices after which a checkpoint is saved: per_epoch of them, evenly spread."""
+    if per_epoch > batches:
+        raise UsageError(f"--save-every {per_epoch} exceeds the {batches} batches of an epoch")
+    return {round((j + 1) * batches / per_epoch) - 1 for j in range(per_epoch)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    state_path = os.path.join(args.save_dir, STATE)
+    resume = utils.load_torch(state_path) if args.resume else None
+    if not args.resume and os.path.exists(os.path.join(args.save_dir, "0.pt")):
+        raise UsageError(f"{args.save_dir} already holds checkpoints; use --resume or another --save-dir")
+    device, train_loader, test_loader, model = utils.setup_run(args, "sgd")
+    forward = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    metrics = utils.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "sgd",
+                            resume["metrics"] if resume else ())
+    progress = {"epoch": 0, "batch": 0, "checkpoint": 0, "totals": None, "elapsed": 0.0}
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        torch.set_rng_state(resume["rng"])
+        progress = resume["progress"]
+        log.info("resumed at epoch %d, batch %d, checkpoint %d", progress["epoch"], progress["batch"],
+                 progress["checkpoint"])
+    else:
+        utils.save_torch(model.state_dict(), os.path.join(args.save_dir, "0.pt"))
+
+    def save_state():
+        utils.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "rng": torch.get_rng_state(), "progress": progress, "metrics": metrics.rows,
+                          "args": vars(args)}, state_path)
+
+    stop = utils.StopRequest()
+    points = save_points(len(train_loader), args.save_every)
+    steps_per_epoch = len(train_loader)
+    trainer = utils.EpochTrainer(model, forward, args, device)
+
+    def update(lr):
+        utils.set_lr(optimizer, lr)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    while progress["epoch"] < args.epochs:
+        epoch, started, spent_before = progress["epoch"], time.time(), progress["elapsed"]
+        train_loader.set_epoch(epoch)
+
+        def lr_for_batch(batch):
+            fraction = (epoch * steps_per_epoch + batch) / (args.epochs * steps_per_epoch)
+            return utils.lr_at(args.schedule, args.lr, epoch, args.epochs, fraction)
+
+        def after_batch(batch, totals):
+            if batch in points:
+                progress["checkpoint"] += 1
+                utils.save_torch(model.state_dict(),
+                                 os.path.join(args.save_dir, f"{progress['checkpoint']}.pt"))
+            if stop or (batch in points and batch + 1 < steps_per_epoch):
+                progress.update(batch=batch + 1, totals=totals(),
+                                elapsed=spent_before + time.time() - started)
+                save_state()
+            return bool(stop)
+
+        totals = trainer.run(train_loader, epoch, lr_for_batch, update, progress["batch"],
+                             progress["totals"], after_batch)
+        if totals is None:
+            log.info("stopped by %s at epoch %d, batch %d; state saved, continue with --resume",
+                     stop.signal, epoch, progress["batch"])
+            raise SystemExit(128 + 15)
+        elapsed = spent_before + time.time() - started
+        test = utils.evaluate(model, test_loader, args.amp)
+        metrics.append({"epoch": epoch + 1, "lr": lr_for_batch(steps_per_epoch - 1),
+                        "train_loss": totals["loss"] / totals["count"],
+                        "train_acc": 100 * totals["correct"] / totals["count"],
+                        "test_loss": test["loss"], "test_acc": test["accuracy"], "time": elapsed,
+                        "checkpoint": progress["checkpoint"]})
+        log.info("epoch %d/%d: test loss %.4f acc %.2f (%.0f s)", epoch + 1, args.epochs, test["loss"],
+                 test["accuracy"], elapsed)
+        progress.update(epoch=epoch + 1, batch=0, totals=None, elapsed=0.0)
+        save_state()
+    log.info("done: %d checkpoints in %s", progress["checkpoint"] + 1, args.save_dir)
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

@@ -1,0 +1,448 @@
+"""Trainable Weight Averaging (Li et al., ICLR 2023): train the coefficients of a weighted average of
+checkpoints, i.e. run SGD inside the subspace that the checkpoints span.
+
+Works with any nn.Module and any training loop:
+
+    space = Subspace.from_checkpoints(model, [f"ckpt/{i}.pt" for i in range(101)])
+    trainer = TWA(model, space)                      # model now holds the mean of the checkpoints
+    opt = torch.optim.SGD(trainer.parameters(), lr=2, momentum=0.9, weight_decay=1e-5)
+    for x, y in loader:
+        F.cross_entropy(model(x), y).backward()
+        trainer.step(opt)                            # dL/dc = P g; step on c; weights = P^T c
+    alpha = space.checkpoint_coefficients(trainer.coordinates)   # sum_i alpha_i w_i = weights
+
+P (k x D) is an orthonormal basis of the checkpoints' span, built by streaming the checkpoints one at a
+time through Gram-Schmidt with re-orthogonalisation, so only P itself is ever held in memory. Training
+the k coordinates c with w = P^T c is the paper's projected SGD (g -> P^T P g) written in the
+subspace's own coordinates: the same trajectory, with no D-sized optimizer state, and the weights stay
+exactly inside the span of the stored basis even when P is stored in 16, 8 or 4 bits.
+"""
+import logging
+import math
+import zipfile
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Column block processed at once: big enough for fast matrix-vector products, small enough that a
+# dequantised float32 block of a 100-row basis stays in the last-level cache.
+BLOCK = 1 << 14
+QUANT_GROUP = 256  # entries per row that share one affine quantisation scale (8 and 4 bits)
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and torch.compile
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, unreadable, unsafe or of another model."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+def check_readable(path):
+    """Cheap up-front check (reads only the archive's directory) that a torch.save file is whole."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({err})") from None
+
+
+def load_state_dict(source):
+    """A state_dict from a file or a mapping, without wrapper prefixes; files load weights only."""
+    if isinstance(source, Mapping):
+        state = source
+    else:
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint not found: {source}") from None
+        except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError here
+            if "weights_only" in str(err) or "Unsupported global" in str(err):
+                raise CheckpointError(f"refusing to load {source}: it holds pickled Python objects, "
+                                      "not just tensors (loaded with weights_only=True)") from None
+            raise CheckpointError(f"checkpoint {source} is unreadable "
+                                  f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+            state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {source} holds a {type(state).__name__}, not a state_dict")
+    return {_strip_prefixes(key): value for key, value in state.items()}
+
+
+def _strip_prefixes(key):
+    for prefix in WRAPPER_PREFIXES:
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _describe(source, index=None):
+    if not isinstance(source, Mapping):
+        return str(source)
+    return "state_dict" if index is None else f"state_dict #{index}"
+
+
+def trainable_parameters(model):
+    """(name, parameter) pairs that TWA averages: trainable parameters, buffers excluded."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def flatten_checkpoint(state, params, source="state_dict", out=None):
+    """The trainable parameters of `state` as one float32 vector, checked against the model's."""
+    total = sum(p.numel() for _, p in params)
+    out = torch.empty(total, dtype=torch.float32) if out is None else out
+    offset = 0
+    for name, p in params:
+        if name not in state:
+            raise CheckpointError(f"{source} does not match the model: it has no '{name}'")
+        value = state[name]
+        if tuple(value.shape) != tuple(p.shape):
+            raise CheckpointError(f"{source} does not match the model: '{name}' has shape "
+                                  f"{tuple(value.shape)}, the model {tuple(p.shape)}")
+        out[offset:offset + p.numel()].copy_(value.reshape(-1))
+        offset += p.numel()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Basis storage: k rows of length D at 32, 16, 8 or 4 bits, read and written by column blocks
+# ---------------------------------------------------------------------------------------------------
+
+class Basis:
+    """Row-wise storage of a k x D basis. 32 bits: float32; 16: bfloat16; 8 and 4: affine integer
+    codes with one (scale, low) pair per row and group of QUANT_GROUP entries. Every operation walks
+    column blocks, so no float32 copy of a whole low-precision basis is ever made."""
+
+    def __init__(self, capacity, dim, bits=32, device="cpu"):
+        if bits not in (32, 16, 8, 4):
+            raise ValueError(f"bits must be 32, 16, 8 or 4, not {bits}")
+        self.bits, self.dim, self.rows, self.device = bits, dim, 0, torch.device(device)
+        if bits >= 16:
+            dtype = torch.float32 if bits == 32 else torch.bfloat16
+            self.data = torch.zeros(capacity, dim, dtype=dtype, device=device)
+        else:  # codes padded to whole groups, two 4-bit codes per byte
+            padded = math.ceil(dim / QUANT_GROUP) * QUANT_GROUP
+            self.data = torch.zeros(capacity, padded * bits // 8, dtype=torch.uint8, device=device)
+            self.scale = torch.zeros(capacity, padded // QUANT_GROUP, device=device)
+            self.low = torch.zeros(capacity, padded // QUANT_GROUP, device=device)
+
+    def nbytes(self):
+        tensors = [self.data] if self.bits >= 16 else [self.data, self.scale, self.low]
+        return sum(t.nbytes for t in tensors)
+
+    def blocks(self):
+        return [(start, min(start + BLOCK, self.dim)) for start in range(0, self.dim, BLOCK)]
+
+    def block(self, start, stop):
+        """Columns [start, stop) of the stored rows as float32; a view when stored in float32."""
+        if self.bits == 32:
+            return self.data[:self.rows, start:stop]
+        if self.bits == 16:
+            return self.data[:self.rows, start:stop].float()
+        end = math.ceil(stop / QUANT_GROUP) * QUANT_GROUP
+        g0, g1 = start // QUANT_GROUP, end // QUANT_GROUP
+        if self.bits == 8:
+            codes = self.data[:self.rows, start:end]
+        else:
+            packed = self.data[:self.rows, start // 2:end // 2]
+            codes = torch.stack((packed & 15, packed >> 4), dim=-1)
+        codes = codes.reshape(self.rows, g1 - g0, QUANT_GROUP).float()
+        values = codes * self.scale[:self.rows, g0:g1, None] + self.low[:self.rows, g0:g1, None]
+        return values.view(self.rows, end - start)[:, :stop - start]
+
+    def store(self, i, start, stop, values):
+        """Write float32 `values` into row i, columns [start, stop) (block-aligned when quantised)."""
+        if self.bits >= 16:
+            self.data[i, start:stop] = values
+            return
+        end = math.ceil(stop / QUANT_GROUP) * QUANT_GROUP
+        g0, g1 = start // QUANT_GROUP, end // QUANT_GROUP
+        values = torch.cat((values, values[-1:].expand(end - stop)))  # pad with an in-range value
+        groups = values.view(g1 - g0, QUANT_GROUP)
+        low, high = groups.amin(1), groups.amax(1)
+        levels = (1 << self.bits) - 1
+        scale = ((high - low) / levels).clamp_min(torch.finfo(torch.float32).tiny)
+        codes = ((groups - low[:, None]) / scale[:, None]).round_().clamp_(0, levels)
+        codes = codes.to(torch.uint8).view(-1)
+        self.scale[i, g0:g1], self.low[i, g0:g1] = scale, low
+        if self.bits == 8:
+            self.data[i, start:end] = codes
+        else:
+            self.data[i, start // 2:end // 2] = codes[0::2] | (codes[1::2] << 4)
+
+    def append(self, row):
+        for start, stop in self.blocks():
+            self.store(self.rows, start, stop, row[start:stop])
+        self.rows += 1
+
+    def matvec(self, v, exact=False):
+        """P v (length k, float64). exact: float64 sums of per-block products, so that long dot
+        products keep float32's relative accuracy whatever D is (used while building the basis)."""
+        if self.bits == 32 and not exact:
+            return torch.mv(self.data[:self.rows], v).double()
+        out = torch.zeros(self.rows, dtype=torch.float64, device=self.device)
+        for start, stop in self.blocks():
+            out += torch.mv(self.block(start, stop), v[start:stop]).double()
+        return out
+
+    def rmatvec(self, c, out, accumulate=False, alpha=1.0):
+        """out = alpha P^T c, or out += alpha P^T c, written in place block by block."""
+        c = c.to(device=self.device, dtype=torch.float32)
+        spans = [(0, self.dim)] if self.bits == 32 else self.blocks()
+        for start, stop in spans:
+            piece = out[start:stop]
+            torch.addmv(piece, self.block(start, stop).t(), c, beta=1.0 if accumulate else 0.0,
+                        alpha=alpha, out=piece)
+        return out
+
+    def gram(self):
+        """P P^T in float64, accumulated block by block."""
+        out = torch.zeros(self.rows, self.rows, dtype=torch.float64, device=self.device)
+        for start, stop in self.blocks():
+            blk = self.block(start, stop).double()
+            out += blk @ blk.t()
+        return out
+
+    def mix_rows_(self, mix):
+        """Replace the rows by mix^T P (mix: k x m, m <= k) and keep only those m rows."""
+        mix = mix.to(device=self.device, dtype=torch.float32)
+        for start, stop in self.blocks():
+            mixed = mix.t() @ self.block(start, stop)  # computed whole before any row is overwritten
+            for i, values in enumerate(mixed):
+                self.store(i, start, stop, values)
+        self.rows = mix.shape[1]
+        self.data = self.data[:self.rows].clone()
+        if self.bits < 16:
+            self.scale, self.low = self.scale[:self.rows].clone(), self.low[:self.rows].clone()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The subspace spanned by the checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+def orthogonalise_(basis, w):
+    """Remove from w (in place) its components along the stored rows; classical Gram-Schmidt run
+    twice, which keeps the basis orthogonal to working precision even for nearly parallel vectors
+    (one pass loses orthogonality in proportion to the angle's condition number).
+    Returns the coordinates removed (float64) and the norm of what is left."""
+    coords = torch.zeros(basis.rows, dtype=torch.float64, device=basis.device)
+    for _ in range(2 if basis.rows else 0):
+        h = basis.matvec(w, exact=True)
+        basis.rmatvec(h, out=w, accumulate=True, alpha=-1.0)
+        coords += h
+    return coords, torch.linalg.vector_norm(w, dtype=torch.float64).item()
+
+
+class Subspace:
+    """The span of n checkpoints, written as origin + P^T (c - P origin).
+
+    origin is the checkpoints' mean, kept in float32, and P (k x D, orthonormal rows, stored in a
+    Basis) spans {mean, w_1 - mean, ..., w_{n-1} - mean}, which is the span of the checkpoints. c = P w
+    are the coordinates of a point w of the span. Storing P in 16, 8 or 4 bits then perturbs only the
+    deviation from the mean, never the mean itself. Also kept: each checkpoint's coordinates and the
+    map from coordinates to averaging coefficients, alpha = 1/n + to_alpha (c - P origin)."""
+
+    def __init__(self, basis, origin, names, checkpoint_coords, origin_coords, to_alpha):
+        self.basis, self.origin, self.names = basis, origin, names
+        self.checkpoint_coords = checkpoint_coords  # n x k, float64
+        self.origin_coords = origin_coords          # k, float64
+        self.to_alpha = to_alpha                    # n x k, float64
+
+    @property
+    def rank(self):
+        return self.basis.rows
+
+    @property
+    def mean(self):
+        """The uniform average of the checkpoints (the SWA solution), float32."""
+        return self.origin
+
+    @classmethod
+    def from_checkpoints(cls, model, checkpoints, bits=32, tol=1e-5, device=None, progress=None):
+        """Build the subspace from checkpoints (files or state_dicts of `model`), streamed one at a
+        time in two passes (the mean, then the basis). A checkpoint that, up to `tol` times its norm,
+        lies in the span of the mean and the earlier checkpoints adds no direction and is left out of
+        the basis with a warning. progress(iterable, description) may wrap the passes (e.g. tqdm)."""
+        params = trainable_parameters(model)
+        device = torch.device(device) if device is not None else params[0][1].device
+        sources = list(checkpoints)
+        if not sources:
+            raise ValueError("no checkpoints given")
+        for source in sources:
+            if not isinstance(source, Mapping):
+                check_readable(source)  # fail before any long work, naming the file
+        names = [_describe(s, i) for i, s in enumerate(sources)]
+        wrap = progress or (lambda items, desc: items)
+        mean = _mean_of(sources, params, device, wrap)
+        n = len(sources)
+        basis = Basis(n, mean.numel(), bits, device)
+        # Generators: the mean, then w_i - mean for all but the last checkpoint (whose deviation is
+        # minus the sum of the others). gen[j] holds generator j as coefficients of the checkpoints.
+        gen = torch.eye(n, dtype=torch.float64) - 1.0 / n
+        gen = torch.cat((torch.full((1, n), 1.0 / n, dtype=torch.float64), gen[:-1]))
+        coords = torch.zeros(n, n, dtype=torch.float64)
+        kept = []
+        w = mean.clone()
+        for j in wrap(range(n), "orthonormal basis"):
+            if j > 0:
+                flatten_checkpoint(load_state_dict(sources[j - 1]), params, names[j - 1], out=w)
+            norm = torch.linalg.vector_norm(w, dtype=torch.float64).item()  # of the checkpoint
+            if j > 0:
+                w -= mean
+            removed, residual = orthogonalise_(basis, w)
+            coords[j, :basis.rows] = removed.cpu()
+            if residual <= tol * norm or residual == 0.0:
+                what = names[j - 1] if j else "the mean of the checkpoints"
+                log.warning("%s adds no new direction (relative residual %.1e); left out of the basis",
+                            what, residual / max(norm, 1e-300))
+                continue
+            coords[j, basis.rows] = residual
+            basis.append(w.div_(residual))
+            kept.append(j)
+        coords = coords[:, :basis.rows]
+        deviations = torch.cat((coords[1:], -coords[1:].sum(0, keepdim=True)))  # P (w_i - mean)
+        # Kept generators = R P with R lower triangular, so P = R^-1 gen W and
+        # P^T x = W^T gen^T R^-T x: a step x in coordinates is a step gen^T R^-T x in alpha.
+        r_inv_t = torch.linalg.solve_triangular(coords[kept].t(), torch.eye(len(kept),
+                                                dtype=torch.float64), upper=True)
+        to_alpha = gen[kept].t() @ r_inv_t
+        return cls(basis, mean, names, coords[0] + deviations, coords[0].clone(), to_alpha)
+
+    def to_principal_components(self, n_components):
+        """Keep only the top principal directions of the centred checkpoints (the DLDR subspace):
+        mean + their span. They lie in the span, so this is a rotation of P; nothing is reloaded.
+        Returns the fraction of the checkpoints' variance that the kept directions explain."""
+        if not 1 <= n_components <= self.rank:
+            raise ValueError(f"n_components must be in [1, {self.rank}], not {n_components}")
+        centred = self.checkpoint_coords - self.origin_coords
+        _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+        directions = vh[:n_components].t()  # k x m
+        self.basis.mix_rows_(directions)
+        self.checkpoint_coords = self.checkpoint_coords @ directions
+        self.origin_coords = self.origin_coords @ directions
+        self.to_alpha = self.to_alpha @ directions
+        energy = singular.square()
+        return (energy[:n_components].sum() / energy.sum().clamp_min(1e-300)).item()
+
+    def start_coordinates(self, start="mean"):
+        """Coordinates of the checkpoints' mean ("mean") or of checkpoint number `start`."""
+        if start == "mean":
+            return self.origin_coords.clone()
+        return self.checkpoint_coords[start].clone()
+
+    def coordinates(self, w):
+        """P w, the coordinates of the point of the subspace nearest to w (float64, on the CPU)."""
+        w = w.to(device=self.basis.device, dtype=torch.float32)
+        return self.basis.matvec(w - self.origin, exact=True).cpu() + self.origin_coords
+
+    def weights(self, c, out):
+        """out = origin + P^T (c - P origin): the weights at coordinates c."""
+        step = c.detach().to(self.origin_coords.device, torch.float64) - self.origin_coords
+        return self.basis.rmatvec(step, out.copy_(self.origin), accumulate=True)
+
+    def project_(self, g):
+        """g <- P^T P g in place: the paper's projected gradient, for optimizers kept in D-space."""
+        return self.basis.rmatvec(self.basis.matvec(g), out=g)
+
+    def checkpoint_coefficients(self, c):
+        """alpha with sum_i alpha_i w_i = the weights at coordinates c."""
+        c = c.detach().double().cpu()
+        return 1.0 / len(self.names) + self.to_alpha @ (c - self.origin_coords)
+
+    def orthogonality_error(self):
+        """max |P P^T - I|, computed in float64."""
+        eye = torch.eye(self.rank, dtype=torch.float64, device=self.basis.device)
+        return (self.basis.gram() - eye).abs().max().item()
+
+    def relative_residual(self, w):
+        """||w - (nearest point of the subspace)|| / ||w||: 0 for points of the subspace."""
+        w = w.to(device=self.basis.device, dtype=torch.float32)
+        inside = self.weights(self.coordinates(w), torch.empty_like(w))
+        return ((w.double() - inside.double()).norm() / w.double().norm().clamp_min(1e-300)).item()
+
+
+def _mean_of(sources, params, device, wrap):
+    """The mean of the checkpoints' trainable parameters, accumulated in float64 on `device`."""
+    dim = sum(p.numel() for _, p in params)
+    total = torch.zeros(dim, dtype=torch.float64, device=device)
+    w = torch.empty(dim, device=device)
+    for i, source in enumerate(wrap(sources, "mean of the checkpoints")):
+        total += flatten_checkpoint(load_state_dict(source), params, _describe(source, i), out=w)
+    return total.div_(len(sources)).float()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training inside the subspace
+# ---------------------------------------------------------------------------------------------------
+
+def flatten_parameters_(params):
+    """Make the parameters and their gradients views into two flat tensors (no copies per step)."""
+    first = params[0]
+    if any(p.dtype != first.dtype or p.device != first.device for p in params):
+        raise ValueError("TWA needs all trainable parameters in one dtype on one device")
+    weights = torch.cat([p.detach().reshape(-1) for p in params])
+    grads = torch.zeros_like(weights)
+    offset = 0
+    for p in params:
+        p.data = weights[offset:offset + p.numel()].view_as(p)
+        p.grad = grads[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return weights, grads
+
+
+class TWA:
+    """Trains `model`'s trainable parameters as w = origin + P^T c through the k coordinates c.
+
+    Give `parameters()` to any torch optimizer; after each backward pass call `step(optimizer)`.
+    With P orthonormal, SGD on c (momentum, weight decay) is exactly the paper's projected SGD on w."""
+
+    def __init__(self, model, space, start="mean"):
+        self.space = space
+        self.params = [p for _, p in trainable_parameters(model)]
+        self.flat_weights, self.flat_grads = flatten_parameters_(self.params)
+        if self.flat_weights.numel() != space.basis.dim:
+            raise ValueError(f"the model has {self.flat_weights.numel()} trainable parameters, "
+                             f"the subspace {space.basis.dim}")
+        self.views = [p.grad for p in self.params]
+        self.coordinates = nn.Parameter(torch.zeros(space.rank, dtype=torch.float64,
+                                                    device=space.basis.device))
+        self.move_to(start)
+
+    def parameters(self):
+        return [self.coordinates]
+
+    @torch.no_grad()
+    def step(self, optimizer):
+        """dL/dc = P g; one optimizer step on c; then the model's weights become origin + P^T c."""
+        self._collect_gradients()
+        self.coordinates.grad = self.space.basis.matvec(self.flat_grads)
+        self.flat_grads.zero_()
+        optimizer.step()
+        self.write_weights()
+
+    @torch.no_grad()
+    def move_to(self, start):
+        """Jump to the checkpoints' mean ("mean"), checkpoint number `start`, or given coordinates."""
+        c = start if torch.is_tensor(start) else self.space.start_coordinates(start)
+        self.coordinates.copy_(c)
+        self.write_weights()
+
+    @torch.no_grad()
+    def write_weights(self):
+        self.space.weights(self.coordinates, out=self.flat_weights)
+
+    def _collect_gradients(self):
+        # Gradients normally accumulate in place into the flat views; a loop that set them to None
+        # (zero_grad(set_to_none=True)) or a wrapper with its own buckets gets them copied back.
+        for p, view in zip(self.params, self.views):
+            if p.grad is None:
+                view.zero_()
+            elif p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)
+            p.grad = view

@@ -1,0 +1,375 @@
+"""Plumbing shared by the training scripts: device and seeding, atomic file writes, safe loading,
+logging and metrics, evaluation, BatchNorm recomputation and LR schedules. Knows nothing of TWA."""
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
+
+import models
+
+log = logging.getLogger("twa")
+
+
+class UsageError(Exception):
+    """Bad input found before any long work: reported as one line, exit code 2."""
+
+
+def run_main(main, argv=None):
+    """Run a script's main(argv); bad input ends it with one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device, seeds, precision
+# ---------------------------------------------------------------------------------------------------
+
+def pick_device(name):
+    """'auto' means cuda when available, else cpu; an unavailable cuda is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed, deterministic=False):
+    """Seed python, numpy and torch (all devices); `deterministic` trades speed for bitwise repeats."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def autocast(device, enabled):
+    """bfloat16 autocast when enabled, else a no-op context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def build_model(arch, datasets, num_classes, device, channels_last=False):
+    """A CIFAR architecture from models/, or any torchvision model name for ImageNet-style data."""
+    if arch in models.ARCHS:
+        model = models.build_model(arch, num_classes)
+    elif datasets in ("ImageNet", "ImageFolder") and arch in _torchvision_models():
+        import torchvision
+        model = torchvision.models.get_model(arch, num_classes=num_classes)
+    else:
+        names = sorted(models.ARCHS) + ["or a torchvision model name for ImageNet/ImageFolder data"]
+        raise UsageError(f"unknown --arch {arch!r}; choose one of: {', '.join(names)}")
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _torchvision_models():
+    import torchvision
+    return set(torchvision.models.list_models(module=torchvision.models))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files: atomic writes, safe reads
+# ---------------------------------------------------------------------------------------------------
+
+def atomic_write(path, write):
+    """write(tmp_path) into a temp file beside `path`, flush it to disk, then rename it over `path`:
+    a crash leaves the old file or the new one, never a torn one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_torch(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_json(obj, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def load_torch(path):
+    """torch.load with weights_only=True (no code runs on load) and one-line errors."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"file not found: {path}") from None
+    except Exception as err:
+        raise UsageError(f"cannot load {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def git_revision():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging and metrics
+# ---------------------------------------------------------------------------------------------------
+
+def setup_logging(log_dir, log_name, enabled=True):
+    """Log to the console and to <log_dir>/<log_name>.log (rank 0 only: enabled=False silences)."""
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if enabled else logging.WARNING)
+    if not enabled:
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stdout),
+                    logging.FileHandler(os.path.join(log_dir, f"{log_name}.log"))):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)  # also twa.py's logger: it logs under its module name, "twa"
+
+
+class Metrics:
+    """Per-epoch rows of one stage ("sgd", "twa") in a JSON-lines file that both scripts share: the
+    file is rewritten atomically from memory, keeping the other stages' rows as they were."""
+
+    def __init__(self, path, stage, rows=()):
+        self.path, self.stage, self.rows = path, stage, list(rows)
+        self.others = [r for r in read_jsonl(path) if r.get("stage") != stage]
+
+    def append(self, row):
+        self.rows.append({"stage": self.stage, **row})
+        text = "".join(json.dumps(r) + "\n" for r in self.others + self.rows)
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(text)
+        atomic_write(self.path, write)
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def progress(enabled):
+    """A progress(iterable, description) wrapper: tqdm on a terminal, else the iterable itself."""
+    if not enabled or not sys.stdout.isatty():
+        return lambda items, desc=None, **kw: items
+    from tqdm import tqdm
+    return lambda items, desc=None, **kw: tqdm(items, desc=desc, leave=False, dynamic_ncols=True, **kw)
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the training loop checks, so it can save and exit cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __bool__(self):
+        return self.signal is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training pieces
+# ---------------------------------------------------------------------------------------------------
+
+def step_milestones(epochs):
+    """Epochs at which the step schedule divides the rate by 10 (50% and 75% of training)."""
+    return int(epochs * 0.5), int(epochs * 0.75 + 0.9)
+
+
+def lr_at(schedule, base_lr, epoch, epochs, fraction):
+    """The learning rate in `epoch` at `fraction` (in [0, 1)) of all training steps: a pure function,
+    so that resuming needs only counters. step: per epoch; linear and cosine: per step."""
+    if schedule == "constant":
+        return base_lr
+    if schedule == "step":
+        return base_lr * 0.1 ** sum(epoch >= m for m in step_milestones(epochs))
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * fraction))
+    if schedule == "linear":
+        return base_lr * (1 - fraction)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def evaluate(model, loader, amp=False):
+    """{'loss', 'accuracy' (percent)} of `model` over `loader`."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    for images, labels in loader:
+        with autocast(device, amp):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+        count += len(labels)
+    return {"loss": loss_sum.item() / count, "accuracy": 100.0 * correct.item() / count}
+
+
+def recompute_bn(model, loader):
+    """Reset BatchNorm statistics and recompute them as a cumulative average over `loader`."""
+    update_bn(loader, model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What both scripts share: flags, setup, the training epoch
+# ---------------------------------------------------------------------------------------------------
+
+def add_common_args(parser):
+    """Flags both scripts take, with the reference code's names."""
+    from data import DATASETS, LOADERS
+    add = parser.add_argument
+    add("--datasets", default="CIFAR10", help=f"dataset: {', '.join(DATASETS)} (ImageFolder: any tree "
+        "with train/ and val/ or test/ class folders at --data-dir)")
+    add("--data-dir", default="./datasets", help="where the dataset is (CIFAR is downloaded here)")
+    add("--arch", "-a", default="VGG16BN", help=f"model: {', '.join(sorted(models.ARCHS))}, or a "
+        "torchvision model name for ImageNet/ImageFolder data")
+    add("--train-subset", type=int, default=0, help="train on a fixed random subset of this many "
+        "training images (0: all); the same subset in both scripts")
+    add("-b", "--batch-size", type=int, default=128, help="global mini-batch size")
+    add("--momentum", type=float, default=0.9, help="SGD momentum")
+    add("--randomseed", type=int, default=1, help="seed for initialisation, data order and augmentation")
+    add("--save-dir", default="save_temp", help="folder of the checkpoints 0.pt, 1.pt, ...")
+    add("--log-dir", default=None, help="folder for the log, metrics.jsonl, args and results "
+        "(default: --save-dir)")
+    add("--log-name", default="log", help="log file name (<log-dir>/<log-name>.log)")
+    add("-j", "--workers", type=int, default=min(4, os.cpu_count() or 1),
+        help="DataLoader worker processes (torchvision loader only)")
+    add("-p", "--print-freq", type=int, default=50, help="log every N training steps")
+    add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    add("--loader", default="memory", choices=LOADERS, help="memory: small-image datasets decoded once "
+        "and augmented per batch on the device; torchvision: the classic DataLoader path (always "
+        "used for large images such as ImageNet)")
+    add("--channels-last", action="store_true", help="channels-last memory format (faster convs on GPU)")
+    add("--amp", action="store_true", help="bfloat16 autocast for forward passes")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
+    add("--resume", action="store_true", help="continue from the last complete state in --save-dir")
+    add("--quiet", action="store_true", help="no progress bars")
+
+
+def check_common_args(args):
+    from data import DATASETS
+    if args.datasets not in DATASETS:
+        raise UsageError(f"unknown --datasets {args.datasets!r}; choose one of: {', '.join(DATASETS)}")
+    if args.train_subset < 0:
+        raise UsageError(f"--train-subset must be non-negative, not {args.train_subset}")
+    for name in ("batch_size", "epochs", "print_freq"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    if args.lr <= 0 or args.momentum < 0 or args.weight_decay < 0 or args.workers < 0:
+        raise UsageError("--lr must be positive and --momentum, --wd and --workers non-negative")
+    if args.datasets != "CIFAR10" and args.datasets != "CIFAR100" and not os.path.isdir(args.data_dir):
+        raise UsageError(f"--data-dir {args.data_dir} does not exist")
+    args.log_dir = args.log_dir or args.save_dir
+
+
+def setup_run(args, stage):
+    """Logging, device, seeds, data and model; writes the resolved args and command line."""
+    from data import DataError, build_loaders
+    setup_logging(args.log_dir, args.log_name)
+    device = pick_device(args.device)
+    seed_everything(args.randomseed, args.deterministic)
+    save_json({"argv": sys.argv, "args": vars(args), "git": git_revision()},
+              os.path.join(args.log_dir, f"{stage}_args.json"))
+    log.info("%s: %s", stage, " ".join(sys.argv))
+    try:
+        train_loader, test_loader, num_classes = build_loaders(args, device)
+    except DataError as err:
+        raise UsageError(str(err)) from None
+    model = build_model(args.arch, args.datasets, num_classes, device, args.channels_last)
+    log.info("device %s, %s on %s: %d train batches, %d classes, %d parameters", device, args.arch,
+             args.datasets, len(train_loader), num_classes, sum(p.numel() for p in model.parameters()))
+    return device, train_loader, test_loader, model
+
+
+class EpochTrainer:
+    """One training epoch: forward, backward, `update(step_lr)` per batch, loss and accuracy summed
+    on the device (no per-step host sync), progress and periodic log lines, and the first step
+    whose loss is not finite. `after_batch(batch)` runs after each step (save points, stops)."""
+
+    def __init__(self, model, forward, args, device):
+        self.model, self.forward, self.args, self.device = model, forward, args, device
+
+    def run(self, loader, epoch, lr_for_batch, update, start_batch=0, totals=None,
+            after_batch=lambda batch, totals: False):
+        self.model.train()
+        totals = totals or {"loss": 0.0, "correct": 0, "count": 0}
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        count = 0
+        bar = progress(not self.args.quiet)(loader.batches(start_batch), desc=f"epoch {epoch}",
+                                            total=len(loader) - start_batch)
+        for batch, (images, labels) in enumerate(bar, start=start_batch):
+            lr = lr_for_batch(batch)
+            with autocast(self.device, self.args.amp):
+                logits = self.forward(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            loss.backward()
+            update(lr)
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            count += len(labels)
+            if (batch + 1) % self.args.print_freq == 0 or batch + 1 == len(loader):
+                self._check_finite(loss_sum, epoch, batch)
+                log.info("epoch %d [%d/%d] lr %.4g loss %.4f acc %.2f", epoch, batch + 1, len(loader),
+                         lr, (totals["loss"] + loss_sum.item()) / (totals["count"] + count),
+                         100 * (totals["correct"] + correct.item()) / (totals["count"] + count))
+            if after_batch(batch, lambda: self._merge(totals, loss_sum, correct, count)):
+                return None
+        return self._merge(totals, loss_sum, correct, count)
+
+    def _check_finite(self, loss_sum, epoch, batch):
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError(f"non-finite loss in epoch {epoch} by step {batch + 1}; "
+                                     "the last saved state is kept")
+
+    @staticmethod
+    def _merge(totals, loss_sum, correct, count):
+        return {"loss": totals["loss"] + loss_sum.item(), "correct": totals["correct"] + correct.item(),
+                "count": totals["count"] + count}
