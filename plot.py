@@ -212,8 +212,18 @@ def run_curves(args):
         raise PlotInputError(
             f"--labels got {len(args.labels)} labels for {len(args.runs)} runs")
     labels = args.labels or [default_label(run) for run in args.runs]
-    runs = {label: read_metrics(run) for label, run in zip(unique_labels(labels), args.runs)}
+    runs = {}
+    for label, run in zip(unique_labels(labels), args.runs):
+        runs.update(split_stages(label, read_metrics(run)))
     plot_curves(runs, args.output)
+
+
+def split_stages(label, rows):
+    """One series per training stage ("sgd", "twa") when a metrics file holds several."""
+    stages = list(dict.fromkeys(row.get("stage") for row in rows))
+    if len(stages) == 1:
+        return {label: rows}
+    return {f"{label} {stage}": [r for r in rows if r.get("stage") == stage] for stage in stages}
 
 
 def run_coefficients(args):

@@ -6,7 +6,6 @@ epoch, numbered consecutively): plain state_dicts, interchangeable with the refe
 """
 import argparse
 import os
-import time
 
 import torch
 
@@ -70,52 +69,22 @@ def main(argv=None):
                           "rng": torch.get_rng_state(), "progress": progress, "metrics": metrics.rows,
                           "args": vars(args)}, state_path)
 
-    stop = utils.StopRequest()
     points = save_points(len(train_loader), args.save_every)
-    steps_per_epoch = len(train_loader)
-    trainer = utils.EpochTrainer(model, forward, args, device)
+
+    def save_checkpoint(batch):
+        if batch not in points:
+            return False
+        progress["checkpoint"] += 1
+        utils.save_torch(model.state_dict(), os.path.join(args.save_dir, f"{progress['checkpoint']}.pt"))
+        return True
 
     def update(lr):
         utils.set_lr(optimizer, lr)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    while progress["epoch"] < args.epochs:
-        epoch, started, spent_before = progress["epoch"], time.time(), progress["elapsed"]
-        train_loader.set_epoch(epoch)
-
-        def lr_for_batch(batch):
-            fraction = (epoch * steps_per_epoch + batch) / (args.epochs * steps_per_epoch)
-            return utils.lr_at(args.schedule, args.lr, epoch, args.epochs, fraction)
-
-        def after_batch(batch, totals):
-            if batch in points:
-                progress["checkpoint"] += 1
-                utils.save_torch(model.state_dict(),
-                                 os.path.join(args.save_dir, f"{progress['checkpoint']}.pt"))
-            if stop or (batch in points and batch + 1 < steps_per_epoch):
-                progress.update(batch=batch + 1, totals=totals(),
-                                elapsed=spent_before + time.time() - started)
-                save_state()
-            return bool(stop)
-
-        totals = trainer.run(train_loader, epoch, lr_for_batch, update, progress["batch"],
-                             progress["totals"], after_batch)
-        if totals is None:
-            log.info("stopped by %s at epoch %d, batch %d; state saved, continue with --resume",
-                     stop.signal, epoch, progress["batch"])
-            raise SystemExit(128 + 15)
-        elapsed = spent_before + time.time() - started
-        test = utils.evaluate(model, test_loader, args.amp)
-        metrics.append({"epoch": epoch + 1, "lr": lr_for_batch(steps_per_epoch - 1),
-                        "train_loss": totals["loss"] / totals["count"],
-                        "train_acc": 100 * totals["correct"] / totals["count"],
-                        "test_loss": test["loss"], "test_acc": test["accuracy"], "time": elapsed,
-                        "checkpoint": progress["checkpoint"]})
-        log.info("epoch %d/%d: test loss %.4f acc %.2f (%.0f s)", epoch + 1, args.epochs, test["loss"],
-                 test["accuracy"], elapsed)
-        progress.update(epoch=epoch + 1, batch=0, totals=None, elapsed=0.0)
-        save_state()
+    utils.run_epochs(args, model, forward, (train_loader, test_loader), update, progress, metrics,
+                     save_state, on_step=save_checkpoint)
     log.info("done: %d checkpoints in %s", progress["checkpoint"] + 1, args.save_dir)
 
 

@@ -71,15 +71,31 @@ def checkpoint_path(args, i):
     return os.path.join(args.save_dir, f"{i}.pt")
 
 
+def load_checkpoint(model, path, args):
+    """Load a checkpoint (parameters and buffers) into the model, or say plainly why it does not fit."""
+    state, expected = twa.load_state_dict(path), model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:
+        first = (f"'{reshaped[0]}' has shape {tuple(state[reshaped[0]].shape)}, the model "
+                 f"{tuple(expected[reshaped[0]].shape)}" if reshaped else
+                 f"missing {missing[:1]}, unexpected {unexpected[:1]}")
+        raise twa.CheckpointError(f"{path} does not match --arch {args.arch} on {args.datasets}: "
+                                  f"{len(missing)} missing, {len(unexpected)} unexpected, "
+                                  f"{len(reshaped)} reshaped entries ({first})")
+    model.load_state_dict(state)
+
+
 def build_subspace(args, model, device):
     files = [checkpoint_path(args, i) for i in range(args.params_start, args.params_end)]
     try:
-        model.load_state_dict(twa.load_state_dict(files[0]))  # also a check of arch and classes
+        load_checkpoint(model, files[0], args)  # fails fast on another architecture or class count
         started = time.time()
         space = twa.Subspace.from_checkpoints(model, files, bits=args.pbits, tol=args.tol,
                                               device=device, progress=utils.progress(not args.quiet))
-    except (twa.CheckpointError, RuntimeError) as err:
-        raise UsageError(f"{str(err).splitlines()[0]} (checkpoints in {args.save_dir})") from None
+    except twa.CheckpointError as err:
+        raise UsageError(str(err)) from None
     explained = space.to_principal_components(args.n_components) if args.extract == "PCA" else None
     report = {"checkpoints": len(files), "rank": space.rank, "seconds": time.time() - started,
               "orthogonality_error": space.orthogonality_error(), "pbits": args.pbits,
@@ -107,7 +123,7 @@ def main(argv=None):
     trainer = twa.TWA(model, space)  # the model now holds the checkpoints' mean: SWA
     swa = evaluate_swa(model, train_loader, test_loader, args)
     if args.train_start >= 0:
-        model.load_state_dict(twa.load_state_dict(checkpoint_path(args, args.train_start)))
+        load_checkpoint(model, checkpoint_path(args, args.train_start), args)
         trainer.move_to(args.train_start - args.params_start)
     optimizer = torch.optim.SGD(trainer.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
@@ -133,42 +149,9 @@ def main(argv=None):
         utils.set_lr(optimizer, lr)
         trainer.step(optimizer)
 
-    stop = utils.StopRequest()
-    steps_per_epoch = len(train_loader)
-    epoch_trainer = utils.EpochTrainer(model, forward, args, device)
     train_started = time.time()
-    while progress["epoch"] < args.epochs:
-        epoch, started, spent_before = progress["epoch"], time.time(), progress["elapsed"]
-        train_loader.set_epoch(epoch)
-
-        def lr_for_batch(batch):
-            fraction = (epoch * steps_per_epoch + batch) / (args.epochs * steps_per_epoch)
-            return utils.lr_at(args.schedule, args.lr, epoch, args.epochs, fraction)
-
-        def after_batch(batch, totals):
-            if stop:
-                progress.update(batch=batch + 1, totals=totals(),
-                                elapsed=spent_before + time.time() - started)
-                save_state()
-            return bool(stop)
-
-        totals = epoch_trainer.run(train_loader, epoch, lr_for_batch, update, progress["batch"],
-                                   progress["totals"], after_batch)
-        if totals is None:
-            log.info("stopped by %s at epoch %d, batch %d; state saved, continue with --resume",
-                     stop.signal, epoch, progress["batch"])
-            raise SystemExit(128 + 15)
-        elapsed = spent_before + time.time() - started
-        test = utils.evaluate(model, test_loader, args.amp)
-        metrics.append({"epoch": epoch + 1, "lr": lr_for_batch(steps_per_epoch - 1),
-                        "train_loss": totals["loss"] / totals["count"],
-                        "train_acc": 100 * totals["correct"] / totals["count"],
-                        "test_loss": test["loss"], "test_acc": test["accuracy"], "time": elapsed})
-        log.info("TWA epoch %d/%d: test loss %.4f acc %.2f (%.0f s)", epoch + 1, args.epochs,
-                 test["loss"], test["accuracy"], elapsed)
-        progress.update(epoch=epoch + 1, batch=0, totals=None, elapsed=0.0)
-        save_state()
-
+    utils.run_epochs(args, model, forward, (train_loader, test_loader), update, progress, metrics,
+                     save_state)
     utils.recompute_bn(model, train_loader)
     final = utils.evaluate(model, test_loader, args.amp)
     log.info("TWA after BN update: test loss %.4f acc %.2f (SWA %.2f)", final["loss"],

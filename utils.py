@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ def run_main(main, argv=None):
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as err:  # a diverged run: the last saved state is kept
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,15 +194,23 @@ def progress(enabled):
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the training loop checks, so it can save and exit cleanly."""
+    """While active (a context manager), SIGINT/SIGTERM set a flag that the training loop checks, so
+    that it saves a resumable state and exits; a second signal stops at once."""
 
     def __init__(self):
-        self.signal = None
+        self.signal, self.previous = None, {}
+
+    def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # a second signal: stop at once
+        if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
 
@@ -328,48 +340,82 @@ def setup_run(args, stage):
     return device, train_loader, test_loader, model
 
 
-class EpochTrainer:
-    """One training epoch: forward, backward, `update(step_lr)` per batch, loss and accuracy summed
-    on the device (no per-step host sync), progress and periodic log lines, and the first step
-    whose loss is not finite. `after_batch(batch)` runs after each step (save points, stops)."""
+def run_epochs(args, model, forward, loaders, update, progress, metrics, save_state,
+               on_step=lambda batch: False):
+    """Train epochs progress["epoch"] .. args.epochs - 1 and evaluate after each. update(lr) applies
+    one optimizer step; on_step(batch) may save a checkpoint and says whether the resume state must
+    be saved as well. SIGINT/SIGTERM save the state at the next step and exit with code 143."""
+    train_loader, test_loader = loaders
+    steps = len(train_loader)
+    with StopRequest() as stop:
+        while progress["epoch"] < args.epochs:
+            epoch, started, spent_before = progress["epoch"], time.time(), progress["elapsed"]
+            train_loader.set_epoch(epoch)
 
-    def __init__(self, model, forward, args, device):
-        self.model, self.forward, self.args, self.device = model, forward, args, device
+            def lr_for_batch(batch):
+                fraction = (epoch * steps + batch) / (args.epochs * steps)
+                return lr_at(args.schedule, args.lr, epoch, args.epochs, fraction)
 
-    def run(self, loader, epoch, lr_for_batch, update, start_batch=0, totals=None,
-            after_batch=lambda batch, totals: False):
-        self.model.train()
-        totals = totals or {"loss": 0.0, "correct": 0, "count": 0}
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        count = 0
-        bar = progress(not self.args.quiet)(loader.batches(start_batch), desc=f"epoch {epoch}",
-                                            total=len(loader) - start_batch)
-        for batch, (images, labels) in enumerate(bar, start=start_batch):
-            lr = lr_for_batch(batch)
-            with autocast(self.device, self.args.amp):
-                logits = self.forward(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            loss.backward()
-            update(lr)
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            count += len(labels)
-            if (batch + 1) % self.args.print_freq == 0 or batch + 1 == len(loader):
-                self._check_finite(loss_sum, epoch, batch)
-                log.info("epoch %d [%d/%d] lr %.4g loss %.4f acc %.2f", epoch, batch + 1, len(loader),
-                         lr, (totals["loss"] + loss_sum.item()) / (totals["count"] + count),
-                         100 * (totals["correct"] + correct.item()) / (totals["count"] + count))
-            if after_batch(batch, lambda: self._merge(totals, loss_sum, correct, count)):
-                return None
-        return self._merge(totals, loss_sum, correct, count)
+            def after_step(batch, totals):
+                if on_step(batch) and batch + 1 < steps or stop:
+                    progress.update(batch=batch + 1, totals=totals(),
+                                    elapsed=spent_before + time.time() - started)
+                    save_state()
+                return bool(stop)
 
-    def _check_finite(self, loss_sum, epoch, batch):
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"non-finite loss in epoch {epoch} by step {batch + 1}; "
-                                     "the last saved state is kept")
+            totals = train_epoch(model, forward, train_loader, epoch, lr_for_batch, update, args,
+                                 progress["batch"], progress["totals"], after_step)
+            if totals is None:
+                log.info("stopped by %s in epoch %d at step %d; state saved, continue with --resume",
+                         stop.signal, epoch, progress["batch"])
+                raise SystemExit(128 + signal.SIGTERM)
+            elapsed = spent_before + time.time() - started
+            test = evaluate(model, test_loader, args.amp)
+            metrics.append({"epoch": epoch + 1, "lr": lr_for_batch(steps - 1),
+                            "train_loss": totals["loss"] / totals["count"],
+                            "train_acc": 100 * totals["correct"] / totals["count"],
+                            "test_loss": test["loss"], "test_acc": test["accuracy"], "time": elapsed})
+            log.info("%s epoch %d/%d: test loss %.4f acc %.2f (%.0f s)", metrics.stage, epoch + 1,
+                     args.epochs, test["loss"], test["accuracy"], elapsed)
+            progress.update(epoch=epoch + 1, batch=0, totals=None, elapsed=0.0)
+            save_state()
 
-    @staticmethod
-    def _merge(totals, loss_sum, correct, count):
-        return {"loss": totals["loss"] + loss_sum.item(), "correct": totals["correct"] + correct.item(),
-                "count": totals["count"] + count}
+
+def train_epoch(model, forward, loader, epoch, lr_for_batch, update, args, start_batch=0, totals=None,
+                after_step=lambda batch, totals: False):
+    """One epoch from batch `start_batch` on: forward, backward, update(lr) per step. Loss and
+    accuracy are summed on the device (no per-step host sync) and checked to be finite at each log
+    line. Returns the epoch's totals, or None when after_step(batch, totals) asks to stop."""
+    model.train()
+    device = next(model.parameters()).device
+    base = totals or {"loss": 0.0, "correct": 0, "count": 0}
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+
+    def merged():
+        return {"loss": base["loss"] + loss_sum.item(), "correct": base["correct"] + correct.item(),
+                "count": base["count"] + count}
+
+    batches = progress(not args.quiet)(loader.batches(start_batch), desc=f"epoch {epoch}",
+                                       total=len(loader) - start_batch)
+    for batch, (images, labels) in enumerate(batches, start=start_batch):
+        lr = lr_for_batch(batch)
+        with autocast(device, args.amp):
+            logits = forward(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        loss.backward()
+        update(lr)
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        count += len(labels)
+        if (batch + 1) % args.print_freq == 0 or batch + 1 == len(loader):
+            if not torch.isfinite(loss_sum):
+                raise FloatingPointError(f"non-finite loss in epoch {epoch} by step {batch + 1}; the "
+                                         "last saved state is kept")
+            now = merged()
+            log.info("epoch %d [%d/%d] lr %.4g loss %.4f acc %.2f", epoch, batch + 1, len(loader), lr,
+                     now["loss"] / now["count"], 100 * now["correct"] / now["count"])
+        if after_step(batch, merged):
+            return None
+    return merged()

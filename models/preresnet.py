@@ -9,23 +9,26 @@ def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
 
 
-# A projection shortcut (first block of a stage) takes the block's pre-activated input,
-# as in He et al. (2016b); identity shortcuts carry the raw input.
+# Shortcuts, identity or projection (first block of a stage), take the block's raw input, as in
+# the SWA/TWA reference code, so that its checkpoints load and compute the same here. The
+# projection is a one-element Sequential named ``downsample`` for the same reason: state_dict keys
+# (``layerK.0.downsample.0.weight``) match the reference's.
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_ch: int, planes: int, stride: int = 1, shortcut: nn.Module | None = None):
+    def __init__(self, in_ch: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_ch)
         self.conv1 = conv3x3(in_ch, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = shortcut
+        self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.relu(self.bn1(x))
-        identity = x if self.shortcut is None else self.shortcut(act)
+        identity = x if self.downsample is None else self.downsample(x)
         out = self.conv2(self.relu(self.bn2(self.conv1(act))))
         return out + identity
 
@@ -33,7 +36,8 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, in_ch: int, planes: int, stride: int = 1, shortcut: nn.Module | None = None):
+    def __init__(self, in_ch: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_ch)
         self.conv1 = nn.Conv2d(in_ch, planes, 1, bias=False)
@@ -42,11 +46,11 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = shortcut
+        self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.relu(self.bn1(x))
-        identity = x if self.shortcut is None else self.shortcut(act)
+        identity = x if self.downsample is None else self.downsample(x)
         out = self.conv2(self.relu(self.bn2(self.conv1(act))))
         out = self.conv3(self.relu(self.bn3(out)))
         return out + identity
@@ -78,10 +82,10 @@ class PreResNet(nn.Module):
 
     def _make_layer(self, block: type, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         out_ch = planes * block.expansion
-        shortcut = None
+        downsample = None
         if stride != 1 or self.in_ch != out_ch:
-            shortcut = nn.Conv2d(self.in_ch, out_ch, 1, stride=stride, bias=False)
-        layers = [block(self.in_ch, planes, stride, shortcut)]
+            downsample = nn.Sequential(nn.Conv2d(self.in_ch, out_ch, 1, stride=stride, bias=False))
+        layers = [block(self.in_ch, planes, stride, downsample)]
         self.in_ch = out_ch
         layers += [block(out_ch, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)

@@ -1,27 +1,79 @@
-"""Wide Residual Networks for CIFAR (Zagoruyko & Komodakis, 2016), pre-activation blocks."""
+"""Wide Residual Networks for CIFAR (Zagoruyko & Komodakis, 2016), pre-activation units.
+
+Module names and unit counts follow the TWA reference code so that its checkpoints load here
+with ``strict=True``: the whole network is the Sequential ``f``, and the children of every
+named Sequential are called ``"<position>_<kind>"`` (``f.1_block.block.0.block.0_convolution``).
+Each stage holds one projection unit plus ``(depth - 4) // 6`` identity units, i.e. one unit
+more than the paper's WRN-d-k: "WideResNet28x10" has the layout (46.2M parameters) of a
+WRN-34-10, and "WideResNet16x8" that of a WRN-22-8.
+"""
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
 
-class WideBasic(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, dropout: float = 0.0):
+def _named(*layers: tuple[str, nn.Module]) -> nn.Sequential:
+    """A Sequential of ``(kind, module)`` pairs, each child named ``"<position>_<kind>"``."""
+    return nn.Sequential(OrderedDict((f"{i}_{kind}", m) for i, (kind, m) in enumerate(layers)))
+
+
+def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+
+
+class IdentityUnit(nn.Module):
+    """BN-ReLU-conv-BN-ReLU-dropout-conv residual branch added to the unchanged input."""
+
+    def __init__(self, channels: int, dropout: float = 0.0):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
-        self.dropout = nn.Dropout(dropout)
-        self.bn2 = nn.BatchNorm2d(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Identity()
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+        self.block = _named(
+            ("normalization", nn.BatchNorm2d(channels)),
+            ("activation", nn.ReLU(inplace=True)),
+            ("convolution", conv3x3(channels, channels)),
+            ("normalization", nn.BatchNorm2d(channels)),
+            ("activation", nn.ReLU(inplace=True)),
+            ("dropout", nn.Dropout(dropout)),
+            ("convolution", conv3x3(channels, channels)),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = self.relu(self.bn1(x))
-        # as in the original WRN, a projection shortcut shares the block's pre-activation
-        identity = x if isinstance(self.shortcut, nn.Identity) else self.shortcut(act)
-        out = self.conv2(self.relu(self.bn2(self.dropout(self.conv1(act)))))
-        return out + identity
+        return x + self.block(x)
+
+
+class ProjectionUnit(nn.Module):
+    """First unit of a stage: one pre-activation feeds both the residual branch and a
+    strided 1x1 projection shortcut, as in the original WRN."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm_act = _named(("normalization", nn.BatchNorm2d(in_ch)),
+                               ("activation", nn.ReLU(inplace=True)))
+        self.block = _named(
+            ("convolution", conv3x3(in_ch, out_ch, stride)),
+            ("normalization", nn.BatchNorm2d(out_ch)),
+            ("activation", nn.ReLU(inplace=True)),
+            ("dropout", nn.Dropout(dropout)),
+            ("convolution", conv3x3(out_ch, out_ch)),
+        )
+        self.downsample = nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.norm_act(x)
+        return self.block(act) + self.downsample(act)
+
+
+class Stage(nn.Module):
+    """A projection unit followed by ``identity_units`` identity units, kept under ``block``."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, identity_units: int,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.block = nn.Sequential(ProjectionUnit(in_ch, out_ch, stride, dropout),
+                                   *(IdentityUnit(out_ch, dropout) for _ in range(identity_units)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
 
 
 class WideResNet(nn.Module):
@@ -32,17 +84,17 @@ class WideResNet(nn.Module):
             raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
-        stages, in_ch = [], widths[0]
-        for out_ch, stride in zip(widths[1:], (1, 2, 2)):
-            for i in range(n):
-                stages.append(WideBasic(in_ch, out_ch, stride if i == 0 else 1, dropout))
-                in_ch = out_ch
-        self.blocks = nn.Sequential(*stages)
-        self.bn = nn.BatchNorm2d(in_ch)
-        self.relu = nn.ReLU(inplace=True)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_ch, num_classes)
+        self.f = _named(
+            ("convolution", conv3x3(3, widths[0])),
+            ("block", Stage(widths[0], widths[1], 1, n, dropout)),
+            ("block", Stage(widths[1], widths[2], 2, n, dropout)),
+            ("block", Stage(widths[2], widths[3], 2, n, dropout)),
+            ("normalization", nn.BatchNorm2d(widths[3])),
+            ("activation", nn.ReLU(inplace=True)),
+            ("pooling", nn.AdaptiveAvgPool2d(1)),
+            ("flattening", nn.Flatten()),
+            ("classification", nn.Linear(widths[3], num_classes)),
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -53,8 +105,7 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn(self.blocks(self.conv1(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        return self.f(x)
 
 
 ARCHS = {

@@ -9,7 +9,27 @@ PARAM_RANGES = {
     "resnet20": (269_000, 275_000),
     "VGG16BN": (14_500_000, 15_500_000),
     "PreResNet164": (1_650_000, 1_750_000),
-    "WideResNet28x10": (36_000_000, 37_000_000),
+    "WideResNet28x10": (46_000_000, 46_500_000),  # reference layout: 5 units per stage
+}
+
+# arch -> (state_dict length, first 3 keys, last 3 keys, one key from the middle); these names
+# match the TWA reference code's checkpoints, so a rename breaks loading them with strict=True
+STATE_KEYS = {
+    "resnet20": (116, ["conv1.weight", "bn1.weight", "bn1.bias"],
+                 ["blocks.8.bn2.num_batches_tracked", "fc.weight", "fc.bias"],
+                 "blocks.3.conv1.weight"),
+    "VGG16BN": (97, ["features.0.weight", "features.0.bias", "features.1.weight"],
+                ["classifier.4.bias", "classifier.6.weight", "classifier.6.bias"],
+                "features.41.running_var"),
+    "PreResNet164": (983, ["conv1.weight", "layer1.0.bn1.weight", "layer1.0.bn1.bias"],
+                     ["bn.num_batches_tracked", "fc.weight", "fc.bias"],
+                     "layer2.0.downsample.0.weight"),
+    "WideResNet28x10": (191, ["f.0_convolution.weight",
+                              "f.1_block.block.0.norm_act.0_normalization.weight",
+                              "f.1_block.block.0.norm_act.0_normalization.bias"],
+                        ["f.4_normalization.num_batches_tracked", "f.8_classification.weight",
+                         "f.8_classification.bias"],
+                        "f.2_block.block.4.block.6_convolution.weight"),
 }
 
 
@@ -37,6 +57,15 @@ def test_param_count(arch):
     low, high = PARAM_RANGES[arch]
     n = sum(p.numel() for p in build_model(arch, num_classes=10).parameters())
     assert low < n < high
+
+
+@pytest.mark.parametrize("arch", sorted(STATE_KEYS))
+def test_state_dict_keys_pinned(arch):
+    count, first, last, middle = STATE_KEYS[arch]
+    with torch.device("meta"):  # names and order only: no memory, no initialisation cost
+        keys = list(build_model(arch, num_classes=10).state_dict())
+    assert (len(keys), keys[:3], keys[-3:]) == (count, first, last)
+    assert middle in keys
 
 
 def test_unknown_arch():

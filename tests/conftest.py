@@ -1,0 +1,30 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CLASSES = ("circle", "square", "stripes")
+
+
+def write_image_folder(root, per_class, size=32, seed=0):
+    """A tiny ImageFolder tree of synthetic images whose colour depends on the class (learnable)."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class), ("test", max(2, per_class // 4))):
+        for label, name in enumerate(CLASSES):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 120, (size, size, 3))
+                pixels[..., label] += 120
+                Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i:04d}.png"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    return write_image_folder(str(tmp_path_factory.mktemp("data")), per_class=16)

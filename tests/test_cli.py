@@ -1,0 +1,225 @@
+"""The scripts end to end on a tiny ImageFolder tree, their resume paths and their bad-input errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_sgd
+import train_twa
+import utils
+from conftest import ROOT
+
+
+def run(script, *args, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def common(data, save_dir, *extra):
+    return ["--datasets", "ImageFolder", "--data-dir", data, "--arch", "resnet20", "-b", "8",
+            "--save-dir", save_dir, "--print-freq", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def sgd_run(tiny_data, tmp_path_factory):
+    save = tmp_path_factory.mktemp("sgd")
+    run("train_sgd.py", *common(tiny_data, save, "--epochs", "2", "--save-every", "2"))
+    return save
+
+
+def test_sgd_writes_checkpoints_state_and_metrics(sgd_run):
+    names = sorted(os.listdir(sgd_run))
+    assert {"0.pt", "1.pt", "2.pt", "3.pt", "4.pt", "state.pt", "metrics.jsonl", "log.log",
+            "sgd_args.json"} <= set(names)
+    assert not [n for n in names if n.endswith(".tmp")]
+    state = torch.load(sgd_run / "4.pt", weights_only=True)
+    assert "conv1.weight" in state and "bn1.running_mean" in state  # plain state_dict with buffers
+    rows = [json.loads(line) for line in open(sgd_run / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["stage"] == "sgd" for r in rows)
+
+
+def test_twa_writes_weights_coefficients_and_results(sgd_run):
+    run("train_twa.py", *common(_data_of(sgd_run), sgd_run,
+                                "--epochs", "2", "--lr", "0.5", "--params_end", "5"))
+    coefficients = json.load(open(sgd_run / "coefficients.json"))
+    assert coefficients["checkpoints"] == [f"{i}.pt" for i in range(5)]
+    results = json.load(open(sgd_run / "twa_results.json"))
+    assert results["basis"]["rank"] == 5 and results["basis"]["orthogonality_error"] <= 1e-5
+    assert 0 <= results["swa"]["accuracy"] <= 100 and 0 <= results["twa"]["accuracy"] <= 100
+    # the saved alpha reproduces the saved weights
+    final = torch.load(sgd_run / "twa.pt", weights_only=True)
+    checkpoints = [torch.load(sgd_run / f"{i}.pt", weights_only=True) for i in range(5)]
+    alpha = torch.tensor(coefficients["alpha"], dtype=torch.float64)
+    for name in [k for k in final if "running_" not in k and "num_batches" not in k]:
+        mixed = sum(a * c[name].double() for a, c in zip(alpha, checkpoints))
+        assert (mixed - final[name].double()).norm() <= 1e-5 * final[name].double().norm() + 1e-7
+    rows = [json.loads(line) for line in open(sgd_run / "metrics.jsonl")]
+    assert [r["stage"] for r in rows] == ["sgd", "sgd", "twa", "twa"]  # both scripts' rows kept
+
+
+def _data_of(save_dir):
+    return json.load(open(save_dir / "sgd_args.json"))["args"]["data_dir"]
+
+
+def test_twa_reads_dataparallel_checkpoints(sgd_run, tmp_path):
+    for i in range(3):
+        state = torch.load(sgd_run / f"{i}.pt", weights_only=True)
+        torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / f"{i}.pt")
+    run("train_twa.py", *common(_data_of(sgd_run), tmp_path, "--epochs", "1", "--params_end", "3",
+                                "--train_start", "1"))
+    assert (tmp_path / "twa.pt").exists()
+
+
+def test_pca_and_low_precision_run(sgd_run, tmp_path):
+    for i in range(5):
+        os.link(sgd_run / f"{i}.pt", tmp_path / f"{i}.pt")
+    run("train_twa.py", *common(_data_of(sgd_run), tmp_path, "--epochs", "1", "--params_end", "5",
+                                "--extract", "PCA", "--n_components", "3", "--pbits", "8"))
+    results = json.load(open(tmp_path / "twa_results.json"))
+    assert results["basis"]["rank"] == 3 and results["basis"]["pbits"] == 8
+
+
+def final_weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def wait_for(path, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def start(script, *args):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sgd_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):
+    flags = ["--epochs", "4", "--save-every", "3", "--deterministic"]
+    run("train_sgd.py", *common(tiny_data, tmp_path / "full", *flags))
+    proc = start("train_sgd.py", *common(tiny_data, tmp_path / "cut", *flags))
+    wait_for(tmp_path / "cut" / "2.pt")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, proc.stderr.read()
+    assert not (tmp_path / "cut" / "12.pt").exists()
+    run("train_sgd.py", *common(tiny_data, tmp_path / "cut", *flags, "--resume"))
+    for i in range(13):
+        a, b = final_weights(tmp_path / "full" / f"{i}.pt"), final_weights(tmp_path / "cut" / f"{i}.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{i}.pt differs"
+    rows = [json.loads(line)["epoch"] for line in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert rows == [1, 2, 3, 4]
+
+
+def test_sgd_killed_leaves_no_torn_file_and_resumes(tiny_data, tmp_path):
+    flags = ["--epochs", "3", "--save-every", "6"]
+    proc = start("train_sgd.py", *common(tiny_data, tmp_path, *flags))
+    wait_for(tmp_path / "3.pt")
+    proc.kill()
+    proc.wait()
+    for name in os.listdir(tmp_path):
+        if name.endswith(".pt"):
+            torch.load(tmp_path / name, weights_only=True)  # every visible file is whole
+    run("train_sgd.py", *common(tiny_data, tmp_path, *flags, "--resume"))
+    assert (tmp_path / "18.pt").exists()
+
+
+def test_twa_interrupted_and_resumed_equals_uninterrupted(sgd_run, tmp_path):
+    data = _data_of(sgd_run)
+    flags = ["--epochs", "6", "--params_end", "5", "--lr", "0.2", "--deterministic"]
+    for name in ("full", "cut"):
+        os.makedirs(tmp_path / name)
+        for i in range(5):
+            os.link(sgd_run / f"{i}.pt", tmp_path / name / f"{i}.pt")
+    run("train_twa.py", *common(data, tmp_path / "full", *flags))
+    proc = start("train_twa.py", *common(data, tmp_path / "cut", *flags))
+    wait_for(tmp_path / "cut" / "twa_state.pt")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, proc.stderr.read()
+    run("train_twa.py", *common(data, tmp_path / "cut", *flags, "--resume"))
+    a, b = final_weights(tmp_path / "full" / "twa.pt"), final_weights(tmp_path / "cut" / "twa.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def expect_usage_error(main, argv, capsys, message):
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_main(main, [*map(str, argv), "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_bad_sgd_inputs(tiny_data, tmp_path, capsys):
+    base = common(tiny_data, tmp_path / "run")
+    cases = [
+        (["--arch", "resnet21"], "unknown --arch 'resnet21'; choose one of:"),
+        (["--datasets", "MNIST"], "unknown --datasets 'MNIST'; choose one of: CIFAR10"),
+        (["--lr", "-0.1"], "--lr must be positive"),
+        (["-b", "0"], "--batch-size must be positive"),
+        (["--data-dir", tmp_path / "nowhere"], "does not exist"),
+        (["--save-every", "1000"], "exceeds the"),
+        (["--resume"], "file not found"),
+    ]
+    for extra, message in cases:
+        expect_usage_error(train_sgd.main, [*base, "--epochs", "1", *extra], capsys, message)
+    empty = tmp_path / "empty"
+    os.makedirs(empty / "train" / "a")
+    os.makedirs(empty / "test" / "a")
+    expect_usage_error(train_sgd.main, [*common(empty, tmp_path / "e"), "--epochs", "1"], capsys,
+                       "no images found")
+
+
+def test_bad_twa_inputs(sgd_run, tmp_path, capsys):
+    base = common(_data_of(sgd_run), sgd_run)
+    cases = [
+        (["--params_start", "3", "--params_end", "3"], "empty or reversed checkpoint range [3, 3)"),
+        (["--params_start", "4", "--params_end", "2"], "empty or reversed"),
+        (["--params_end", "9"], f"checkpoint not found: {sgd_run / '5.pt'}"),
+        (["--params_end", "4", "--train_start", "4"], "--train_start 4 is outside [0, 4)"),
+        (["--extract", "PCA", "--params_end", "4"], "--extract PCA needs --n_components in [1, 4]"),
+        (["--lr", "0"], "--lr must be positive"),
+    ]
+    for extra, message in cases:
+        expect_usage_error(train_twa.main, [*base, *extra], capsys, message)
+    # a truncated checkpoint, and checkpoints of another architecture
+    broken = tmp_path / "broken"
+    os.makedirs(broken)
+    data = open(sgd_run / "1.pt", "rb").read()
+    os.link(sgd_run / "0.pt", broken / "0.pt")
+    open(broken / "1.pt", "wb").write(data[:1000])
+    expect_usage_error(train_twa.main, [*common(_data_of(sgd_run), broken), "--params_end", "2"],
+                       capsys, f"checkpoint {broken / '1.pt'} is truncated or corrupt")
+    expect_usage_error(train_twa.main, [*base, "--params_end", "2", "--arch", "resnet32"], capsys,
+                       f"{sgd_run / '0.pt'} does not match --arch resnet32 on ImageFolder: 72 missing")
+
+
+def test_non_finite_loss_stops_with_the_step(tiny_data, tmp_path):
+    proc = run("train_sgd.py", *common(tiny_data, tmp_path, "--epochs", "2", "--lr", "1e30"),
+               check=False)
+    assert proc.returncode == 1
+    assert "non-finite loss in epoch 0 by step" in proc.stderr
+    assert not (tmp_path / "1.pt").exists()
+
+
+def test_existing_run_is_not_overwritten(sgd_run, capsys):
+    before = os.path.getmtime(sgd_run / "0.pt")
+    expect_usage_error(train_sgd.main, [*common(_data_of(sgd_run), sgd_run), "--epochs", "1"], capsys,
+                       "already holds checkpoints")
+    assert os.path.getmtime(sgd_run / "0.pt") == before
+
+
+def test_help_explains_every_flag():
+    for script in ("train_sgd.py", "train_twa.py"):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"],
+                             capture_output=True, text=True, check=True).stdout
+        for flag in ("--datasets", "--arch", "--epochs", "--lr", "--wd", "--save-dir", "--resume",
+                     "--device", "--randomseed", "--workers", "--print-freq", "--log-name"):
+            assert flag in out, (script, flag)

@@ -1,0 +1,300 @@
+"""The method's core: basis, projection, coefficients, storage precisions, safe loading."""
+import copy
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, update_bn
+
+import twa
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5))
+
+
+def random_walk(model, n, step=0.01, seed=0):
+    """n state_dicts along a random walk with small steps: neighbours have cosine >= 0.99."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    walk = []
+    for _ in range(n):
+        state = {k: v + step * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+        walk.append(state)
+    return walk
+
+
+def flat(state, model):
+    return twa.flatten_checkpoint(state, twa.trainable_parameters(model))
+
+
+def test_walk_is_nearly_parallel():
+    model = mlp()
+    a, b = (flat(s, model) for s in random_walk(model, 2))
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) >= 0.99
+
+
+@pytest.mark.parametrize("n", [2, 15])
+def test_basis_is_orthonormal_and_spans_every_checkpoint(n):
+    model = mlp()
+    walk = random_walk(model, n)
+    space = twa.Subspace.from_checkpoints(model, walk)
+    assert space.rank == n
+    assert space.orthogonality_error() <= 1e-5  # P P^T computed in float64
+    for state in walk:
+        assert space.relative_residual(flat(state, model)) <= 1e-5
+    outside = torch.randn(space.basis.dim)
+    assert space.relative_residual(outside) > 0.5  # the residual check can fail
+
+
+def test_naive_gram_schmidt_is_worse_on_nearly_parallel_vectors():
+    """The reason for re-orthogonalisation: one classical pass loses orthogonality here."""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(5000, generator=gen)
+    rows = torch.stack([base + 1e-4 * torch.randn(5000, generator=gen) for _ in range(8)])
+    naive = rows.clone()
+    for i in range(len(naive)):
+        naive[i] -= naive[:i].t() @ (naive[:i] @ naive[i])
+        naive[i] /= naive[i].norm()
+    naive_error = (naive.double() @ naive.double().t() - torch.eye(8, dtype=torch.float64)).abs().max()
+    model = nn.Linear(5000, 1, bias=False)
+    space = twa.Subspace.from_checkpoints(model, [{"weight": r.view(1, -1)} for r in rows])
+    assert naive_error > 1e-3
+    assert space.orthogonality_error() <= 1e-5
+
+
+def test_checkpoint_adding_no_direction_is_dropped_with_a_warning(caplog):
+    model = mlp()
+    walk = random_walk(model, 4)
+    with caplog.at_level(logging.WARNING, logger="twa"):
+        space = twa.Subspace.from_checkpoints(model, walk[:3] + [walk[1]] + walk[3:])
+    assert space.rank == 4
+    assert "adds no new direction" in caplog.text
+    assert space.orthogonality_error() <= 1e-5
+    # the coefficients still reproduce any point, the duplicate simply gets a zero
+    c = space.start_coordinates(4)
+    out = torch.empty(space.basis.dim)
+    space.weights(c, out)
+    alpha = space.checkpoint_coefficients(c)
+    stacked = torch.stack([flat(s, model) for s in walk[:3] + [walk[1]] + walk[3:]]).double()
+    assert ((alpha @ stacked - out.double()).norm() / out.double().norm()) <= 1e-5
+
+
+def train_steps(model, steps, step_fn, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen)
+        nn.functional.cross_entropy(model(x), y).backward()
+        step_fn()
+
+
+def test_projected_sgd_equals_sgd_on_the_coefficients_and_stays_in_the_span():
+    base = mlp()
+    walk = random_walk(base, 6, step=0.05)
+    hyper = dict(lr=0.5, momentum=0.9, weight_decay=1e-3)
+
+    coef_model = copy.deepcopy(base)
+    space = twa.Subspace.from_checkpoints(coef_model, walk)
+    trainer = twa.TWA(coef_model, space)
+    opt = torch.optim.SGD(trainer.parameters(), **hyper)
+    train_steps(coef_model, 25, lambda: trainer.step(opt))
+
+    proj_model = copy.deepcopy(base)
+    params = [p for _, p in twa.trainable_parameters(proj_model)]
+    torch.nn.utils.vector_to_parameters(space.mean.clone(), params)
+    proj_opt = torch.optim.SGD(params, **hyper)
+
+    def projected_step():
+        g = torch.nn.utils.parameters_to_vector([p.grad for p in params])
+        space.project_(g)  # the paper's g -> P^T P g
+        torch.nn.utils.vector_to_parameters(g, [p.grad for p in params])
+        proj_opt.step()
+        proj_opt.zero_grad()
+    train_steps(proj_model, 25, projected_step)
+
+    w_coef = torch.nn.utils.parameters_to_vector(coef_model.parameters()).double()
+    w_proj = torch.nn.utils.parameters_to_vector(proj_model.parameters()).double()
+    start = space.mean.double()
+    assert (w_coef - start).norm() > 0.1 * start.norm() * 1e-2  # it moved
+    assert (w_coef - w_proj).norm() / w_coef.norm() <= 1e-5
+    assert space.relative_residual(w_coef.float()) <= 1e-5
+    assert space.relative_residual(w_proj.float()) <= 1e-5
+
+
+def test_alpha_reproduces_the_final_weights():
+    model = mlp()
+    walk = random_walk(model, 8, step=0.05)
+    space = twa.Subspace.from_checkpoints(model, walk)
+    trainer = twa.TWA(model, space)
+    opt = torch.optim.SGD(trainer.parameters(), lr=1.0, momentum=0.9)
+    train_steps(model, 10, lambda: trainer.step(opt))
+    alpha = space.checkpoint_coefficients(trainer.coordinates)
+    stacked = torch.stack([flat(s, model) for s in walk]).double()
+    weights = torch.nn.utils.parameters_to_vector(model.parameters()).double()
+    assert (alpha @ stacked - weights).norm() / weights.norm() <= 1e-5
+    assert not torch.allclose(alpha, torch.full_like(alpha, 1 / 8))  # training changed them
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def test_swa_point_equals_averaged_model_with_update_bn():
+    model = small_cnn()
+    walk = random_walk(model, 5, step=0.1)
+    gen = torch.Generator().manual_seed(3)
+    loader = [(torch.randn(8, 3, 8, 8, generator=gen), torch.zeros(8, dtype=torch.long))
+              for _ in range(4)]
+
+    ours = small_cnn()
+    twa.TWA(ours, twa.Subspace.from_checkpoints(ours, walk))
+    update_bn(loader, ours)
+
+    reference_model = small_cnn()
+    averaged = AveragedModel(reference_model)
+    for state in walk:
+        reference_model.load_state_dict(state)
+        averaged.update_parameters(reference_model)
+    update_bn(loader, averaged)
+
+    for (name, a), b in zip(ours.state_dict().items(), averaged.module.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), name
+    x = torch.randn(4, 3, 8, 8, generator=gen)
+    ours.eval(), averaged.eval()
+    assert torch.allclose(ours(x), averaged(x), atol=1e-5)
+
+
+def test_start_from_a_checkpoint():
+    model = mlp()
+    walk = random_walk(model, 5)
+    space = twa.Subspace.from_checkpoints(model, walk)
+    twa.TWA(model, space, start=2)
+    weights = torch.nn.utils.parameters_to_vector(model.parameters())
+    assert torch.allclose(weights, flat(walk[2], model), atol=1e-5)
+
+
+def test_gradients_are_views_into_one_buffer():
+    model = mlp()
+    trainer = twa.TWA(model, twa.Subspace.from_checkpoints(model, random_walk(model, 3)))
+    opt = torch.optim.SGD(trainer.parameters(), lr=0.1)
+    pointers = [p.grad.data_ptr() for p in model.parameters()]
+    train_steps(model, 2, lambda: trainer.step(opt))
+    assert [p.grad.data_ptr() for p in model.parameters()] == pointers
+    # a loop that sets gradients to None still works: they are copied back into the buffer
+    model.zero_grad(set_to_none=True)
+    train_steps(model, 1, lambda: trainer.step(opt))
+    assert [p.grad.data_ptr() for p in model.parameters()] == pointers
+
+
+@pytest.mark.parametrize("bits,orth_tol", [(16, 1e-3), (8, 1e-2), (4, 0.2)])
+def test_low_precision_bases_keep_the_weights_in_their_span(bits, orth_tol):
+    model = mlp()
+    walk = random_walk(model, 6, step=0.05)
+    full = twa.Subspace.from_checkpoints(model, walk)
+    space = twa.Subspace.from_checkpoints(model, walk, bits=bits)
+    assert space.basis.nbytes() < full.basis.nbytes() * (bits / 32) * 1.2
+    assert space.orthogonality_error() <= orth_tol
+    trainer = twa.TWA(model, space)
+    opt = torch.optim.SGD(trainer.parameters(), lr=0.5, momentum=0.9)
+    train_steps(model, 5, lambda: trainer.step(opt))
+    # the weights are exactly mean + Q^T (c - c0) for the stored (dequantised) basis Q
+    q = space.basis.block(0, space.basis.dim).double()
+    expected = space.mean.double() + q.t() @ (trainer.coordinates.detach() - space.origin_coords)
+    weights = torch.nn.utils.parameters_to_vector(model.parameters()).double()
+    assert (weights - expected).norm() / weights.norm() <= 1e-6
+    # and the mean is kept exactly: quantisation only touches deviations from it
+    trainer.move_to("mean")
+    assert torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()), space.mean)
+
+
+def test_quantised_block_round_trip_on_ragged_dimensions():
+    row = torch.randn(1000)
+    for bits, tol in ((8, 0.02), (4, 0.3)):
+        basis = twa.Basis(1, 1000, bits=bits)
+        basis.append(row)
+        back = basis.block(0, 1000)[0]
+        assert (back - row).abs().max() <= tol * row.abs().max()
+
+
+def test_pca_keeps_the_top_directions():
+    model = mlp()
+    walk = random_walk(model, 10, step=0.05)
+    space = twa.Subspace.from_checkpoints(model, walk)
+    explained = space.to_principal_components(3)
+    assert space.rank == 3 and 0 < explained < 1
+    assert space.orthogonality_error() <= 1e-5
+    c = space.start_coordinates(4)
+    out = torch.empty(space.basis.dim)
+    space.weights(c, out)
+    stacked = torch.stack([flat(s, model) for s in walk]).double()
+    alpha = space.checkpoint_coefficients(c)
+    assert (alpha @ stacked - out.double()).norm() / out.double().norm() <= 1e-5
+    centred = stacked - stacked.mean(0)
+    top = torch.linalg.svd(centred, full_matrices=False).Vh[:3]
+    q = space.basis.block(0, space.basis.dim).double()
+    assert torch.linalg.matrix_norm(top @ q.t() @ q - top) <= 1e-4  # same 3-dim space
+
+
+def test_wrapper_prefixes_are_stripped(tmp_path):
+    model = mlp()
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "0.pt")
+    loaded = twa.load_state_dict(tmp_path / "0.pt")
+    assert set(loaded) == set(model.state_dict())
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_carrying_pickled_code_is_refused(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"weight": torch.zeros(2), "payload": RunsCode(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(twa.CheckpointError, match="refusing to load"):
+        twa.load_state_dict(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_mismatched_checkpoint_names_the_file(tmp_path):
+    torch.save(nn.Linear(3, 3).state_dict(), tmp_path / "other.pt")
+    model = mlp()
+    with pytest.raises(twa.CheckpointError, match="other.pt does not match the model"):
+        twa.Subspace.from_checkpoints(model, [tmp_path / "other.pt"])
+
+
+def test_truncated_checkpoint_is_caught_before_loading(tmp_path):
+    torch.save(mlp().state_dict(), tmp_path / "0.pt")
+    data = (tmp_path / "0.pt").read_bytes()
+    (tmp_path / "1.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(twa.CheckpointError, match="1.pt is truncated or corrupt"):
+        twa.Subspace.from_checkpoints(mlp(), [tmp_path / "0.pt", tmp_path / "1.pt"])
+    assert os.path.getsize(tmp_path / "1.pt") < len(data)
+
+
+def test_readme_snippet_runs(tmp_path, monkeypatch):
+    """The few-line usage shown in README.md, run as written on 101 small checkpoints."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    model = mlp()
+    os.makedirs(tmp_path / "ckpt")
+    for i, state in enumerate(random_walk(model, 101, step=0.02)):
+        torch.save(state, tmp_path / "ckpt" / f"{i}.pt")
+    gen = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(8, 20, generator=gen), torch.randint(0, 5, (8,), generator=gen))
+              for _ in range(3)]
+    monkeypatch.chdir(tmp_path)
+    scope = {"model": model, "loader": loader}
+    exec(snippet, scope)
+    weights = torch.nn.utils.parameters_to_vector(model.parameters()).double()
+    stacked = torch.stack([flat(torch.load(tmp_path / "ckpt" / f"{i}.pt"), model) for i in range(101)])
+    assert scope["space"].rank == 101
+    assert (scope["alpha"] @ stacked.double() - weights).norm() / weights.norm() <= 1e-5
