@@ -1,0 +1,57 @@
+"""Shared by the benchmarks: the real CIFAR-10 tree, timing, and table printing."""
+import os
+import statistics
+import sys
+import tarfile
+import time
+from types import SimpleNamespace
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+ARCHIVE = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "twa-data", "cifar10")
+
+
+def cifar10_dir(path=None):
+    """The ImageFolder tree of CIFAR-10, extracted from ../shared/data once if needed."""
+    path = path or CACHE
+    if not os.path.isdir(os.path.join(path, "train")):
+        if not os.path.exists(ARCHIVE):
+            sys.exit(f"no CIFAR-10 tree at {path} and no archive at {ARCHIVE}")
+        os.makedirs(path, exist_ok=True)
+        with tarfile.open(ARCHIVE) as archive:
+            archive.extractall(path, filter="data")
+    return path
+
+
+def data_args(data_dir, batch_size, loader="memory", workers=None, subset=0):
+    """The fields data.build_loaders reads, as the scripts' flags would set them."""
+    return SimpleNamespace(datasets="ImageFolder", data_dir=data_dir, batch_size=batch_size,
+                           workers=min(4, os.cpu_count() or 1) if workers is None else workers,
+                           loader=loader, randomseed=0, channels_last=False, train_subset=subset)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def print_table(header, rows):
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    for row in (header, ["-" * w for w in widths], *rows):
+        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))

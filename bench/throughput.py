@@ -1,0 +1,88 @@
+"""Training throughput of the data paths, side by side in one run.
+
+Images per second of training steps (forward, backward, SGD step) of ResNet-20 and VGG16BN on the real
+CIFAR-10, fed by: compute only (normalised tensors prepared beforehand, no augmentation), the in-memory
+loader (uint8 on the device, crop + flip + normalise per batch), and torchvision's DataLoader with the
+default workers. Rounds are interleaved so that machine noise hits every path alike; the medians and
+their ratios are printed.
+
+    python bench/throughput.py [--archs resnet20 VGG16BN] [--steps 30] [--rounds 3]
+"""
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+import common  # noqa: F401  (puts the project on the path)
+import data
+import utils
+
+WARMUP = 3
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", nargs="+", default=["resnet20", "VGG16BN"], help="models to time")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per path and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    parser.add_argument("-b", "--batch-size", type=int, default=128, help="batch size")
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10 ImageFolder tree (default: cache)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--channels-last", action="store_true", help="also use channels-last")
+    return parser.parse_args()
+
+
+def compute_only_batches(loader, steps):
+    """Batches prepared beforehand by the in-memory loader without augmentation."""
+    plain = data.TensorLoader(loader.images, loader.labels, loader.batch_size, (0, 0, 0), (1, 1, 1))
+    plain.shift, plain.scale = loader.shift, loader.scale
+    batches = list(itertools.islice(plain.batches(), steps + WARMUP))
+    return lambda: iter(batches)
+
+
+def time_steps(model, optimizer, batches, steps, device):
+    """Seconds for `steps` training steps after WARMUP untimed ones (worker start-up excluded)."""
+    iterator = batches()
+
+    def step(images, labels):
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for images, labels in itertools.islice(iterator, WARMUP):
+        step(images, labels)
+    return common.timed(lambda: [step(x, y) for x, y in itertools.islice(iterator, steps)], device)
+
+
+def main():
+    args = parse_args()
+    device = utils.pick_device(args.device)
+    torch.manual_seed(0)
+    root = common.cifar10_dir(args.data_dir)
+    memory, _, classes = data.build_loaders(common.data_args(root, args.batch_size), device)
+    classic, _, _ = data.build_loaders(common.data_args(root, args.batch_size, "torchvision"), device)
+    paths = {
+        "compute only": compute_only_batches(memory, args.steps),
+        "in-memory loader": lambda: memory.batches(),
+        f"torchvision ({classic.workers} workers)": lambda: classic.batches(),
+    }
+    rows = []
+    for arch in args.archs:
+        model = utils.build_model(arch, "ImageFolder", classes, device, args.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        model.train()
+        seconds = {name: [] for name in paths}
+        for _ in range(args.rounds):
+            for name, batches in paths.items():
+                seconds[name].append(time_steps(model, optimizer, batches, args.steps, device))
+        rate = {name: args.steps * args.batch_size / common.median(s) for name, s in seconds.items()}
+        base, mem, tv = rate.values()
+        rows.append([arch, *(f"{r:.0f}" for r in rate.values()), f"{mem / base:.3f}", f"{mem / tv:.2f}"])
+    print(f"images/s, median of {args.rounds} interleaved rounds of {args.steps} steps, batch "
+          f"{args.batch_size}, device {device}, torch threads {torch.get_num_threads()}")
+    common.print_table(["arch", *paths, "memory/compute", "memory/torchvision"], rows)
+
+
+if __name__ == "__main__":
+    main()
