@@ -93,7 +93,7 @@ def build_subspace(args, model, device):
         load_checkpoint(model, files[0], args)  # fails fast on another architecture or class count
         started = time.time()
         space = twa.Subspace.from_checkpoints(model, files, bits=args.pbits, tol=args.tol,
-                                              device=device, progress=utils.progress(not args.quiet))
+                                              device=device, progress=utils.progress_bar(not args.quiet))
     except twa.CheckpointError as err:
         raise UsageError(str(err)) from None
     explained = space.to_principal_components(args.n_components) if args.extract == "PCA" else None

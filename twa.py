@@ -12,10 +12,12 @@ Works with any nn.Module and any training loop:
     alpha = space.checkpoint_coefficients(trainer.coordinates)   # sum_i alpha_i w_i = weights
 
 P (k x D) is an orthonormal basis of the checkpoints' span, built by streaming the checkpoints one at a
-time through Gram-Schmidt with re-orthogonalisation, so only P itself is ever held in memory. Training
-the k coordinates c with w = P^T c is the paper's projected SGD (g -> P^T P g) written in the
-subspace's own coordinates: the same trajectory, with no D-sized optimizer state, and the weights stay
-exactly inside the span of the stored basis even when P is stored in 16, 8 or 4 bits.
+time (Gram-Schmidt applied twice per vector), so that only P itself is ever held in memory. Training
+the k coordinates c is the paper's projected SGD (g -> P^T P g) written in the subspace's own
+coordinates: the same trajectory, with no D-sized optimizer state. Weights are written as
+mean + P^T (c - P mean) with the checkpoints' mean kept in float32, so that they stay exactly inside
+the span of the stored basis, and a basis stored in 16, 8 or 4 bits only perturbs their deviation
+from the mean.
 """
 import logging
 import math
@@ -43,14 +45,21 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------------
 
 def check_readable(path):
-    """Cheap up-front check (reads only the archive's directory) that a torch.save file is whole."""
+    """Cheap up-front check that a torch.save file is whole: a zip archive's directory sits at its
+    end, so reading it catches truncation without loading any tensor."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            archive.namelist()
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+            return
+        with open(path, "rb") as f:
+            legacy = f.read(1) == b"\x80"  # torch < 1.6 wrote a plain pickle stream
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except (zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({err})") from None
+    if not legacy:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a torch.save file)")
 
 
 def load_state_dict(source):

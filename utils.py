@@ -185,7 +185,7 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def progress(enabled):
+def progress_bar(enabled):
     """A progress(iterable, description) wrapper: tqdm on a terminal, else the iterable itself."""
     if not enabled or not sys.stdout.isatty():
         return lambda items, desc=None, **kw: items
@@ -347,9 +347,11 @@ def run_epochs(args, model, forward, loaders, update, progress, metrics, save_st
     be saved as well. SIGINT/SIGTERM save the state at the next step and exit with code 143."""
     train_loader, test_loader = loaders
     steps = len(train_loader)
+    epochs = progress_bar(not args.quiet)(range(progress["epoch"], args.epochs), desc=metrics.stage,
+                                           initial=progress["epoch"], total=args.epochs)
     with StopRequest() as stop:
-        while progress["epoch"] < args.epochs:
-            epoch, started, spent_before = progress["epoch"], time.time(), progress["elapsed"]
+        for epoch in epochs:
+            started, spent_before = time.time(), progress["elapsed"]
             train_loader.set_epoch(epoch)
 
             def lr_for_batch(batch):
@@ -397,7 +399,7 @@ def train_epoch(model, forward, loader, epoch, lr_for_batch, update, args, start
         return {"loss": base["loss"] + loss_sum.item(), "correct": base["correct"] + correct.item(),
                 "count": base["count"] + count}
 
-    batches = progress(not args.quiet)(loader.batches(start_batch), desc=f"epoch {epoch}",
+    batches = progress_bar(not args.quiet)(loader.batches(start_batch), desc=f"epoch {epoch}",
                                        total=len(loader) - start_batch)
     for batch, (images, labels) in enumerate(batches, start=start_batch):
         lr = lr_for_batch(batch)

@@ -11,11 +11,11 @@ sys.path.insert(0, ROOT)
 CLASSES = ("circle", "square", "stripes")
 
 
-def write_image_folder(root, per_class, size=32, seed=0):
+def write_image_folder(root, per_class, size=32, seed=0, classes=CLASSES):
     """A tiny ImageFolder tree of synthetic images whose colour depends on the class (learnable)."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", per_class), ("test", max(2, per_class // 4))):
-        for label, name in enumerate(CLASSES):
+        for label, name in enumerate(classes):
             folder = os.path.join(root, split, name)
             os.makedirs(folder, exist_ok=True)
             for i in range(count):

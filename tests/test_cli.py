@@ -12,7 +12,8 @@ import torch
 import train_sgd
 import train_twa
 import utils
-from conftest import ROOT
+from conftest import ROOT, write_image_folder
+from test_twa import RunsCode
 
 
 def run(script, *args, check=True):
@@ -197,6 +198,15 @@ def test_bad_twa_inputs(sgd_run, tmp_path, capsys):
     open(broken / "1.pt", "wb").write(data[:1000])
     expect_usage_error(train_twa.main, [*common(_data_of(sgd_run), broken), "--params_end", "2"],
                        capsys, f"checkpoint {broken / '1.pt'} is truncated or corrupt")
+    two_classes = write_image_folder(str(tmp_path / "two"), per_class=4, classes=("a", "b"))
+    expect_usage_error(train_twa.main, [*common(two_classes, sgd_run), "--params_end", "2"], capsys,
+                       "'fc.weight' has shape (3, 64), the model (2, 64)")
+    unsafe = tmp_path / "unsafe"
+    os.makedirs(unsafe)
+    torch.save({"w": torch.zeros(1), "code": RunsCode(str(tmp_path / "ran"))}, unsafe / "0.pt")
+    expect_usage_error(train_twa.main, [*common(_data_of(sgd_run), unsafe), "--params_end", "1"],
+                       capsys, "refusing to load")
+    assert not (tmp_path / "ran").exists()
     expect_usage_error(train_twa.main, [*base, "--params_end", "2", "--arch", "resnet32"], capsys,
                        f"{sgd_run / '0.pt'} does not match --arch resnet32 on ImageFolder: 72 missing")
 
