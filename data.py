@@ -17,8 +17,6 @@ from PIL import Image
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
-from utils import save_torch
-
 DATASETS = ("CIFAR10", "CIFAR100", "ImageNet", "ImageFolder")
 LOADERS = ("memory", "torchvision")
 SMALL_IMAGE = 64  # images up to this size are kept decoded in memory
@@ -181,7 +179,9 @@ def decoded_image_folder(path, cache_dir=None):
         raise DataError(f"images in {path} differ in size; use --loader torchvision")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(folder.targets, dtype=torch.int64)
-    save_torch({"images": images, "labels": labels, "classes": folder.classes}, cache)
+    tmp = f"{cache}.{os.getpid()}.tmp"  # written whole, then renamed: never a torn cache file
+    torch.save({"images": images, "labels": labels, "classes": folder.classes}, tmp)
+    os.replace(tmp, cache)
     return images, labels, folder.classes
 
 

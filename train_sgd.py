@@ -9,6 +9,8 @@ import os
 
 import torch
 
+import distributed
+import twa
 import utils
 from utils import UsageError, log
 
@@ -27,6 +29,8 @@ def parse_args(argv=None):
         help="learning-rate schedule; step: /10 at 50%% and 75%% of the epochs")
     add("--optimizer", default="sgd", choices=("sgd", "SGD"), help="kept for the reference's flags")
     add("--save-every", type=int, default=1, help="checkpoints saved per epoch")
+    add("--init", default=None, help="start from the weights in this state_dict file (e.g. to branch "
+        "a run at one of its checkpoints) instead of a fresh initialisation")
     args = parser.parse_args(argv)
     utils.check_common_args(args)
     if args.save_every <= 0:
@@ -41,18 +45,24 @@ def save_points(batches, per_epoch):
     return {round((j + 1) * batches / per_epoch) - 1 for j in range(per_epoch)}
 
 
+def load_weights(model, path):
+    try:
+        model.load_state_dict(twa.load_state_dict(path))
+    except (twa.CheckpointError, RuntimeError) as err:
+        raise UsageError(f"--init {path}: {str(err).splitlines()[0]}") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
     state_path = os.path.join(args.save_dir, STATE)
     resume = utils.load_torch(state_path) if args.resume else None
     if not args.resume and os.path.exists(os.path.join(args.save_dir, "0.pt")):
         raise UsageError(f"{args.save_dir} already holds checkpoints; use --resume or another --save-dir")
-    device, train_loader, test_loader, model = utils.setup_run(args, "sgd")
-    forward = torch.compile(model) if args.compile else model
+    ctx, train_loader, test_loader, model = utils.setup_run(args, "sgd")
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     metrics = utils.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "sgd",
-                            resume["metrics"] if resume else ())
+                            resume["metrics"] if resume else (), enabled=ctx.is_main)
     progress = {"epoch": 0, "batch": 0, "checkpoint": 0, "totals": None, "elapsed": 0.0}
     if resume:
         model.load_state_dict(resume["model"])
@@ -62,12 +72,18 @@ def main(argv=None):
         log.info("resumed at epoch %d, batch %d, checkpoint %d", progress["epoch"], progress["batch"],
                  progress["checkpoint"])
     else:
-        utils.save_torch(model.state_dict(), os.path.join(args.save_dir, "0.pt"))
+        if args.init:
+            load_weights(model, args.init)
+        if ctx.is_main:
+            utils.save_torch(model.state_dict(), os.path.join(args.save_dir, "0.pt"))
+    forward = distributed.wrap(model, ctx)
+    forward = torch.compile(forward) if args.compile else forward
 
     def save_state():
-        utils.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "rng": torch.get_rng_state(), "progress": progress, "metrics": metrics.rows,
-                          "args": vars(args)}, state_path)
+        if ctx.is_main:
+            utils.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "rng": torch.get_rng_state(), "progress": progress,
+                              "metrics": metrics.rows, "args": vars(args)}, state_path)
 
     points = save_points(len(train_loader), args.save_every)
 
@@ -75,7 +91,9 @@ def main(argv=None):
         if batch not in points:
             return False
         progress["checkpoint"] += 1
-        utils.save_torch(model.state_dict(), os.path.join(args.save_dir, f"{progress['checkpoint']}.pt"))
+        if ctx.is_main:
+            path = os.path.join(args.save_dir, f"{progress['checkpoint']}.pt")
+            utils.save_torch(model.state_dict(), path)
         return True
 
     def update(lr):
@@ -83,9 +101,10 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    utils.run_epochs(args, model, forward, (train_loader, test_loader), update, progress, metrics,
-                     save_state, on_step=save_checkpoint)
+    utils.run_epochs(args, ctx, model, forward, (train_loader, test_loader), update, progress,
+                     metrics, save_state, on_step=save_checkpoint)
     log.info("done: %d checkpoints in %s", progress["checkpoint"] + 1, args.save_dir)
+    distributed.shutdown(ctx)
 
 
 if __name__ == "__main__":

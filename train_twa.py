@@ -5,7 +5,7 @@ evaluates their uniform average (SWA, BatchNorm recomputed), then trains inside 
 average (or from checkpoint --train_start): each step's gradient g becomes P g for the coordinates,
 i.e. P^T P g for the weights. Writes <save-dir>/twa.pt (final weights, BN recomputed),
 <save-dir>/coefficients.json (the alpha with sum_i alpha_i w_i = twa.pt's weights) and
-<log-dir>/twa_results.json (SWA and TWA accuracies, timings, args).
+<log-dir>/twa_results.json (SWA and TWA accuracies, timings, args); --output-dir moves the first two.
 """
 import argparse
 import os
@@ -13,6 +13,7 @@ import time
 
 import torch
 
+import distributed
 import twa
 import utils
 from utils import UsageError, log
@@ -33,6 +34,7 @@ def parse_args(argv=None):
     add("--opt", default="SGD", choices=("SGD",), help="optimizer of the projected training")
     add("--params_start", type=int, default=0, help="first checkpoint (i.pt) of the subspace")
     add("--params_end", type=int, default=101, help="one past the last checkpoint of the subspace")
+    add("--params_stride", type=int, default=1, help="use every k-th checkpoint of the range")
     add("--train_start", type=int, default=-1,
         help="start from the checkpoints' mean (-1) or from checkpoint i.pt")
     add("--extract", default="Schmidt", choices=("Schmidt", "PCA"),
@@ -40,6 +42,8 @@ def parse_args(argv=None):
     add("--n_components", type=int, default=None, help="directions kept by --extract PCA")
     add("--pbits", type=int, default=32, choices=(32, 16, 8, 4),
         help="storage of the basis: float32, bfloat16, or 8/4-bit affine quantisation")
+    add("--output-dir", default=None, help="folder for twa.pt, coefficients.json and the resume "
+        "state (default: --save-dir)")
     add("--tol", type=float, default=1e-5,
         help="a checkpoint within this relative distance of the others' span is left out")
     args = parser.parse_args(argv)
@@ -51,13 +55,16 @@ def parse_args(argv=None):
 def check_args(args):
     if not 0 <= args.params_start < args.params_end:
         raise UsageError(f"empty or reversed checkpoint range [{args.params_start}, {args.params_end})")
-    if args.train_start != -1 and not args.params_start <= args.train_start < args.params_end:
+    if args.params_stride <= 0:
+        raise UsageError(f"--params_stride must be positive, not {args.params_stride}")
+    if args.train_start != -1 and args.train_start not in checkpoint_indices(args):
         raise UsageError(f"--train_start {args.train_start} is outside [{args.params_start}, "
-                         f"{args.params_end}); use -1 for the mean")
-    n = args.params_end - args.params_start
+                         f"{args.params_end}) step {args.params_stride}; use -1 for the mean")
+    args.output_dir = args.output_dir or args.save_dir
+    n = len(checkpoint_indices(args))
     if args.extract == "PCA" and not (args.n_components and 1 <= args.n_components <= n):
         raise UsageError(f"--extract PCA needs --n_components in [1, {n}]")
-    for i in range(args.params_start, args.params_end):
+    for i in checkpoint_indices(args):
         path = checkpoint_path(args, i)
         if not os.path.isfile(path):
             raise UsageError(f"checkpoint not found: {path}")
@@ -65,6 +72,10 @@ def check_args(args):
             twa.check_readable(path)
         except twa.CheckpointError as err:
             raise UsageError(str(err)) from None
+
+
+def checkpoint_indices(args):
+    return list(range(args.params_start, args.params_end, args.params_stride))
 
 
 def checkpoint_path(args, i):
@@ -87,49 +98,50 @@ def load_checkpoint(model, path, args):
     model.load_state_dict(state)
 
 
-def build_subspace(args, model, device):
-    files = [checkpoint_path(args, i) for i in range(args.params_start, args.params_end)]
+def build_subspace(args, model, ctx):
+    files = [checkpoint_path(args, i) for i in checkpoint_indices(args)]
     try:
         load_checkpoint(model, files[0], args)  # fails fast on another architecture or class count
         started = time.time()
         space = twa.Subspace.from_checkpoints(model, files, bits=args.pbits, tol=args.tol,
-                                              device=device, progress=utils.progress_bar(not args.quiet))
+                                              device=ctx.device,
+                                              progress=utils.progress_bar(not args.quiet and ctx.is_main))
     except twa.CheckpointError as err:
         raise UsageError(str(err)) from None
     explained = space.to_principal_components(args.n_components) if args.extract == "PCA" else None
     report = {"checkpoints": len(files), "rank": space.rank, "seconds": time.time() - started,
               "orthogonality_error": space.orthogonality_error(), "pbits": args.pbits,
-              "basis_bytes": space.basis.nbytes(), "explained_variance": explained}
-    log.info("subspace: %d checkpoints, rank %d, max|PP^T-I| %.1e, %.1f MB at %d bits, %.1f s",
-             len(files), space.rank, report["orthogonality_error"], report["basis_bytes"] / 1e6,
-             args.pbits, report["seconds"])
+              "basis_bytes_per_process": space.basis.nbytes(), "processes": ctx.world,
+              "columns_per_process": space.shard.size, "explained_variance": explained}
+    log.info("subspace: %d checkpoints, rank %d, max|PP^T-I| %.1e, %.1f MB per process at %d bits "
+             "(%d processes), %.1f s", len(files), space.rank, report["orthogonality_error"],
+             report["basis_bytes_per_process"] / 1e6, args.pbits, ctx.world, report["seconds"])
     return space, report
 
 
-def evaluate_swa(model, train_loader, test_loader, args):
+def evaluate_swa(model, train_loader, test_loader, args, ctx):
     """Test metrics of the model as it is, after recomputing its BatchNorm statistics."""
     utils.recompute_bn(model, train_loader)
-    result = utils.evaluate(model, test_loader, args.amp)
+    result = utils.evaluate(model, test_loader, args.amp, ctx)
     log.info("SWA: test loss %.4f acc %.2f", result["loss"], result["accuracy"])
     return result
 
 
 def main(argv=None):
     args = parse_args(argv)
-    state_path = os.path.join(args.save_dir, STATE)
+    state_path = os.path.join(args.output_dir, STATE)
     resume = utils.load_torch(state_path) if args.resume else None
-    device, train_loader, test_loader, model = utils.setup_run(args, "twa")
-    space, basis_report = build_subspace(args, model, device)
+    ctx, train_loader, test_loader, model = utils.setup_run(args, "twa")
+    space, basis_report = build_subspace(args, model, ctx)
     trainer = twa.TWA(model, space)  # the model now holds the checkpoints' mean: SWA
-    swa = evaluate_swa(model, train_loader, test_loader, args)
+    swa = evaluate_swa(model, train_loader, test_loader, args, ctx)
     if args.train_start >= 0:
         load_checkpoint(model, checkpoint_path(args, args.train_start), args)
-        trainer.move_to(args.train_start - args.params_start)
+        trainer.move_to(checkpoint_indices(args).index(args.train_start))
     optimizer = torch.optim.SGD(trainer.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    forward = torch.compile(model) if args.compile else model
     metrics = utils.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "twa",
-                            resume["metrics"] if resume else ())
+                            resume["metrics"] if resume else (), enabled=ctx.is_main)
     progress = {"epoch": 0, "batch": 0, "totals": None, "elapsed": 0.0}
     if resume:
         trainer.move_to(resume["coordinates"])
@@ -138,8 +150,12 @@ def main(argv=None):
         torch.set_rng_state(resume["rng"])
         progress = resume["progress"]
         log.info("resumed at epoch %d, batch %d", progress["epoch"], progress["batch"])
+    forward = distributed.wrap(model, ctx)
+    forward = torch.compile(forward) if args.compile else forward
 
     def save_state():
+        if not ctx.is_main:
+            return
         buffers = {k: v for k, v in model.state_dict().items() if k not in dict(model.named_parameters())}
         utils.save_torch({"coordinates": trainer.coordinates.detach(), "buffers": buffers,
                           "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
@@ -150,26 +166,29 @@ def main(argv=None):
         trainer.step(optimizer)
 
     train_started = time.time()
-    utils.run_epochs(args, model, forward, (train_loader, test_loader), update, progress, metrics,
-                     save_state)
+    utils.run_epochs(args, ctx, model, forward, (train_loader, test_loader), update, progress,
+                     metrics, save_state)
     utils.recompute_bn(model, train_loader)
-    final = utils.evaluate(model, test_loader, args.amp)
+    final = utils.evaluate(model, test_loader, args.amp, ctx)
     log.info("TWA after BN update: test loss %.4f acc %.2f (SWA %.2f)", final["loss"],
              final["accuracy"], swa["accuracy"])
-    write_results(args, model, space, trainer, swa, final, basis_report, time.time() - train_started)
+    if ctx.is_main:
+        write_results(args, model, space, trainer, swa, final, basis_report,
+                      time.time() - train_started)
+    distributed.shutdown(ctx)
 
 
 def write_results(args, model, space, trainer, swa, final, basis_report, seconds):
     alpha = space.checkpoint_coefficients(trainer.coordinates)
-    utils.save_torch(model.state_dict(), os.path.join(args.save_dir, "twa.pt"))
+    utils.save_torch(model.state_dict(), os.path.join(args.output_dir, "twa.pt"))
     utils.save_json({"checkpoints": [os.path.basename(name) for name in space.names],
                      "alpha": alpha.tolist(), "uniform": 1.0 / len(space.names),
                      "coordinates": trainer.coordinates.detach().cpu().double().tolist()},
-                    os.path.join(args.save_dir, "coefficients.json"))
+                    os.path.join(args.output_dir, "coefficients.json"))
     utils.save_json({"swa": swa, "twa": final, "basis": basis_report, "train_seconds": seconds,
                      "args": vars(args), "git": utils.git_revision()},
                     os.path.join(args.log_dir, "twa_results.json"))
-    log.info("wrote twa.pt and coefficients.json to %s", args.save_dir)
+    log.info("wrote twa.pt and coefficients.json to %s", args.output_dir)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import zipfile
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,12 @@ def trainable_parameters(model):
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def flatten_checkpoint(state, params, source="state_dict", out=None):
-    """The trainable parameters of `state` as one float32 vector, checked against the model's."""
+def flatten_checkpoint(state, params, source="state_dict", out=None, columns=None):
+    """The trainable parameters of `state` as one float32 vector, checked against the model's;
+    columns=(lo, hi) keeps only entries [lo, hi) of that vector (a shard)."""
     total = sum(p.numel() for _, p in params)
-    out = torch.empty(total, dtype=torch.float32) if out is None else out
+    lo, hi = columns or (0, total)
+    out = torch.empty(hi - lo, dtype=torch.float32) if out is None else out
     offset = 0
     for name, p in params:
         if name not in state:
@@ -114,9 +117,56 @@ def flatten_checkpoint(state, params, source="state_dict", out=None):
         if tuple(value.shape) != tuple(p.shape):
             raise CheckpointError(f"{source} does not match the model: '{name}' has shape "
                                   f"{tuple(value.shape)}, the model {tuple(p.shape)}")
-        out[offset:offset + p.numel()].copy_(value.reshape(-1))
+        start, stop = max(offset, lo), min(offset + p.numel(), hi)
+        if start < stop:
+            out[start - lo:stop - lo].copy_(value.reshape(-1)[start - offset:stop - offset])
         offset += p.numel()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharding over processes
+# ---------------------------------------------------------------------------------------------------
+
+class Sharding:
+    """The columns [lo, hi) of the D-dimensional weight vectors that this process keeps.
+
+    With N processes (torch.distributed initialised) the basis is split by columns: each rank
+    stores about D/N entries of every row, and the full k x D basis never exists anywhere. Every
+    product with the basis is then a sum of per-shard products, so only k-sized sums cross between
+    processes, plus one all-gather of the D weights per training step. Columns rather than rows:
+    rows would need the whole D-sized gradient and weights to meet every rank's rows, and rank
+    deficiency would leave shards uneven."""
+
+    def __init__(self, dim, group=None):
+        distributed = dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.world = dist.get_world_size(group) if distributed else 1
+        self.rank = dist.get_rank(group) if distributed else 0
+        self.per_rank = math.ceil(dim / self.world / QUANT_GROUP) * QUANT_GROUP
+        self.lo = min(self.rank * self.per_rank, dim)
+        self.hi = min(self.lo + self.per_rank, dim)
+        self.dim = dim
+
+    @property
+    def size(self):
+        return self.hi - self.lo
+
+    def sum_(self, tensor):
+        """Sum over the processes, in place (k-sized tensors only)."""
+        if self.world > 1:
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def norm(self, local):
+        """The norm of a vector from its shards."""
+        square = torch.linalg.vector_norm(local, dtype=torch.float64).square().reshape(1)
+        return self.sum_(square).sqrt().item()
+
+    def gather_(self, full, local):
+        """full[:D] = the concatenated shards; `full` holds world x per_rank entries, `local`
+        per_rank (its tail past hi - lo is ignored)."""
+        dist.all_gather_into_tensor(full, local, group=self.group)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,17 +285,17 @@ class Basis:
 # The subspace spanned by the checkpoints
 # ---------------------------------------------------------------------------------------------------
 
-def orthogonalise_(basis, w):
+def orthogonalise_(basis, w, shard):
     """Remove from w (in place) its components along the stored rows; classical Gram-Schmidt run
     twice, which keeps the basis orthogonal to working precision even for nearly parallel vectors
     (one pass loses orthogonality in proportion to the angle's condition number).
     Returns the coordinates removed (float64) and the norm of what is left."""
     coords = torch.zeros(basis.rows, dtype=torch.float64, device=basis.device)
     for _ in range(2 if basis.rows else 0):
-        h = basis.matvec(w, exact=True)
+        h = shard.sum_(basis.matvec(w, exact=True))
         basis.rmatvec(h, out=w, accumulate=True, alpha=-1.0)
         coords += h
-    return coords, torch.linalg.vector_norm(w, dtype=torch.float64).item()
+    return coords, shard.norm(w)
 
 
 class Subspace:
@@ -257,8 +307,9 @@ class Subspace:
     deviation from the mean, never the mean itself. Also kept: each checkpoint's coordinates and the
     map from coordinates to averaging coefficients, alpha = 1/n + to_alpha (c - P origin)."""
 
-    def __init__(self, basis, origin, names, checkpoint_coords, origin_coords, to_alpha):
+    def __init__(self, basis, origin, names, checkpoint_coords, origin_coords, to_alpha, shard=None):
         self.basis, self.origin, self.names = basis, origin, names
+        self.shard = shard or Sharding(basis.dim)
         self.checkpoint_coords = checkpoint_coords  # n x k, float64
         self.origin_coords = origin_coords          # k, float64
         self.to_alpha = to_alpha                    # n x k, float64
@@ -269,15 +320,17 @@ class Subspace:
 
     @property
     def mean(self):
-        """The uniform average of the checkpoints (the SWA solution), float32."""
+        """The uniform average of the checkpoints (the SWA solution; this process's shard of it)."""
         return self.origin
 
     @classmethod
-    def from_checkpoints(cls, model, checkpoints, bits=32, tol=1e-5, device=None, progress=None):
+    def from_checkpoints(cls, model, checkpoints, bits=32, tol=1e-5, device=None, progress=None,
+                         group=None):
         """Build the subspace from checkpoints (files or state_dicts of `model`), streamed one at a
         time in two passes (the mean, then the basis). A checkpoint that, up to `tol` times its norm,
         lies in the span of the mean and the earlier checkpoints adds no direction and is left out of
-        the basis with a warning. progress(iterable, description) may wrap the passes (e.g. tqdm)."""
+        the basis with a warning. progress(iterable, description) may wrap the passes (e.g. tqdm).
+        Under torch.distributed every process of `group` keeps one column shard (see Sharding)."""
         params = trainable_parameters(model)
         device = torch.device(device) if device is not None else params[0][1].device
         sources = list(checkpoints)
@@ -288,9 +341,10 @@ class Subspace:
                 check_readable(source)  # fail before any long work, naming the file
         names = [_describe(s, i) for i, s in enumerate(sources)]
         wrap = progress or (lambda items, desc: items)
-        mean = _mean_of(sources, params, device, wrap)
+        shard = Sharding(sum(p.numel() for _, p in params), group)
+        mean = _mean_of(sources, params, device, wrap, shard)
         n = len(sources)
-        basis = Basis(n, mean.numel(), bits, device)
+        basis = Basis(n, shard.size, bits, device)
         # Generators: the mean, then w_i - mean for all but the last checkpoint (whose deviation is
         # minus the sum of the others). gen[j] holds generator j as coefficients of the checkpoints.
         gen = torch.eye(n, dtype=torch.float64) - 1.0 / n
@@ -300,11 +354,12 @@ class Subspace:
         w = mean.clone()
         for j in wrap(range(n), "orthonormal basis"):
             if j > 0:
-                flatten_checkpoint(load_state_dict(sources[j - 1]), params, names[j - 1], out=w)
-            norm = torch.linalg.vector_norm(w, dtype=torch.float64).item()  # of the checkpoint
+                flatten_checkpoint(load_state_dict(sources[j - 1]), params, names[j - 1], out=w,
+                                   columns=(shard.lo, shard.hi))
+            norm = shard.norm(w)  # of the checkpoint
             if j > 0:
                 w -= mean
-            removed, residual = orthogonalise_(basis, w)
+            removed, residual = orthogonalise_(basis, w, shard)
             coords[j, :basis.rows] = removed.cpu()
             if residual <= tol * norm or residual == 0.0:
                 what = names[j - 1] if j else "the mean of the checkpoints"
@@ -321,7 +376,7 @@ class Subspace:
         r_inv_t = torch.linalg.solve_triangular(coords[kept].t(), torch.eye(len(kept),
                                                 dtype=torch.float64), upper=True)
         to_alpha = gen[kept].t() @ r_inv_t
-        return cls(basis, mean, names, coords[0] + deviations, coords[0].clone(), to_alpha)
+        return cls(basis, mean, names, coords[0] + deviations, coords[0].clone(), to_alpha, shard)
 
     def to_principal_components(self, n_components):
         """Keep only the top principal directions of the centred checkpoints (the DLDR subspace):
@@ -346,17 +401,19 @@ class Subspace:
         return self.checkpoint_coords[start].clone()
 
     def coordinates(self, w):
-        """P w, the coordinates of the point of the subspace nearest to w (float64, on the CPU)."""
-        w = w.to(device=self.basis.device, dtype=torch.float32)
-        return self.basis.matvec(w - self.origin, exact=True).cpu() + self.origin_coords
+        """P w, the coordinates of the point of the subspace nearest to w (all D entries)."""
+        local = w[self.shard.lo:self.shard.hi].to(device=self.basis.device, dtype=torch.float32)
+        products = self.shard.sum_(self.basis.matvec(local - self.origin, exact=True))
+        return products.cpu() + self.origin_coords
 
     def weights(self, c, out):
-        """out = origin + P^T (c - P origin): the weights at coordinates c."""
+        """out = origin + P^T (c - P origin): the weights at coordinates c (this shard's entries)."""
         step = c.detach().to(self.origin_coords.device, torch.float64) - self.origin_coords
         return self.basis.rmatvec(step, out.copy_(self.origin), accumulate=True)
 
     def project_(self, g):
-        """g <- P^T P g in place: the paper's projected gradient, for optimizers kept in D-space."""
+        """g <- P^T P g in place: the paper's projected gradient, for optimizers kept in D-space
+        (one process; shards call it on their own columns and sum P g first)."""
         return self.basis.rmatvec(self.basis.matvec(g), out=g)
 
     def checkpoint_coefficients(self, c):
@@ -367,22 +424,22 @@ class Subspace:
     def orthogonality_error(self):
         """max |P P^T - I|, computed in float64."""
         eye = torch.eye(self.rank, dtype=torch.float64, device=self.basis.device)
-        return (self.basis.gram() - eye).abs().max().item()
+        return (self.shard.sum_(self.basis.gram()) - eye).abs().max().item()
 
     def relative_residual(self, w):
         """||w - (nearest point of the subspace)|| / ||w||: 0 for points of the subspace."""
-        w = w.to(device=self.basis.device, dtype=torch.float32)
-        inside = self.weights(self.coordinates(w), torch.empty_like(w))
-        return ((w.double() - inside.double()).norm() / w.double().norm().clamp_min(1e-300)).item()
+        local = w[self.shard.lo:self.shard.hi].to(device=self.basis.device, dtype=torch.float32)
+        inside = self.weights(self.coordinates(w), torch.empty_like(local))
+        return self.shard.norm(local.double() - inside.double()) / max(self.shard.norm(local), 1e-300)
 
 
-def _mean_of(sources, params, device, wrap):
-    """The mean of the checkpoints' trainable parameters, accumulated in float64 on `device`."""
-    dim = sum(p.numel() for _, p in params)
-    total = torch.zeros(dim, dtype=torch.float64, device=device)
-    w = torch.empty(dim, device=device)
+def _mean_of(sources, params, device, wrap, shard):
+    """This shard of the checkpoints' mean, accumulated in float64 on `device`."""
+    total = torch.zeros(shard.size, dtype=torch.float64, device=device)
+    w = torch.empty(shard.size, device=device)
     for i, source in enumerate(wrap(sources, "mean of the checkpoints")):
-        total += flatten_checkpoint(load_state_dict(source), params, _describe(source, i), out=w)
+        total += flatten_checkpoint(load_state_dict(source), params, _describe(source, i), out=w,
+                                    columns=(shard.lo, shard.hi))
     return total.div_(len(sources)).float()
 
 
@@ -390,15 +447,18 @@ def _mean_of(sources, params, device, wrap):
 # Training inside the subspace
 # ---------------------------------------------------------------------------------------------------
 
-def flatten_parameters_(params):
-    """Make the parameters and their gradients views into two flat tensors (no copies per step)."""
+def flatten_parameters_(params, size=None):
+    """Make the parameters and their gradients views into two flat tensors (no copies per step);
+    the weights' tensor has `size` >= D entries (room for an all-gather of equal shards)."""
     first = params[0]
     if any(p.dtype != first.dtype or p.device != first.device for p in params):
         raise ValueError("TWA needs all trainable parameters in one dtype on one device")
-    weights = torch.cat([p.detach().reshape(-1) for p in params])
-    grads = torch.zeros_like(weights)
+    dim = sum(p.numel() for p in params)
+    weights = torch.zeros(size or dim, dtype=first.dtype, device=first.device)
+    grads = torch.zeros(dim, dtype=first.dtype, device=first.device)
     offset = 0
     for p in params:
+        weights[offset:offset + p.numel()] = p.detach().reshape(-1)
         p.data = weights[offset:offset + p.numel()].view_as(p)
         p.grad = grads[offset:offset + p.numel()].view_as(p)
         offset += p.numel()
@@ -409,15 +469,21 @@ class TWA:
     """Trains `model`'s trainable parameters as w = origin + P^T c through the k coordinates c.
 
     Give `parameters()` to any torch optimizer; after each backward pass call `step(optimizer)`.
-    With P orthonormal, SGD on c (momentum, weight decay) is exactly the paper's projected SGD on w."""
+    With P orthonormal, SGD on c (momentum, weight decay) is exactly the paper's projected SGD on w.
+    Under torch.distributed (a sharded subspace) every process computes the same c from the summed
+    shard products and the weights are all-gathered from the shards."""
 
     def __init__(self, model, space, start="mean"):
-        self.space = space
+        self.space, shard = space, space.shard
         self.params = [p for _, p in trainable_parameters(model)]
-        self.flat_weights, self.flat_grads = flatten_parameters_(self.params)
-        if self.flat_weights.numel() != space.basis.dim:
-            raise ValueError(f"the model has {self.flat_weights.numel()} trainable parameters, "
-                             f"the subspace {space.basis.dim}")
+        dim = sum(p.numel() for p in self.params)
+        if dim != shard.dim:
+            raise ValueError(f"the model has {dim} trainable parameters, the subspace {shard.dim}")
+        self.flat_weights, self.flat_grads = flatten_parameters_(self.params,
+                                                                 shard.per_rank * shard.world)
+        # the shard's weights are computed here, then gathered into flat_weights
+        self.local = self.flat_weights[:dim] if shard.world == 1 else \
+            torch.zeros(shard.per_rank, dtype=self.flat_weights.dtype, device=space.basis.device)
         self.views = [p.grad for p in self.params]
         self.coordinates = nn.Parameter(torch.zeros(space.rank, dtype=torch.float64,
                                                     device=space.basis.device))
@@ -430,7 +496,9 @@ class TWA:
     def step(self, optimizer):
         """dL/dc = P g; one optimizer step on c; then the model's weights become origin + P^T c."""
         self._collect_gradients()
-        self.coordinates.grad = self.space.basis.matvec(self.flat_grads)
+        shard = self.space.shard
+        grad = self.space.basis.matvec(self.flat_grads[shard.lo:shard.hi])
+        self.coordinates.grad = shard.sum_(grad)
         self.flat_grads.zero_()
         optimizer.step()
         self.write_weights()
@@ -444,7 +512,10 @@ class TWA:
 
     @torch.no_grad()
     def write_weights(self):
-        self.space.weights(self.coordinates, out=self.flat_weights)
+        shard = self.space.shard
+        self.space.weights(self.coordinates, out=self.local[:shard.size])
+        if shard.world > 1:
+            shard.gather_(self.flat_weights, self.local)
 
     def _collect_gradients(self):
         # Gradients normally accumulate in place into the flat views; a loop that set them to None

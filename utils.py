@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import update_bn
 
+import data
+import distributed
 import models
 
 log = logging.getLogger("twa")
@@ -162,14 +164,17 @@ def setup_logging(log_dir, log_name, enabled=True):
 
 class Metrics:
     """Per-epoch rows of one stage ("sgd", "twa") in a JSON-lines file that both scripts share: the
-    file is rewritten atomically from memory, keeping the other stages' rows as they were."""
+    file is rewritten atomically from memory, keeping the other stages' rows as they were. Only an
+    enabled (rank 0) instance writes."""
 
-    def __init__(self, path, stage, rows=()):
-        self.path, self.stage, self.rows = path, stage, list(rows)
-        self.others = [r for r in read_jsonl(path) if r.get("stage") != stage]
+    def __init__(self, path, stage, rows=(), enabled=True):
+        self.path, self.stage, self.rows, self.enabled = path, stage, list(rows), enabled
+        self.others = [r for r in read_jsonl(path) if r.get("stage") != stage] if enabled else []
 
     def append(self, row):
         self.rows.append({"stage": self.stage, **row})
+        if not self.enabled:
+            return
         text = "".join(json.dumps(r) + "\n" for r in self.others + self.rows)
 
         def write(tmp):
@@ -247,20 +252,19 @@ def set_lr(optimizer, lr):
 
 
 @torch.no_grad()
-def evaluate(model, loader, amp=False):
-    """{'loss', 'accuracy' (percent)} of `model` over `loader`."""
+def evaluate(model, loader, amp=False, ctx=None):
+    """{'loss', 'accuracy' (percent)} of `model` over `loader` (each rank's share, summed)."""
     model.eval()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    count = 0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
     for images, labels in loader:
         with autocast(device, amp):
             logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-        correct += (logits.argmax(1) == labels).sum()
-        count += len(labels)
-    return {"loss": loss_sum.item() / count, "accuracy": 100.0 * correct.item() / count}
+        sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
+        sums[1] += (logits.argmax(1) == labels).sum()
+        sums[2] += len(labels)
+    loss, correct, count = distributed.sum_(sums, ctx).tolist() if ctx else sums.tolist()
+    return {"loss": loss / count, "accuracy": 100.0 * correct / count}
 
 
 def recompute_bn(model, loader):
@@ -274,9 +278,8 @@ def recompute_bn(model, loader):
 
 def add_common_args(parser):
     """Flags both scripts take, with the reference code's names."""
-    from data import DATASETS, LOADERS
     add = parser.add_argument
-    add("--datasets", default="CIFAR10", help=f"dataset: {', '.join(DATASETS)} (ImageFolder: any tree "
+    add("--datasets", default="CIFAR10", help=f"dataset: {', '.join(data.DATASETS)} (ImageFolder: any tree "
         "with train/ and val/ or test/ class folders at --data-dir)")
     add("--data-dir", default="./datasets", help="where the dataset is (CIFAR is downloaded here)")
     add("--arch", "-a", default="VGG16BN", help=f"model: {', '.join(sorted(models.ARCHS))}, or a "
@@ -294,7 +297,7 @@ def add_common_args(parser):
         help="DataLoader worker processes (torchvision loader only)")
     add("-p", "--print-freq", type=int, default=50, help="log every N training steps")
     add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    add("--loader", default="memory", choices=LOADERS, help="memory: small-image datasets decoded once "
+    add("--loader", default="memory", choices=data.LOADERS, help="memory: small-image datasets decoded once "
         "and augmented per batch on the device; torchvision: the classic DataLoader path (always "
         "used for large images such as ImageNet)")
     add("--channels-last", action="store_true", help="channels-last memory format (faster convs on GPU)")
@@ -306,9 +309,9 @@ def add_common_args(parser):
 
 
 def check_common_args(args):
-    from data import DATASETS
-    if args.datasets not in DATASETS:
-        raise UsageError(f"unknown --datasets {args.datasets!r}; choose one of: {', '.join(DATASETS)}")
+    if args.datasets not in data.DATASETS:
+        raise UsageError(f"unknown --datasets {args.datasets!r}; choose one of: "
+                         f"{', '.join(data.DATASETS)}")
     if args.train_subset < 0:
         raise UsageError(f"--train-subset must be non-negative, not {args.train_subset}")
     for name in ("batch_size", "epochs", "print_freq"):
@@ -322,29 +325,33 @@ def check_common_args(args):
 
 
 def setup_run(args, stage):
-    """Logging, device, seeds, data and model; writes the resolved args and command line."""
-    from data import DataError, build_loaders
-    setup_logging(args.log_dir, args.log_name)
-    device = pick_device(args.device)
+    """Processes, logging, device, seeds, data and model; rank 0 writes the resolved args and the
+    command line. Returns (distributed context, train loader, test loader, model)."""
+    ctx = distributed.init(pick_device(args.device))
+    setup_logging(args.log_dir, args.log_name, enabled=ctx.is_main)
     seed_everything(args.randomseed, args.deterministic)
-    save_json({"argv": sys.argv, "args": vars(args), "git": git_revision()},
-              os.path.join(args.log_dir, f"{stage}_args.json"))
+    if ctx.is_main:
+        save_json({"argv": sys.argv, "args": vars(args), "git": git_revision(), "world": ctx.world},
+                  os.path.join(args.log_dir, f"{stage}_args.json"))
     log.info("%s: %s", stage, " ".join(sys.argv))
     try:
-        train_loader, test_loader, num_classes = build_loaders(args, device)
-    except DataError as err:
+        train_loader, test_loader, num_classes = data.build_loaders(args, ctx.device, ctx.rank, ctx.world)
+    except data.DataError as err:
         raise UsageError(str(err)) from None
-    model = build_model(args.arch, args.datasets, num_classes, device, args.channels_last)
-    log.info("device %s, %s on %s: %d train batches, %d classes, %d parameters", device, args.arch,
-             args.datasets, len(train_loader), num_classes, sum(p.numel() for p in model.parameters()))
-    return device, train_loader, test_loader, model
+    model = build_model(args.arch, args.datasets, num_classes, ctx.device, args.channels_last)
+    model = distributed.synchronise_batchnorm(model, ctx)
+    log.info("device %s x %d processes, %s on %s: %d train batches, %d classes, %d parameters",
+             ctx.device, ctx.world, args.arch, args.datasets, len(train_loader), num_classes,
+             sum(p.numel() for p in model.parameters()))
+    return ctx, train_loader, test_loader, model
 
 
-def run_epochs(args, model, forward, loaders, update, progress, metrics, save_state,
+def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, save_state,
                on_step=lambda batch: False):
     """Train epochs progress["epoch"] .. args.epochs - 1 and evaluate after each. update(lr) applies
     one optimizer step; on_step(batch) may save a checkpoint and says whether the resume state must
-    be saved as well. SIGINT/SIGTERM save the state at the next step and exit with code 143."""
+    be saved as well. SIGINT/SIGTERM (on any rank) save the state at the next step and exit with
+    code 143."""
     train_loader, test_loader = loaders
     steps = len(train_loader)
     epochs = progress_bar(not args.quiet)(range(progress["epoch"], args.epochs), desc=metrics.stage,
@@ -359,20 +366,21 @@ def run_epochs(args, model, forward, loaders, update, progress, metrics, save_st
                 return lr_at(args.schedule, args.lr, epoch, args.epochs, fraction)
 
             def after_step(batch, totals):
-                if on_step(batch) and batch + 1 < steps or stop:
+                stopping = distributed.any_(bool(stop), ctx)
+                if on_step(batch) and batch + 1 < steps or stopping:
                     progress.update(batch=batch + 1, totals=totals(),
                                     elapsed=spent_before + time.time() - started)
                     save_state()
-                return bool(stop)
+                return stopping
 
-            totals = train_epoch(model, forward, train_loader, epoch, lr_for_batch, update, args,
+            totals = train_epoch(model, forward, train_loader, epoch, lr_for_batch, update, args, ctx,
                                  progress["batch"], progress["totals"], after_step)
             if totals is None:
                 log.info("stopped by %s in epoch %d at step %d; state saved, continue with --resume",
-                         stop.signal, epoch, progress["batch"])
+                         stop.signal or "another rank", epoch, progress["batch"])
                 raise SystemExit(128 + signal.SIGTERM)
             elapsed = spent_before + time.time() - started
-            test = evaluate(model, test_loader, args.amp)
+            test = evaluate(model, test_loader, args.amp, ctx)
             metrics.append({"epoch": epoch + 1, "lr": lr_for_batch(steps - 1),
                             "train_loss": totals["loss"] / totals["count"],
                             "train_acc": 100 * totals["correct"] / totals["count"],
@@ -383,21 +391,21 @@ def run_epochs(args, model, forward, loaders, update, progress, metrics, save_st
             save_state()
 
 
-def train_epoch(model, forward, loader, epoch, lr_for_batch, update, args, start_batch=0, totals=None,
-                after_step=lambda batch, totals: False):
+def train_epoch(model, forward, loader, epoch, lr_for_batch, update, args, ctx, start_batch=0,
+                totals=None, after_step=lambda batch, totals: False):
     """One epoch from batch `start_batch` on: forward, backward, update(lr) per step. Loss and
-    accuracy are summed on the device (no per-step host sync) and checked to be finite at each log
-    line. Returns the epoch's totals, or None when after_step(batch, totals) asks to stop."""
+    accuracy are summed on the device (no per-step host sync), over all ranks at each log line,
+    and checked to be finite there. Returns the epoch's totals, or None when
+    after_step(batch, totals) asks to stop."""
     model.train()
     device = next(model.parameters()).device
     base = totals or {"loss": 0.0, "correct": 0, "count": 0}
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    count = 0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count of this rank
 
     def merged():
-        return {"loss": base["loss"] + loss_sum.item(), "correct": base["correct"] + correct.item(),
-                "count": base["count"] + count}
+        loss, correct, count = distributed.sum_(sums.clone(), ctx).tolist()
+        return {"loss": base["loss"] + loss, "correct": base["correct"] + int(correct),
+                "count": base["count"] + int(count)}
 
     batches = progress_bar(not args.quiet)(loader.batches(start_batch), desc=f"epoch {epoch}",
                                        total=len(loader) - start_batch)
@@ -408,14 +416,14 @@ def train_epoch(model, forward, loader, epoch, lr_for_batch, update, args, start
         loss = F.cross_entropy(logits.float(), labels)
         loss.backward()
         update(lr)
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        count += len(labels)
+        sums[0] += loss.detach() * len(labels)
+        sums[1] += (logits.argmax(1) == labels).sum()
+        sums[2] += len(labels)
         if (batch + 1) % args.print_freq == 0 or batch + 1 == len(loader):
-            if not torch.isfinite(loss_sum):
+            now = merged()
+            if not math.isfinite(now["loss"]):
                 raise FloatingPointError(f"non-finite loss in epoch {epoch} by step {batch + 1}; the "
                                          "last saved state is kept")
-            now = merged()
             log.info("epoch %d [%d/%d] lr %.4g loss %.4f acc %.2f", epoch, batch + 1, len(loader), lr,
                      now["loss"] / now["count"], 100 * now["correct"] / now["count"])
         if after_step(batch, merged):

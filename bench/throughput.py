@@ -10,6 +10,7 @@ their ratios are printed.
 """
 import argparse
 import itertools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +43,10 @@ def compute_only_batches(loader, steps):
 
 
 def time_steps(model, optimizer, batches, steps, device):
-    """Seconds for `steps` training steps after WARMUP untimed ones (worker start-up excluded)."""
-    iterator = batches()
+    """(seconds to the first batch, seconds for `steps` training steps after WARMUP untimed ones)."""
+    started = time.perf_counter()
+    iterator = itertools.chain([next(iter_batches := batches())], iter_batches)
+    first = time.perf_counter() - started
 
     def step(images, labels):
         F.cross_entropy(model(images), labels).backward()
@@ -52,7 +55,8 @@ def time_steps(model, optimizer, batches, steps, device):
 
     for images, labels in itertools.islice(iterator, WARMUP):
         step(images, labels)
-    return common.timed(lambda: [step(x, y) for x, y in itertools.islice(iterator, steps)], device)
+    return first, common.timed(lambda: [step(x, y) for x, y in itertools.islice(iterator, steps)],
+                               device)
 
 
 def main():
@@ -62,26 +66,40 @@ def main():
     root = common.cifar10_dir(args.data_dir)
     memory, _, classes = data.build_loaders(common.data_args(root, args.batch_size), device)
     classic, _, _ = data.build_loaders(common.data_args(root, args.batch_size, "torchvision"), device)
+    reference, _, _ = data.build_loaders(
+        common.data_args(root, args.batch_size, "torchvision", workers=4), device)
     paths = {
         "compute only": compute_only_batches(memory, args.steps),
         "in-memory loader": lambda: memory.batches(),
-        f"torchvision ({classic.workers} workers)": lambda: classic.batches(),
+        f"torchvision, {classic.workers} workers": lambda: classic.batches(),
+        "torchvision, 4 workers": lambda: reference.batches(),
     }
-    rows = []
+    rows, epoch_rows = [], []
     for arch in args.archs:
         model = utils.build_model(arch, "ImageFolder", classes, device, args.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         model.train()
         seconds = {name: [] for name in paths}
+        startup = {name: [] for name in paths}
         for _ in range(args.rounds):
             for name, batches in paths.items():
-                seconds[name].append(time_steps(model, optimizer, batches, args.steps, device))
+                first, timed = time_steps(model, optimizer, batches, args.steps, device)
+                startup[name].append(first)
+                seconds[name].append(timed)
         rate = {name: args.steps * args.batch_size / common.median(s) for name, s in seconds.items()}
-        base, mem, tv = rate.values()
-        rows.append([arch, *(f"{r:.0f}" for r in rate.values()), f"{mem / base:.3f}", f"{mem / tv:.2f}"])
+        epoch = {name: common.median(startup[name]) + len(memory) * args.batch_size / rate[name]
+                 for name in paths}
+        base, mem, tv, tv4 = rate.values()
+        rows.append([arch, *(f"{r:.0f}" for r in rate.values()), f"{mem / base:.3f}",
+                     f"{mem / tv:.2f}", f"{mem / tv4:.2f}"])
+        epoch_rows.append([arch, *(f"{common.median(startup[n]):.2f} / {epoch[n]:.0f}" for n in paths),
+                           f"{epoch[list(paths)[2]] / epoch['in-memory loader']:.2f}"])
     print(f"images/s, median of {args.rounds} interleaved rounds of {args.steps} steps, batch "
           f"{args.batch_size}, device {device}, torch threads {torch.get_num_threads()}")
-    common.print_table(["arch", *paths, "memory/compute", "memory/torchvision"], rows)
+    common.print_table(["arch", *paths, "memory/compute", "memory/torchvision",
+                        "memory/torchvision-4"], rows)
+    print(f"\nseconds to the first batch / estimated epoch seconds ({len(memory)} steps)")
+    common.print_table(["arch", *paths, "torchvision/memory epoch"], epoch_rows)
 
 
 if __name__ == "__main__":

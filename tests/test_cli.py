@@ -79,13 +79,23 @@ def test_twa_reads_dataparallel_checkpoints(sgd_run, tmp_path):
     assert (tmp_path / "twa.pt").exists()
 
 
-def test_pca_and_low_precision_run(sgd_run, tmp_path):
-    for i in range(5):
-        os.link(sgd_run / f"{i}.pt", tmp_path / f"{i}.pt")
-    run("train_twa.py", *common(_data_of(sgd_run), tmp_path, "--epochs", "1", "--params_end", "5",
-                                "--extract", "PCA", "--n_components", "3", "--pbits", "8"))
-    results = json.load(open(tmp_path / "twa_results.json"))
-    assert results["basis"]["rank"] == 3 and results["basis"]["pbits"] == 8
+def test_pca_low_precision_stride_and_output_dir(sgd_run, tmp_path):
+    out = tmp_path / "out"
+    run("train_twa.py", *common(_data_of(sgd_run), sgd_run, "--epochs", "1", "--params_end", "5",
+                                "--params_stride", "2", "--extract", "PCA", "--n_components", "2",
+                                "--pbits", "8", "--output-dir", out, "--log-dir", out))
+    results = json.load(open(out / "twa_results.json"))
+    assert results["basis"]["rank"] == 2 and results["basis"]["pbits"] == 8
+    coefficients = json.load(open(out / "coefficients.json"))
+    assert coefficients["checkpoints"] == ["0.pt", "2.pt", "4.pt"]
+    assert (out / "twa.pt").exists()
+
+
+def test_sgd_branches_from_a_checkpoint(sgd_run, tmp_path):
+    run("train_sgd.py", *common(_data_of(sgd_run), tmp_path, "--epochs", "1", "--init",
+                                sgd_run / "2.pt", "--schedule", "constant", "--lr", "0.05"))
+    start, branch = torch.load(sgd_run / "2.pt"), torch.load(tmp_path / "0.pt")
+    assert all(torch.equal(start[k], branch[k]) for k in start)
 
 
 def final_weights(path):
@@ -184,7 +194,8 @@ def test_bad_twa_inputs(sgd_run, tmp_path, capsys):
         (["--params_start", "3", "--params_end", "3"], "empty or reversed checkpoint range [3, 3)"),
         (["--params_start", "4", "--params_end", "2"], "empty or reversed"),
         (["--params_end", "9"], f"checkpoint not found: {sgd_run / '5.pt'}"),
-        (["--params_end", "4", "--train_start", "4"], "--train_start 4 is outside [0, 4)"),
+        (["--params_end", "4", "--train_start", "4"], "--train_start 4 is outside [0, 4) step 1"),
+        (["--params_stride", "0"], "--params_stride must be positive"),
         (["--extract", "PCA", "--params_end", "4"], "--extract PCA needs --n_components in [1, 4]"),
         (["--lr", "0"], "--lr must be positive"),
     ]

@@ -1,0 +1,118 @@
+"""Running the scripts on N processes with torch.distributed, as launched by torchrun.
+
+One process per GPU (NCCL) or per CPU worker (Gloo); a plain `python script.py` is the N = 1 case of
+the same code. Each rank trains on its share of every global batch (the loaders split it by rank),
+DistributedDataParallel averages the gradients, BatchNorm statistics are those of the global batch
+(SyncBatchNorm on GPUs, CrossProcessBatchNorm below on CPUs), and only rank 0 writes files and logs.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass
+class Context:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init(device):
+    """Join the process group that torchrun describes in the environment (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Context(0, 1, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Context(dist.get_rank(), world, device)
+
+
+def shutdown(ctx):
+    if ctx.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_(tensor, ctx):
+    """Sum a tensor over the processes, in place."""
+    if ctx.world > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def any_(flag, ctx):
+    """True on every process when it is true on any (so that all stop at the same step)."""
+    if ctx.world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=ctx.device)
+    return bool(sum_(value, ctx).item())
+
+
+def wrap(model, ctx):
+    """The model for training forward passes: DistributedDataParallel when there are several."""
+    if ctx.world == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+
+
+def synchronise_batchnorm(model, ctx):
+    """Make BatchNorm layers use the global batch's statistics (state_dict keys are unchanged)."""
+    if ctx.world == 1:
+        return model
+    if ctx.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, _BatchNorm) and not isinstance(child, CrossProcessBatchNorm):
+            replacement = CrossProcessBatchNorm(child.num_features, child.eps, child.momentum,
+                                                child.affine, child.track_running_stats)
+            replacement.load_state_dict(child.state_dict())
+            setattr(model, name, replacement.to(next(child.buffers()).device))
+        else:
+            synchronise_batchnorm(child, ctx)
+    return model
+
+
+class CrossProcessBatchNorm(_BatchNorm):
+    """BatchNorm (any number of dims) whose training-mode statistics are those of the batch summed
+    over all processes, as SyncBatchNorm computes them on GPUs (which it alone supports); gradients
+    flow back through the all-reduce. Sums are taken in float64, so that variance = E[x^2] - E[x]^2
+    loses nothing."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
+
+    def forward(self, x):
+        if not self.training or not dist.is_initialized():
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        wide = x.double()
+        count = torch.full((1,), x.numel() / x.shape[1], dtype=torch.float64, device=x.device)
+        stats = dist_fn.all_reduce(torch.cat((wide.sum(dims), wide.square().sum(dims), count)))
+        c, n = x.shape[1], stats[-1]
+        mean, var = stats[:c] / n, stats[c:2 * c] / n - (stats[:c] / n).square()
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach() * n / (n - 1).clamp_min(1))
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        out = (wide - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean, unbiased_var):
+        self.num_batches_tracked += 1
+        factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
