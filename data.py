@@ -179,6 +179,7 @@ def decoded_image_folder(path, cache_dir=None):
         raise DataError(f"images in {path} differ in size; use --loader torchvision")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(folder.targets, dtype=torch.int64)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = f"{cache}.{os.getpid()}.tmp"  # written whole, then renamed: never a torn cache file
     torch.save({"images": images, "labels": labels, "classes": folder.classes}, tmp)
     os.replace(tmp, cache)

@@ -77,7 +77,7 @@ def synchronise_batchnorm(model, ctx):
             replacement = CrossProcessBatchNorm(child.num_features, child.eps, child.momentum,
                                                 child.affine, child.track_running_stats)
             replacement.load_state_dict(child.state_dict())
-            setattr(model, name, replacement.to(next(child.buffers()).device))
+            setattr(model, name, replacement.to(ctx.device))
         else:
             synchronise_batchnorm(child, ctx)
     return model

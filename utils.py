@@ -15,13 +15,16 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch.optim.swa_utils import update_bn
+from tqdm import tqdm
 
 import data
 import distributed
 import models
 
 log = logging.getLogger("twa")
+CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)  # ImageNet-style --arch names
 
 
 class UsageError(Exception):
@@ -74,19 +77,13 @@ def build_model(arch, datasets, num_classes, device, channels_last=False):
     """A CIFAR architecture from models/, or any torchvision model name for ImageNet-style data."""
     if arch in models.ARCHS:
         model = models.build_model(arch, num_classes)
-    elif datasets in ("ImageNet", "ImageFolder") and arch in _torchvision_models():
-        import torchvision
+    elif datasets in ("ImageNet", "ImageFolder") and arch in CLASSIFIERS:
         model = torchvision.models.get_model(arch, num_classes=num_classes)
     else:
         names = sorted(models.ARCHS) + ["or a torchvision model name for ImageNet/ImageFolder data"]
         raise UsageError(f"unknown --arch {arch!r}; choose one of: {', '.join(names)}")
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
-
-
-def _torchvision_models():
-    import torchvision
-    return set(torchvision.models.list_models(module=torchvision.models))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,7 +191,6 @@ def progress_bar(enabled):
     """A progress(iterable, description) wrapper: tqdm on a terminal, else the iterable itself."""
     if not enabled or not sys.stdout.isatty():
         return lambda items, desc=None, **kw: items
-    from tqdm import tqdm
     return lambda items, desc=None, **kw: tqdm(items, desc=desc, leave=False, dynamic_ncols=True, **kw)
 
 
@@ -354,8 +350,9 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
     code 143."""
     train_loader, test_loader = loaders
     steps = len(train_loader)
-    epochs = progress_bar(not args.quiet)(range(progress["epoch"], args.epochs), desc=metrics.stage,
-                                           initial=progress["epoch"], total=args.epochs)
+    bar = progress_bar(not args.quiet and ctx.is_main)
+    epochs = bar(range(progress["epoch"], args.epochs), desc=metrics.stage, initial=progress["epoch"],
+                 total=args.epochs)
     with StopRequest() as stop:
         for epoch in epochs:
             started, spent_before = time.time(), progress["elapsed"]
@@ -407,8 +404,8 @@ def train_epoch(model, forward, loader, epoch, lr_for_batch, update, args, ctx, 
         return {"loss": base["loss"] + loss, "correct": base["correct"] + int(correct),
                 "count": base["count"] + int(count)}
 
-    batches = progress_bar(not args.quiet)(loader.batches(start_batch), desc=f"epoch {epoch}",
-                                       total=len(loader) - start_batch)
+    batches = progress_bar(not args.quiet and ctx.is_main)(
+        loader.batches(start_batch), desc=f"epoch {epoch}", total=len(loader) - start_batch)
     for batch, (images, labels) in enumerate(batches, start=start_batch):
         lr = lr_for_batch(batch)
         with autocast(device, args.amp):

@@ -6,7 +6,8 @@ neighbours is printed, >= 0.99), then, each in a fresh process so that peak memo
     time), at each storage precision;
   - naive: every checkpoint loaded into one float32 n x D matrix, then one pass of classical
     Gram-Schmidt in float32 (what the reference code does, minus its extra copies).
-Peak memory is the process's peak resident size above its size before the build; the table also
+Peak memory is the process's peak resident size during the build (the kernel's mark is reset just
+before it) above its size at that point; the table also
 gives it as a multiple of the basis's own bytes (n x D x bytes per entry). Also real ResNet-20
 checkpoints with --real DIR (files 0.pt .. n-1.pt).
 
@@ -15,7 +16,6 @@ checkpoints with --real DIR (files 0.pt .. n-1.pt).
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -61,8 +61,16 @@ def resident_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak():
+    """Make the kernel's peak-RSS mark start again from the current size (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def naive_build(model, files, dim):
@@ -97,6 +105,7 @@ def worker(args):
         model = Flat(args.dim)
         files = [os.path.join(args.dir, f"{i}.pt") for i in range(args.count)]
     dim = sum(p.numel() for p in model.parameters())
+    reset_peak()
     before = resident_bytes()
     started = time.perf_counter()
     if args.method == "naive":

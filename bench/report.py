@@ -29,12 +29,15 @@ def head_rows(runs):
     sgd = [r["sgd"]["test_acc"] for r in runs]
     rows = [["SGD", e // 2, mean_std([s[e // 2 - 1] for s in sgd]), ""],
             ["SGD", e, mean_std([s[e - 1] for s in sgd]), ""]]
+    seen = set()
     for i, head in enumerate(runs[0]["head"]):
         spent = e // 2 + head["twa_epochs"]
         same = mean_std([s[min(spent, e) - 1] for s in sgd])
-        label = f"TWA, {head['n']} ckpts ({head['checkpoints']}), {head['twa_epochs']} ep, lr {head['lr']}"
-        rows.append([f"SWA, {head['n']} ckpts", e // 2, mean_std([r["head"][i]["swa_acc"] for r in runs]),
-                     ""])
+        if head["checkpoints"] not in seen:  # SWA depends on the checkpoints only
+            seen.add(head["checkpoints"])
+            rows.append([f"SWA, {head['n']} ckpts ({head['checkpoints']})", e // 2,
+                         mean_std([r["head"][i]["swa_acc"] for r in runs]), ""])
+        label = f"TWA, {head['n']} ckpts, {head['twa_epochs']} ep, lr {head['lr']}"
         rows.append([label, spent, mean_std([r["head"][i]["twa_acc"] for r in runs]), same])
     return rows
 

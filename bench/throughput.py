@@ -23,7 +23,8 @@ WARMUP = 3
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=["resnet20", "VGG16BN"], help="models to time")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per path and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")

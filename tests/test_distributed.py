@@ -6,9 +6,7 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
-import distributed
 from conftest import ROOT
 
 
@@ -70,3 +68,15 @@ def test_each_process_holds_half_of_the_basis(runs):
     assert one["columns_per_process"] == 269_267  # resnet20 with 3 classes: all of D
     assert abs(two["columns_per_process"] - one["columns_per_process"] / 2) <= 256
     assert abs(two["basis_bytes_per_process"] / one["basis_bytes_per_process"] - 0.5) <= 0.01
+
+
+def test_low_precision_pca_basis_on_two_processes_matches_one(runs, tiny_data):
+    """Shards start on whole quantisation groups, so each stores exactly its part of the codes."""
+    for n in (1, 2):
+        launch("train_twa.py", n, *flags(tiny_data, runs / "sgd1"), "--epochs", "1", "--lr", "0.1",
+               "--params_end", "5", "--pbits", "8", "--extract", "PCA", "--n_components", "3",
+               "--output-dir", runs / f"pca{n}", "--log-dir", runs / f"pca{n}")
+    one = torch.load(runs / "pca1" / "twa.pt", weights_only=True)
+    two = torch.load(runs / "pca2" / "twa.pt", weights_only=True)
+    params = {k: v for k, v in one.items() if "running" not in k and "num_batches" not in k}
+    assert relative_difference(params, {k: two[k] for k in params}) <= 1e-5

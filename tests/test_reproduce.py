@@ -9,7 +9,8 @@ from conftest import ROOT
 
 def test_reproduce_pipeline_and_report(tiny_data, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "bench", "reproduce.py"), "--quick", "--epochs", "4",
-           "-b", "8", "--seed", "3", "--data-dir", tiny_data, "--out", tmp_path / "runs", "--results", tmp_path]
+           "-b", "8", "--seed", "3", "--data-dir", tiny_data, "--out", tmp_path / "runs",
+           "--results", tmp_path]
     subprocess.run(list(map(str, cmd)), check=True, capture_output=True, text=True, timeout=900)
     result = json.load(open(tmp_path / "reproduce-quick-seed3.json"))
     assert len(result["sgd"]["test_acc"]) == 4
