@@ -204,6 +204,13 @@ class Basis:
             return self.data[:self.rows, start:stop]
         if self.bits == 16:
             return self.data[:self.rows, start:stop].float()
+        codes, scale, low = self._groups(start, stop)
+        values = codes * scale[..., None] + low[..., None]
+        return values.view(self.rows, -1)[:, :stop - start]
+
+    def _groups(self, start, stop):
+        """Quantised columns [start, stop) as float codes (k, groups, QUANT_GROUP) with their scales
+        and offsets (k, groups); the last group is padded past `stop`."""
         end = math.ceil(stop / QUANT_GROUP) * QUANT_GROUP
         g0, g1 = start // QUANT_GROUP, end // QUANT_GROUP
         if self.bits == 8:
@@ -212,8 +219,12 @@ class Basis:
             packed = self.data[:self.rows, start // 2:end // 2]
             codes = torch.stack((packed & 15, packed >> 4), dim=-1)
         codes = codes.reshape(self.rows, g1 - g0, QUANT_GROUP).float()
-        values = codes * self.scale[:self.rows, g0:g1, None] + self.low[:self.rows, g0:g1, None]
-        return values.view(self.rows, end - start)[:, :stop - start]
+        return codes, self.scale[:self.rows, g0:g1], self.low[:self.rows, g0:g1]
+
+    def _padded(self, v, start, stop):
+        """v[start:stop] as (groups, QUANT_GROUP), zero-padded to whole groups."""
+        end = math.ceil(stop / QUANT_GROUP) * QUANT_GROUP
+        return torch.nn.functional.pad(v[start:stop], (0, end - stop)).view(-1, QUANT_GROUP)
 
     def store(self, i, start, stop, values):
         """Write float32 `values` into row i, columns [start, stop) (block-aligned when quantised)."""
@@ -247,7 +258,14 @@ class Basis:
             return torch.mv(self.data[:self.rows], v).double()
         out = torch.zeros(self.rows, dtype=torch.float64, device=self.device)
         for start, stop in self.blocks():
-            out += torch.mv(self.block(start, stop), v[start:stop]).double()
+            if self.bits >= 16:
+                out += torch.mv(self.block(start, stop), v[start:stop]).double()
+                continue
+            # sum_g scale_g (codes_g . v_g) + low_g sum(v_g): the dequantised block is never formed
+            codes, scale, low = self._groups(start, stop)
+            v_groups = self._padded(v, start, stop)
+            dots = torch.einsum("rgk,gk->rg", codes, v_groups)
+            out += ((dots * scale).sum(1) + low @ v_groups.sum(1)).double()
         return out
 
     def rmatvec(self, c, out, accumulate=False, alpha=1.0):
@@ -256,8 +274,18 @@ class Basis:
         spans = [(0, self.dim)] if self.bits == 32 else self.blocks()
         for start, stop in spans:
             piece = out[start:stop]
-            torch.addmv(piece, self.block(start, stop).t(), c, beta=1.0 if accumulate else 0.0,
-                        alpha=alpha, out=piece)
+            if self.bits >= 16:
+                torch.addmv(piece, self.block(start, stop).t(), c, beta=1.0 if accumulate else 0.0,
+                            alpha=alpha, out=piece)
+                continue
+            # sum_i c_i (scale_ig codes_ig + low_ig) = codes_g^T (c * scale_g) + c . low_g
+            codes, scale, low = self._groups(start, stop)
+            values = torch.einsum("rgk,rg->gk", codes, c[:, None] * scale) + (c @ low)[:, None]
+            values = values.view(-1)[:stop - start]
+            if accumulate:
+                piece.add_(values, alpha=alpha)
+            else:
+                torch.mul(values, alpha, out=piece)
         return out
 
     def gram(self):
