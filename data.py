@@ -174,7 +174,7 @@ def decoded_image_folder(path, cache_dir=None):
     if os.path.exists(cache):
         saved = torch.load(cache, weights_only=True)
         return saved["images"], saved["labels"], saved["classes"]
-    arrays = [np.asarray(Image.open(file).convert("RGB")) for file, _ in folder.samples]
+    arrays = [_decode(file) for file, _ in folder.samples]
     if len({a.shape for a in arrays}) != 1:
         raise DataError(f"images in {path} differ in size; use --loader torchvision")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
@@ -184,6 +184,11 @@ def decoded_image_folder(path, cache_dir=None):
     torch.save({"images": images, "labels": labels, "classes": folder.classes}, tmp)
     os.replace(tmp, cache)
     return images, labels, folder.classes
+
+
+def _decode(file):
+    with Image.open(file) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def _cache_dir(path):

@@ -60,7 +60,7 @@ def projection_table(dim, n, rounds, bytes_per_second):
         floor = 2 * space.basis.nbytes() / bytes_per_second
         rows.append([bits, f"{space.basis.nbytes() / 2**20:.0f}", f"{seconds * 1e3:.1f}",
                      f"{floor * 1e3:.1f}", f"{seconds / floor:.2f}"])
-        del space
+        space = None  # free this basis before the next one is allocated
     print(f"\nprojection, D = {dim / 1e6:.1f}M, n = {n}; bandwidth {bytes_per_second / 1e9:.1f} GB/s")
     common.print_table(["bits", "P MiB", "ms", "floor ms", "x floor"], rows)
 

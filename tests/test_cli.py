@@ -94,7 +94,8 @@ def test_pca_low_precision_stride_and_output_dir(sgd_run, tmp_path):
 def test_sgd_branches_from_a_checkpoint(sgd_run, tmp_path):
     run("train_sgd.py", *common(_data_of(sgd_run), tmp_path, "--epochs", "1", "--init",
                                 sgd_run / "2.pt", "--schedule", "constant", "--lr", "0.05"))
-    start, branch = torch.load(sgd_run / "2.pt"), torch.load(tmp_path / "0.pt")
+    start = torch.load(sgd_run / "2.pt", weights_only=True)
+    branch = torch.load(tmp_path / "0.pt", weights_only=True)
     assert all(torch.equal(start[k], branch[k]) for k in start)
 
 

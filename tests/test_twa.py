@@ -295,6 +295,7 @@ def test_readme_snippet_runs(tmp_path, monkeypatch):
     scope = {"model": model, "loader": loader}
     exec(snippet, scope)
     weights = torch.nn.utils.parameters_to_vector(model.parameters()).double()
-    stacked = torch.stack([flat(torch.load(tmp_path / "ckpt" / f"{i}.pt"), model) for i in range(101)])
+    stacked = torch.stack([flat(torch.load(tmp_path / "ckpt" / f"{i}.pt", weights_only=True), model)
+                           for i in range(101)])
     assert scope["space"].rank == 101
     assert (scope["alpha"] @ stacked.double() - weights).norm() / weights.norm() <= 1e-5
