@@ -27,8 +27,8 @@ def mean_std(values):
 def head_rows(runs):
     e = runs[0]["epochs"]
     sgd = [r["sgd"]["test_acc"] for r in runs]
-    rows = [["SGD", e // 2, mean_std([s[e // 2 - 1] for s in sgd]), ""],
-            ["SGD", e, mean_std([s[e - 1] for s in sgd]), ""]]
+    rows = [["SGD", e // 2, mean_std([s[e // 2 - 1] for s in sgd]), "", ""],
+            ["SGD", e, mean_std([s[e - 1] for s in sgd]), "", ""]]
     seen = set()
     for i, head in enumerate(runs[0]["head"]):
         spent = e // 2 + head["twa_epochs"]
@@ -36,9 +36,11 @@ def head_rows(runs):
         if head["checkpoints"] not in seen:  # SWA depends on the checkpoints only
             seen.add(head["checkpoints"])
             rows.append([f"SWA, {head['n']} ckpts ({head['checkpoints']})", e // 2,
-                         mean_std([r["head"][i]["swa_acc"] for r in runs]), ""])
+                         mean_std([r["head"][i]["swa_acc"] for r in runs]), "", ""])
         label = f"TWA, {head['n']} ckpts, {head['twa_epochs']} ep, lr {head['lr']}"
-        rows.append([label, spent, mean_std([r["head"][i]["twa_acc"] for r in runs]), same])
+        paired = [r["head"][i]["twa_acc"] - r["sgd"]["test_acc"][min(spent, e) - 1] for r in runs]
+        rows.append([label, spent, mean_std([r["head"][i]["twa_acc"] for r in runs]), same,
+                     mean_std(paired)])
     return rows
 
 
@@ -93,7 +95,8 @@ def main():
     runs = [json.load(open(f)) for f in files]
     seeds = ", ".join(str(r["seed"]) for r in runs)
     print(f"{args.name}: seeds {seeds}; {runs[0]['epochs']} SGD epochs, test accuracy (%)\n")
-    print(markdown(["method", "epochs spent", "test acc", "SGD at the same epochs"], head_rows(runs)))
+    print(markdown(["method", "epochs spent", "test acc", "SGD at the same epochs",
+                    "TWA - SGD (paired)"], head_rows(runs)))
     print()
     print(markdown(["tail lr", "tail epochs", "SGD tail end", "SWA", "TWA", "TWA - SWA"], tail_rows(runs)))
     accuracy_figure(runs, os.path.join(args.results, f"{args.name}-accuracy.png"))
