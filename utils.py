@@ -112,12 +112,15 @@ def save_torch(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def save_json(obj, path):
+def save_text(text, path):
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
+            f.write(text)
     atomic_write(path, write)
+
+
+def save_json(obj, path):
+    save_text(json.dumps(obj, indent=1) + "\n", path)
 
 
 def load_torch(path):
@@ -172,12 +175,7 @@ class Metrics:
         self.rows.append({"stage": self.stage, **row})
         if not self.enabled:
             return
-        text = "".join(json.dumps(r) + "\n" for r in self.others + self.rows)
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                f.write(text)
-        atomic_write(self.path, write)
+        save_text("".join(json.dumps(r) + "\n" for r in self.others + self.rows), self.path)
 
 
 def read_jsonl(path):
