@@ -24,34 +24,43 @@ def mean_std(values):
     return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
 
 
+def matching(runs, stage, name):
+    """The entries called `name` in each run's `stage` list (a stopped run may lack later ones)."""
+    return [(r, h) for r in runs for h in r[stage] if h["name"] == name]
+
+
 def head_rows(runs):
     e = runs[0]["epochs"]
     sgd = [r["sgd"]["test_acc"] for r in runs]
-    rows = [["SGD", e // 2, mean_std([s[e // 2 - 1] for s in sgd]), "", ""],
-            ["SGD", e, mean_std([s[e - 1] for s in sgd]), "", ""]]
+    rows = [["SGD", e // 2, mean_std([s[e // 2 - 1] for s in sgd]), "", "", ""],
+            ["SGD", e, mean_std([s[e - 1] for s in sgd]), "", "", ""]]
     seen = set()
-    for i, head in enumerate(runs[0]["head"]):
-        spent = e // 2 + head["twa_epochs"]
-        same = mean_std([s[min(spent, e) - 1] for s in sgd])
+    for head in runs[0]["head"]:
+        pairs = matching(runs, "head", head["name"])
+        start = head.get("sgd_epochs", e // 2)
+        spent = start + head["twa_epochs"]
+        at = min(spent, e) - 1
         if head["checkpoints"] not in seen:  # SWA depends on the checkpoints only
             seen.add(head["checkpoints"])
-            rows.append([f"SWA, {head['n']} ckpts ({head['checkpoints']})", e // 2,
-                         mean_std([r["head"][i]["swa_acc"] for r in runs]), "", ""])
-        label = f"TWA, {head['n']} ckpts, {head['twa_epochs']} ep, lr {head['lr']}"
-        paired = [r["head"][i]["twa_acc"] - r["sgd"]["test_acc"][min(spent, e) - 1] for r in runs]
-        rows.append([label, spent, mean_std([r["head"][i]["twa_acc"] for r in runs]), same,
-                     mean_std(paired)])
+            rows.append([f"SWA, {head['n']} ckpts ({head['checkpoints']})", start,
+                         mean_std([h["swa_acc"] for _, h in pairs]), "", "", ""])
+        rows.append([f"TWA, {head['n']} ckpts, {head['twa_epochs']} ep, lr {head['lr']}", spent,
+                     mean_std([h["twa_acc"] for _, h in pairs]),
+                     mean_std([r["sgd"]["test_acc"][at] for r, _ in pairs]),
+                     mean_std([h["twa_acc"] - r["sgd"]["test_acc"][at] for r, h in pairs]),
+                     mean_std([h["twa_acc"] - r["sgd"]["test_acc"][e - 1] for r, h in pairs])])
     return rows
 
 
 def tail_rows(runs):
     rows = []
-    for i, tail in enumerate(runs[0]["tail"]):
-        gain = [r["tail"][i]["twa_acc"] - r["tail"][i]["swa_acc"] for r in runs]
+    for tail in runs[0]["tail"]:
+        pairs = matching(runs, "tail", tail["name"])
         rows.append([tail["tail_lr"], tail["tail_epochs"],
-                     mean_std([r["tail"][i]["sgd"]["test_acc"][-1] for r in runs]),
-                     mean_std([r["tail"][i]["swa_acc"] for r in runs]),
-                     mean_std([r["tail"][i]["twa_acc"] for r in runs]), mean_std(gain)])
+                     mean_std([t["sgd"]["test_acc"][-1] for _, t in pairs]),
+                     mean_std([t["swa_acc"] for _, t in pairs]),
+                     mean_std([t["twa_acc"] for _, t in pairs]),
+                     mean_std([t["twa_acc"] - t["swa_acc"] for _, t in pairs])])
     return rows
 
 
@@ -69,10 +78,12 @@ def accuracy_figure(runs, path):
     mean = [statistics.mean(c[i] for c in curves) for i in range(e)]
     ax.plot(range(1, e + 1), mean, color="C0", marker=".", label="SGD")
     for i, head in enumerate(runs[0]["head"]):
-        spent = e // 2 + head["twa_epochs"]
-        ax.scatter([spent], [statistics.mean(r["head"][i]["twa_acc"] for r in runs)], marker="*", s=120,
-                   color=f"C{1 + i}", label=f"TWA {head['n']} ckpts, {head['twa_epochs']} ep", zorder=3)
-        ax.scatter([e // 2], [statistics.mean(r["head"][i]["swa_acc"] for r in runs)], marker="x",
+        pairs = matching(runs, "head", head["name"])
+        start = head.get("sgd_epochs", e // 2)
+        ax.scatter([start + head["twa_epochs"]], [statistics.mean(h["twa_acc"] for _, h in pairs)],
+                   marker="*", s=120, color=f"C{1 + i}", zorder=3,
+                   label=f"TWA {head['n']} ckpts of epochs 0..{start}, {head['twa_epochs']} ep")
+        ax.scatter([start], [statistics.mean(h["swa_acc"] for _, h in pairs)], marker="x",
                    color=f"C{1 + i}", zorder=3)
     ax.set_xlabel("epochs spent")
     ax.set_ylabel("test accuracy (%)")
@@ -93,10 +104,11 @@ def main():
     if not files:
         raise SystemExit(f"no {args.name}-seed*.json in {args.results}")
     runs = [json.load(open(f)) for f in files]
-    seeds = ", ".join(str(r["seed"]) for r in runs)
+    seeds = ", ".join(str(r["seed"]) + ("" if r.get("complete", True) else " (stopped early)")
+                      for r in runs)
     print(f"{args.name}: seeds {seeds}; {runs[0]['epochs']} SGD epochs, test accuracy (%)\n")
     print(markdown(["method", "epochs spent", "test acc", "SGD at the same epochs",
-                    "TWA - SGD (paired)"], head_rows(runs)))
+                    "TWA - SGD (paired)", "TWA - SGD(E) (paired)"], head_rows(runs)))
     print()
     print(markdown(["tail lr", "tail epochs", "SGD tail end", "SWA", "TWA", "TWA - SWA"], tail_rows(runs)))
     accuracy_figure(runs, os.path.join(args.results, f"{args.name}-accuracy.png"))

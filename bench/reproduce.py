@@ -5,13 +5,15 @@
 1. SGD: ResNet-20, lr 0.1, momentum 0.9, wd 5e-4, batch 128, E epochs, step schedule (/10 at 50% and
    75%), 4 checkpoints per epoch (every 4th is the usual one-per-epoch checkpoint).
 2. Head stage: TWA over the checkpoints of epochs 0..E/2, all of them for 1, 2 and 3 TWA epochs, and
-   one per epoch for 2 TWA epochs; each run also evaluates SWA over the same checkpoints.
+   one per epoch for 2 TWA epochs; each run also evaluates SWA over the same checkpoints. With
+   --head-ends, also 2 TWA epochs over all checkpoints of epochs 0..k for each k given.
 3. Tail stage: the run branched at epoch E/2 into constant-lr SGD (0.05 and 0.10) for E/4 epochs, one
    checkpoint per epoch; SWA and TWA over those tail checkpoints.
 
 The scripts run as a user runs them, in <out>/seed<k>/. A step whose outputs exist is skipped, and an
 interrupted SGD run is resumed, so a killed job continues where it stopped. Every number, the
-commands and the git revision go to results/reproduce[-quick]-seed<k>.json.
+commands and the git revision go to results/reproduce[-quick]-seed<k>.json, rewritten after every step
+("complete" turns true at the end).
 """
 import argparse
 import json
@@ -46,12 +48,16 @@ def parse_args():
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "runs"), help="run folders")
     parser.add_argument("--results", default=os.path.join(ROOT, "results"), help="where the JSON goes")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--head-ends", type=int, nargs="*", default=[], metavar="EPOCH",
+                        help="also TWA (2 epochs) over the checkpoints of epochs 0..EPOCH, for each")
     parser.add_argument("--pbits-check", action="store_true",
                         help="also run the 2-epoch dense head TWA with 8- and 4-bit bases")
     args = parser.parse_args()
     args.epochs = args.epochs or (8 if args.quick else 30)
     if args.epochs < 4 or args.epochs % 2:
         parser.error("--epochs must be even and at least 4")
+    if any(not 0 < end <= args.epochs for end in args.head_ends):
+        parser.error(f"--head-ends must lie in 1..{args.epochs}")
     args.name = "reproduce-quick" if args.quick else "reproduce"
     return args
 
@@ -122,28 +128,45 @@ def main():
     args = parse_args()
     pipe = Pipeline(args)
     e, per = args.epochs, CHECKPOINTS_PER_EPOCH
-    started = time.time()
-    sgd = pipe.sgd("sgd", e, ["--lr", 0.1, "--wd", 5e-4, "--schedule", "step", "--save-every", per])
     half = e // 2 * per  # checkpoint index at epoch E/2
-    head = [pipe.twa(f"head-dense-{t}", sgd, 0, half + 1, 1, t, HEAD_TWA) for t in (1, 2, 3)]
-    head.append(pipe.twa("head-epochs-2", sgd, 0, half + 1, per, 2, HEAD_TWA))
-    precision = [pipe.twa(f"head-dense-2-pbits{b}", sgd, 0, half + 1, 1, 2, HEAD_TWA, pbits=b)
-                 for b in ((8, 4) if args.pbits_check else ())]
-    tail = []
+    started = time.time()
+    path = os.path.join(args.results, f"{args.name}-seed{args.seed}.json")
+    report = {"name": args.name, "seed": args.seed, "epochs": e, "arch": args.arch,
+              "checkpoints_per_epoch": per, "quick": args.quick, "head_twa": HEAD_TWA,
+              "tail_twa": TAIL_TWA, "git": pipe.git, "data_dir": pipe.data_dir,
+              "head": [], "precision": [], "tail": [], "complete": False}
+
+    def save():  # after every step, so a job stopped half-way still leaves what it measured
+        report.update(commands=pipe.commands, wall_seconds=time.time() - started)
+        utils.save_json(report, path)
+
+    sgd = pipe.sgd("sgd", e, ["--lr", 0.1, "--wd", 5e-4, "--schedule", "step", "--save-every", per])
+    report["sgd"] = sgd_curve(sgd)
+    save()
+    for twa_epochs in (1, 2, 3):
+        report["head"].append({"sgd_epochs": e // 2, **pipe.twa(
+            f"head-dense-{twa_epochs}", sgd, 0, half + 1, 1, twa_epochs, HEAD_TWA)})
+        save()
+    report["head"].append({"sgd_epochs": e // 2, **pipe.twa(
+        "head-epochs-2", sgd, 0, half + 1, per, 2, HEAD_TWA)})
+    save()
     for lr in TAIL_LRS:
         branch = pipe.sgd(f"tail-lr{lr}", e // 4, ["--lr", lr, "--wd", 5e-4, "--schedule", "constant",
                                                    "--init", os.path.join(sgd, f"{half}.pt")])
         result = pipe.twa(f"tail-lr{lr}-twa", branch, 1, e // 4 + 1, 1, TAIL_TWA["epochs"], TAIL_TWA,
                           train_start=e // 4)
-        tail.append({"tail_lr": lr, "tail_epochs": e // 4, "sgd": sgd_curve(branch), **result})
-    report = {"name": args.name, "seed": args.seed, "epochs": e, "arch": args.arch,
-              "checkpoints_per_epoch": per, "quick": args.quick, "sgd": sgd_curve(sgd),
-              "head": head, "precision": precision, "tail": tail, "head_twa": HEAD_TWA,
-              "tail_twa": TAIL_TWA,
-              "commands": pipe.commands, "git": pipe.git,
-              "wall_seconds": time.time() - started, "data_dir": pipe.data_dir}
-    path = os.path.join(args.results, f"{args.name}-seed{args.seed}.json")
-    utils.save_json(report, path)
+        report["tail"].append({"tail_lr": lr, "tail_epochs": e // 4, "sgd": sgd_curve(branch), **result})
+        save()
+    for end in args.head_ends:  # later heads: how many epochs TWA must see to match SGD(E)
+        report["head"].append({"sgd_epochs": end, **pipe.twa(
+            f"head-dense-to{end}-2", sgd, 0, end * per + 1, 1, 2, HEAD_TWA)})
+        save()
+    for bits in (8, 4) if args.pbits_check else ():
+        report["precision"].append(pipe.twa(f"head-dense-2-pbits{bits}", sgd, 0, half + 1, 1, 2,
+                                            HEAD_TWA, pbits=bits))
+        save()
+    report["complete"] = True
+    save()
     print(f"wrote {path}")
 
 
