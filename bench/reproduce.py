@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 import common
 
 ROOT = common.ROOT
@@ -78,7 +80,8 @@ class Pipeline:
 
     def run(self, script, flags):
         cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
-        self.commands.append(" ".join(cmd[1:]))
+        if " ".join(cmd[1:]) not in self.commands:
+            self.commands.append(" ".join(cmd[1:]))
         print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
@@ -134,7 +137,11 @@ def main():
     report = {"name": args.name, "seed": args.seed, "epochs": e, "arch": args.arch,
               "checkpoints_per_epoch": per, "quick": args.quick, "head_twa": HEAD_TWA,
               "tail_twa": TAIL_TWA, "git": pipe.git, "data_dir": pipe.data_dir,
+              "device": f"{args.device} (torch {torch.__version__}"
+                        f"{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''})",
               "head": [], "precision": [], "tail": [], "complete": False}
+    if os.path.exists(path):  # a resumed pipeline keeps the commands of the steps it skips
+        pipe.commands = json.load(open(path)).get("commands", [])
 
     def save():  # after every step, so a job stopped half-way still leaves what it measured
         report.update(commands=pipe.commands, wall_seconds=time.time() - started)
