@@ -9,6 +9,7 @@ by (seed, epoch), so an epoch's order is a pure function of the two and resuming
 import hashlib
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -250,32 +251,69 @@ def is_small_image_dataset(args):
         return max(image.size) <= SMALL_IMAGE
 
 
-def build_loaders(args, device, rank=0, world_size=1):
-    """(train loader, test loader, number of classes) for args.datasets at args.data_dir."""
+class Loaders(NamedTuple):
+    """train: the training part, augmented and shuffled; test: the test set; held_out and
+    held_out_eval: the held-out part of the training set (--val-split) augmented and shuffled for
+    training on it, and plain for measuring on it (None without a split)."""
+    train: object
+    test: object
+    classes: int
+    held_out: object = None
+    held_out_eval: object = None
+
+
+def held_out_split(n, percent, seed):
+    """The sorted indices of a seeded random `percent`% of n training examples."""
+    count = round(n * percent / 100)
+    if not 0 < count < n:
+        raise DataError(f"--val-split {percent}% of {n} training images leaves no held-out or no "
+                        "training images")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[:count].sort().values
+
+
+def build_loaders(args, device, rank=0, world_size=1, split=None):
+    """Loaders for args.datasets at args.data_dir. split(n) gives the held-out indices of the n
+    training examples (or None for no held-out part)."""
     if args.datasets not in DATASETS:
         raise DataError(f"unknown --datasets {args.datasets!r}; choose one of: {', '.join(DATASETS)}")
+    split = split or (lambda n: None)
     if not is_small_image_dataset(args):
-        return large_image_loaders(args, device, rank, world_size)
+        return large_image_loaders(args, device, rank, world_size, split)
     train_x, train_y, test_x, test_y, classes = small_image_tensors(args)
     mean, std = channel_stats(train_x)
+    held = split(len(train_y))
+    keep = torch.ones(len(train_y), dtype=torch.bool)
+    if held is not None:
+        keep[held] = False
     common = dict(channels_last=args.channels_last, rank=rank, world_size=world_size)
     if args.loader == "torchvision":
         size = train_x.shape[-1]
         normalise = [T.ToTensor(), T.Normalize(mean, std)]
         train_tf = T.Compose([T.RandomCrop(size, padding=PAD), T.RandomHorizontalFlip(), *normalise])
-        train = EpochLoader(TensorImages(train_x, train_y, train_tf), args.batch_size, device,
-                            shuffle=True, workers=args.workers, seed=args.randomseed, **common)
-        test = EpochLoader(TensorImages(test_x, test_y, T.Compose(normalise)), EVAL_BATCH, device,
-                           workers=args.workers, **common)
-        return train, test, len(classes)
-    train_x, train_y = train_x.to(device), train_y.to(device)
-    train = TensorLoader(train_x, train_y, args.batch_size, mean, std, augment=True, shuffle=True,
-                         seed=args.randomseed, **common)
-    test = TensorLoader(test_x.to(device), test_y.to(device), EVAL_BATCH, mean, std, **common)
-    return train, test, len(classes)
+        test_tf = T.Compose(normalise)
+
+        def loader(x, y, train):
+            return EpochLoader(TensorImages(x, y, train_tf if train else test_tf),
+                               args.batch_size if train else EVAL_BATCH, device, shuffle=train,
+                               workers=args.workers, seed=args.randomseed, **common)
+    else:
+        train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
+        keep = keep.to(device)
+
+        def loader(x, y, train):
+            return TensorLoader(x, y, args.batch_size if train else EVAL_BATCH, mean, std,
+                                augment=train, shuffle=train, seed=args.randomseed, **common)
+    loaders = Loaders(loader(train_x[keep], train_y[keep], True), loader(test_x, test_y, False),
+                      len(classes))
+    if held is None:
+        return loaders
+    held = held.to(train_y.device)
+    return loaders._replace(held_out=loader(train_x[held], train_y[held], True),
+                            held_out_eval=loader(train_x[held], train_y[held], False))
 
 
-def large_image_loaders(args, device, rank, world_size):
+def large_image_loaders(args, device, rank, world_size, split):
     """ImageNet transforms (RandomResizedCrop + flip; Resize + CenterCrop) through a DataLoader."""
     train_dir, test_dir = split_dirs(args.data_dir)
     size = 224
@@ -289,6 +327,19 @@ def large_image_loaders(args, device, rank, world_size):
     train_set.transform, test_set.transform = train_tf, test_tf
     common = dict(workers=args.workers, channels_last=args.channels_last, rank=rank,
                   world_size=world_size)
-    train = EpochLoader(train_set, args.batch_size, device, shuffle=True, seed=args.randomseed, **common)
-    test = EpochLoader(test_set, args.batch_size, device, **common)
-    return train, test, len(train_set.classes)
+
+    def loader(dataset, train):
+        return EpochLoader(dataset, args.batch_size, device, shuffle=train, seed=args.randomseed,
+                           **common)
+    held = split(len(train_set))
+    if held is None:
+        return Loaders(loader(train_set, True), loader(test_set, False), len(train_set.classes))
+    keep = torch.ones(len(train_set), dtype=torch.bool)
+    keep[held] = False
+    plain = image_folder(train_dir)
+    plain.transform = test_tf
+    subset = torch.utils.data.Subset
+    return Loaders(loader(subset(train_set, keep.nonzero().view(-1).tolist()), True),
+                   loader(test_set, False), len(train_set.classes),
+                   loader(subset(train_set, held.tolist()), True),
+                   loader(subset(plain, held.tolist()), False))

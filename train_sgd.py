@@ -2,7 +2,9 @@
 
 <save-dir>/0.pt holds the initial weights, then 1.pt, 2.pt, ... one per save point (--save-every per
 epoch, numbered consecutively): plain state_dicts, interchangeable with the reference code's.
-<save-dir>/state.pt holds what --resume needs; <log-dir>/metrics.jsonl one row per epoch.
+<save-dir>/state.pt holds what --resume needs; <log-dir>/metrics.jsonl one row per epoch. With
+--val-split R, R% of the training images are held out and their indices written to <save-dir>/split.json,
+where train_twa.py finds them.
 """
 import argparse
 import os
@@ -58,7 +60,10 @@ def main(argv=None):
     resume = utils.load_torch(state_path) if args.resume else None
     if not args.resume and os.path.exists(os.path.join(args.save_dir, "0.pt")):
         raise UsageError(f"{args.save_dir} already holds checkpoints; use --resume or another --save-dir")
-    ctx, train_loader, test_loader, model = utils.setup_run(args, "sgd")
+    split = os.path.join(args.save_dir, utils.SPLIT_FILE)  # --val-split's held-out part, for train_twa
+    ctx, loaders, model = utils.setup_run(args, "sgd", split if args.resume and os.path.exists(split)
+                                          else None, split)
+    train_loader, test_loader = loaders.train, loaders.test
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     metrics = utils.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "sgd",

@@ -1,19 +1,26 @@
 """Trainable Weight Averaging (Algorithm 1 of the paper) over saved checkpoints.
 
-Reads <save-dir>/i.pt for i in [params_start, params_end), builds an orthonormal basis P of their span,
-evaluates their uniform average (SWA, BatchNorm recomputed), then trains inside the span from that
-average (or from checkpoint --train_start): each step's gradient g becomes P g for the coordinates,
-i.e. P^T P g for the weights. Writes <save-dir>/twa.pt (final weights, BN recomputed),
-<save-dir>/coefficients.json (the alpha with sum_i alpha_i w_i = twa.pt's weights) and
-<log-dir>/twa_results.json (SWA and TWA accuracies, timings, args); --output-dir moves the first two.
+Reads <save-dir>/i.pt for i in [params_start, params_end), or the files of --checkpoints (soup mode),
+builds an orthonormal basis P of their span (per block of layers with --layer-size), evaluates their
+uniform average (SWA, BatchNorm recomputed), then trains inside the span from that average (or from
+checkpoint --train_start): each step's gradient g becomes P g for the coordinates, i.e. P^T P g for the
+weights. The coefficients train on the training images (TWA-t) or, with --val-split, on the held-out
+part of them (TWA-v); BatchNorm statistics always come from the training part. Soup mode also reports
+the best single model, the uniform soup and the greedy soup, ranked on the held-out part.
+
+Writes <save-dir>/twa.pt (final weights, BN recomputed), <save-dir>/coefficients.json (the alpha with
+sum_i alpha_i w_i = twa.pt's weights, per block) and <log-dir>/twa_results.json (accuracies, timings,
+args); --output-dir moves the first two.
 """
 import argparse
+import glob
 import os
 import time
 
 import torch
 
 import distributed
+import soup
 import twa
 import utils
 from utils import UsageError, log
@@ -29,9 +36,21 @@ def parse_args(argv=None):
     add("--epochs", type=int, default=10, help="TWA training epochs")
     add("--lr", type=float, default=2.0, help="learning rate of the projected SGD")
     add("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-5, help="weight decay")
-    add("--schedule", default="step", choices=("step", "constant", "linear"),
-        help="step: /10 at 50%% and 75%% of the epochs; linear: decays to 0 per step")
-    add("--opt", default="SGD", choices=("SGD",), help="optimizer of the projected training")
+    add("--schedule", default="step", choices=("step", "constant", "linear", "cosine"),
+        help="step: /10 at 50%% and 75%% of the epochs; linear and cosine: decay to 0 per step")
+    add("--warmup-epochs", type=float, default=0.0,
+        help="epochs over which the learning rate first rises linearly from 0")
+    add("--opt", default="SGD", choices=("SGD", "AdamW"),
+        help="optimizer of the coefficients (SGD with --momentum, or AdamW)")
+    add("--checkpoints", nargs="+", default=None, metavar="FILE",
+        help="soup mode: these checkpoint files (or quoted globs) of one architecture instead of "
+        "the --save-dir range; also reports best single model, uniform and greedy soups")
+    add("--split", default=None, metavar="FILE", help="the split.json of the held-out part "
+        "(default: <save-dir>/split.json when it exists, as train_sgd.py --val-split writes it)")
+    add("--layer-size", type=int, default=None, metavar="S",
+        help="layer-wise TWA: consecutive parameter tensors grouped into blocks of at least S "
+        "entries (0: one block per tensor), one coefficient per checkpoint and block; unset: one "
+        "coefficient per checkpoint")
     add("--params_start", type=int, default=0, help="first checkpoint (i.pt) of the subspace")
     add("--params_end", type=int, default=101, help="one past the last checkpoint of the subspace")
     add("--params_stride", type=int, default=1, help="use every k-th checkpoint of the range")
@@ -53,19 +72,25 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    if not 0 <= args.params_start < args.params_end:
+    if args.checkpoints is None and not 0 <= args.params_start < args.params_end:
         raise UsageError(f"empty or reversed checkpoint range [{args.params_start}, {args.params_end})")
     if args.params_stride <= 0:
         raise UsageError(f"--params_stride must be positive, not {args.params_stride}")
-    if args.train_start != -1 and args.train_start not in checkpoint_indices(args):
-        raise UsageError(f"--train_start {args.train_start} is outside [{args.params_start}, "
-                         f"{args.params_end}) step {args.params_stride}; use -1 for the mean")
+    if args.layer_size is not None and args.layer_size < 0:
+        raise UsageError(f"--layer-size must be non-negative, not {args.layer_size}")
+    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+        raise UsageError(f"--warmup-epochs must lie in [0, --epochs], not {args.warmup_epochs}")
     args.output_dir = args.output_dir or args.save_dir
-    n = len(checkpoint_indices(args))
-    if args.extract == "PCA" and not (args.n_components and 1 <= args.n_components <= n):
-        raise UsageError(f"--extract PCA needs --n_components in [1, {n}]")
-    for i in checkpoint_indices(args):
-        path = checkpoint_path(args, i)
+    files = checkpoint_files(args)
+    if args.train_start != -1 and args.train_start not in checkpoint_indices(args):
+        where = (f"0..{len(files) - 1} (positions in --checkpoints)" if args.checkpoints else
+                 f"[{args.params_start}, {args.params_end}) step {args.params_stride}")
+        raise UsageError(f"--train_start {args.train_start} is outside {where}; use -1 for the mean")
+    if args.extract == "PCA" and not (args.n_components and 1 <= args.n_components <= len(files)):
+        raise UsageError(f"--extract PCA needs --n_components in [1, {len(files)}]")
+    if args.split and not os.path.isfile(args.split):
+        raise UsageError(f"--split {args.split} does not exist")
+    for path in files:
         if not os.path.isfile(path):
             raise UsageError(f"checkpoint not found: {path}")
         try:
@@ -75,10 +100,27 @@ def check_args(args):
 
 
 def checkpoint_indices(args):
+    if args.checkpoints:
+        return list(range(len(checkpoint_files(args))))
     return list(range(args.params_start, args.params_end, args.params_stride))
 
 
+def checkpoint_files(args):
+    """The checkpoints of the subspace, in order: --checkpoints (globs expanded), or the range."""
+    if args.checkpoints is None:
+        return [checkpoint_path(args, i) for i in checkpoint_indices(args)]
+    files = []
+    for pattern in args.checkpoints:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise UsageError(f"--checkpoints {pattern} matches no file")
+        files += matches
+    return files
+
+
 def checkpoint_path(args, i):
+    if args.checkpoints:
+        return checkpoint_files(args)[i]
     return os.path.join(args.save_dir, f"{i}.pt")
 
 
@@ -99,47 +141,90 @@ def load_checkpoint(model, path, args):
 
 
 def build_subspace(args, model, ctx):
-    files = [checkpoint_path(args, i) for i in checkpoint_indices(args)]
+    files = checkpoint_files(args)
     try:
         load_checkpoint(model, files[0], args)  # fails fast on another architecture or class count
         started = time.time()
         space = twa.Subspace.from_checkpoints(model, files, bits=args.pbits, tol=args.tol,
-                                              device=ctx.device,
+                                              device=ctx.device, layer_size=args.layer_size,
                                               progress=utils.progress_bar(not args.quiet and ctx.is_main))
     except twa.CheckpointError as err:
         raise UsageError(str(err)) from None
     explained = space.to_principal_components(args.n_components) if args.extract == "PCA" else None
-    report = {"checkpoints": len(files), "rank": space.rank, "seconds": time.time() - started,
-              "orthogonality_error": space.orthogonality_error(), "pbits": args.pbits,
-              "basis_bytes_per_process": space.basis.nbytes(), "processes": ctx.world,
+    report = {"checkpoints": len(files), "rank": space.rank, "blocks": len(space.spans),
+              "seconds": time.time() - started, "orthogonality_error": space.orthogonality_error(),
+              "pbits": args.pbits, "basis_bytes_per_process": space.nbytes(), "processes": ctx.world,
               "columns_per_process": space.shard.size, "explained_variance": explained}
-    log.info("subspace: %d checkpoints, rank %d, max|PP^T-I| %.1e, %.1f MB per process at %d bits "
-             "(%d processes), %.1f s", len(files), space.rank, report["orthogonality_error"],
-             report["basis_bytes_per_process"] / 1e6, args.pbits, ctx.world, report["seconds"])
+    log.info("subspace: %d checkpoints, %d block(s), rank %d, max|PP^T-I| %.1e, %.1f MB per process "
+             "at %d bits (%d processes), %.1f s", len(files), len(space.spans), space.rank,
+             report["orthogonality_error"], report["basis_bytes_per_process"] / 1e6, args.pbits,
+             ctx.world, report["seconds"])
     return space, report
 
 
-def evaluate_swa(model, train_loader, test_loader, args, ctx):
-    """Test metrics of the model as it is, after recomputing its BatchNorm statistics."""
-    utils.recompute_bn(model, train_loader)
-    result = utils.evaluate(model, test_loader, args.amp, ctx)
-    log.info("SWA: test loss %.4f acc %.2f", result["loss"], result["accuracy"])
+def measure(model, loaders, args, ctx, recompute=True):
+    """Test metrics, and held-out metrics when there is a held-out part, after recomputing the
+    BatchNorm statistics on the training part (for an average of models)."""
+    if recompute:
+        utils.recompute_bn(model, loaders.train)
+    result = utils.evaluate(model, loaders.test, args.amp, ctx)
+    if loaders.held_out_eval is not None:
+        result["held_out"] = utils.evaluate(model, loaders.held_out_eval, args.amp, ctx)
     return result
+
+
+def compare_soups(args, model, loaders, ctx, uniform):
+    """Soup mode's baselines: every model alone, the best of them on the held-out part, the uniform
+    soup (= SWA, measured already) and the greedy soup."""
+    files = checkpoint_files(args)
+    ingredients = []
+    for path in files:
+        load_checkpoint(model, path, args)
+        ingredients.append({"checkpoint": path, **measure(model, loaders, args, ctx, recompute=False)})
+        log.info("ingredient %s: held-out acc %.2f, test acc %.2f", path,
+                 ingredients[-1]["held_out"]["accuracy"], ingredients[-1]["accuracy"])
+    ranked = sorted(range(len(files)), key=lambda i: -ingredients[i]["held_out"]["accuracy"])
+    soups = {}
+
+    def score(members):
+        model.load_state_dict(soup.average_state_dicts([files[i] for i in members]))
+        soups[tuple(members)] = measure(model, loaders, args, ctx)
+        return soups[tuple(members)]["held_out"]["accuracy"]
+    members, _ = soup.greedy_soup(ranked, score)
+    greedy = soups[tuple(members)] if len(members) > 1 else ingredients[members[0]]
+    best = ingredients[ranked[0]]
+    log.info("best single %.2f, uniform soup %.2f, greedy soup of %d: %.2f (test accuracy)",
+             best["accuracy"], uniform["accuracy"], len(members), greedy["accuracy"])
+    return {"ingredients": ingredients, "best_single": best, "uniform": uniform,
+            "greedy": {**greedy, "members": [files[i] for i in members]}}
+
+
+def make_optimizer(args, params):
+    if args.opt == "AdamW":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
 def main(argv=None):
     args = parse_args(argv)
     state_path = os.path.join(args.output_dir, STATE)
     resume = utils.load_torch(state_path) if args.resume else None
-    ctx, train_loader, test_loader, model = utils.setup_run(args, "twa")
+    recorded = args.split or os.path.join(args.save_dir, utils.SPLIT_FILE)
+    ctx, loaders, model = utils.setup_run(args, "twa", recorded if os.path.isfile(recorded) else None,
+                                          os.path.join(args.output_dir, utils.SPLIT_FILE))
+    if args.checkpoints and loaders.held_out is None:
+        raise UsageError("soup mode ranks the models on held-out images: give --val-split R, or "
+                         "--split FILE from train_sgd.py --val-split")
     space, basis_report = build_subspace(args, model, ctx)
     trainer = twa.TWA(model, space)  # the model now holds the checkpoints' mean: SWA
-    swa = evaluate_swa(model, train_loader, test_loader, args, ctx)
+    swa = measure(model, loaders, args, ctx)
+    log.info("SWA: test loss %.4f acc %.2f", swa["loss"], swa["accuracy"])
+    soups = compare_soups(args, model, loaders, ctx, swa) if args.checkpoints else None
+    trainer.move_to("mean")  # the soups loaded other weights; BN statistics are those of the last
     if args.train_start >= 0:
         load_checkpoint(model, checkpoint_path(args, args.train_start), args)
         trainer.move_to(checkpoint_indices(args).index(args.train_start))
-    optimizer = torch.optim.SGD(trainer.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = make_optimizer(args, trainer.parameters())
     metrics = utils.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "twa",
                             resume["metrics"] if resume else (), enabled=ctx.is_main)
     progress = {"epoch": 0, "batch": 0, "totals": None, "elapsed": 0.0}
@@ -165,29 +250,34 @@ def main(argv=None):
         utils.set_lr(optimizer, lr)
         trainer.step(optimizer)
 
+    # TWA-v trains the coefficients on the held-out part, TWA-t on the training part
+    coefficient_data = loaders.held_out if args.val_split else loaders.train
+    log.info("training the coefficients on the %s (%s)", "held-out part" if args.val_split else
+             "training images", "TWA-v" if args.val_split else "TWA-t")
     train_started = time.time()
-    utils.run_epochs(args, ctx, model, forward, (train_loader, test_loader), update, progress,
+    utils.run_epochs(args, ctx, model, forward, (coefficient_data, loaders.test), update, progress,
                      metrics, save_state)
-    utils.recompute_bn(model, train_loader)
-    final = utils.evaluate(model, test_loader, args.amp, ctx)
+    final = measure(model, loaders, args, ctx)
     log.info("TWA after BN update: test loss %.4f acc %.2f (SWA %.2f)", final["loss"],
              final["accuracy"], swa["accuracy"])
     if ctx.is_main:
-        write_results(args, model, space, trainer, swa, final, basis_report,
-                      time.time() - train_started)
+        write_results(args, model, space, trainer, {"swa": swa, "twa": final, "soup": soups,
+                      "basis": basis_report, "train_seconds": time.time() - train_started})
     distributed.shutdown(ctx)
 
 
-def write_results(args, model, space, trainer, swa, final, basis_report, seconds):
+def write_results(args, model, space, trainer, results):
     alpha = space.checkpoint_coefficients(trainer.coordinates)
+    names = [path if args.checkpoints else os.path.basename(path) for path in space.names]
+    blocks = [{"parameters": span.names, "entries": span.size, "alpha": a.tolist()}
+              for span, a in zip(space.spans, alpha)]
     utils.save_torch(model.state_dict(), os.path.join(args.output_dir, "twa.pt"))
-    utils.save_json({"checkpoints": [os.path.basename(name) for name in space.names],
-                     "alpha": alpha.tolist(), "uniform": 1.0 / len(space.names),
+    utils.save_json({"checkpoints": names, "alpha": alpha[0].tolist() if len(blocks) == 1 else None,
+                     "blocks": blocks, "uniform": 1.0 / len(names),
                      "coordinates": trainer.coordinates.detach().cpu().double().tolist()},
                     os.path.join(args.output_dir, "coefficients.json"))
-    utils.save_json({"swa": swa, "twa": final, "basis": basis_report, "train_seconds": seconds,
-                     "args": vars(args), "git": utils.git_revision()},
-                    os.path.join(args.log_dir, "twa_results.json"))
+    utils.save_json({**results, "mode": "TWA-v" if args.val_split else "TWA-t", "args": vars(args),
+                     "git": utils.git_revision()}, os.path.join(args.log_dir, "twa_results.json"))
     log.info("wrote twa.pt and coefficients.json to %s", args.output_dir)
 
 

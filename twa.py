@@ -152,6 +152,11 @@ class Sharding:
     def size(self):
         return self.hi - self.lo
 
+    def local(self, start, stop):
+        """Entries [start, stop) of the D-vector, as a slice of this process's shard (maybe empty)."""
+        lo, hi = min(max(start, self.lo), self.hi), max(min(stop, self.hi), self.lo)
+        return slice(lo - self.lo, max(lo, hi) - self.lo)
+
     def sum_(self, tensor):
         """Sum over the processes, in place (k-sized tensors only)."""
         if self.world > 1:
@@ -326,39 +331,133 @@ def orthogonalise_(basis, w, shard):
     return coords, shard.norm(w)
 
 
-class Subspace:
-    """The span of n checkpoints, written as origin + P^T (c - P origin).
+def parameter_blocks(params, min_size=None):
+    """Consecutive groups of the trainable parameters, as (start, stop, names) entry ranges of the
+    flat weight vector; each checkpoint gets one coefficient per block. min_size None: one block of
+    everything (the ICLR method); 0: one block per tensor; S: tensors are grouped until a block holds
+    at least S entries, and a short remainder joins the last block (the journal's layer-wise TWA)."""
+    if min_size is None:
+        return [(0, sum(p.numel() for _, p in params), [name for name, _ in params])]
+    blocks, names, start, offset = [], [], 0, 0
+    for name, p in params:
+        names.append(name)
+        offset += p.numel()
+        if offset - start >= max(min_size, 1):
+            blocks.append((start, offset, names))
+            names, start = [], offset
+    if names:
+        if not blocks:
+            return [(0, offset, names)]
+        first, _, joined = blocks.pop()
+        blocks.append((first, offset, joined + names))
+    return blocks
 
-    origin is the checkpoints' mean, kept in float32, and P (k x D, orthonormal rows, stored in a
-    Basis) spans {mean, w_1 - mean, ..., w_{n-1} - mean}, which is the span of the checkpoints. c = P w
-    are the coordinates of a point w of the span. Storing P in 16, 8 or 4 bits then perturbs only the
-    deviation from the mean, never the mean itself. Also kept: each checkpoint's coordinates and the
-    map from coordinates to averaging coefficients, alpha = 1/n + to_alpha (c - P origin)."""
 
-    def __init__(self, basis, origin, names, checkpoint_coords, origin_coords, to_alpha, shard=None):
-        self.basis, self.origin, self.names = basis, origin, names
-        self.shard = shard or Sharding(basis.dim)
-        self.checkpoint_coords = checkpoint_coords  # n x k, float64
-        self.origin_coords = origin_coords          # k, float64
-        self.to_alpha = to_alpha                    # n x k, float64
+class Span:
+    """The span of the checkpoints restricted to one block of parameters: an orthonormal basis P
+    (k x this process's columns of the block, rows stored in a Basis), the coordinates of the
+    checkpoints (n x k) and of their mean (k), and to_alpha (n x k), which maps a step in coordinates
+    to the averaging coefficients of the checkpoints. `local` is the block's slice of this process's
+    shard of the weight vector."""
+
+    def __init__(self, basis, local, checkpoint_coords, origin_coords, to_alpha, names=(), size=None):
+        self.basis, self.local, self.names = basis, local, list(names)
+        self.size = basis.dim if size is None else size  # entries of the block over all processes
+        self.checkpoint_coords = checkpoint_coords
+        self.origin_coords = origin_coords
+        self.to_alpha = to_alpha
 
     @property
     def rank(self):
         return self.basis.rows
+
+
+class SpanBuilder:
+    """Gram-Schmidt over the generators {mean, w_1 - mean, ..., w_{n-1} - mean} of one block, fed one
+    generator at a time (the last deviation is minus the sum of the others, so it adds nothing)."""
+
+    def __init__(self, n, local, bits, device, names, size):
+        self.local, self.names, self.n, self.size = local, names, n, size
+        self.basis = Basis(n, local.stop - local.start, bits, device)
+        self.coords = torch.zeros(n, n, dtype=torch.float64)  # generator j in the basis so far
+        self.kept, self.dropped = [], []
+
+    def add(self, j, w, norm, shard, tol):
+        """Orthogonalise generator j (w, modified in place) against the rows so far; keep its
+        direction unless it is within tol * norm of their span."""
+        removed, residual = orthogonalise_(self.basis, w, shard)
+        self.coords[j, :self.basis.rows] = removed.cpu()
+        if residual <= tol * norm or residual == 0.0:
+            self.dropped.append((j, residual / max(norm, 1e-300)))
+            return
+        self.coords[j, self.basis.rows] = residual
+        self.basis.append(w.div_(residual))
+        self.kept.append(j)
+
+    def finish(self):
+        n, k = self.n, self.basis.rows
+        # gen[j]: generator j as coefficients of the checkpoints
+        gen = torch.eye(n, dtype=torch.float64) - 1.0 / n
+        gen = torch.cat((torch.full((1, n), 1.0 / n, dtype=torch.float64), gen[:-1]))
+        coords = self.coords[:, :k]
+        deviations = torch.cat((coords[1:], -coords[1:].sum(0, keepdim=True)))  # P (w_i - mean)
+        # Kept generators = R P with R lower triangular, so P = R^-1 gen W and
+        # P^T x = W^T gen^T R^-T x: a step x in coordinates is a step gen^T R^-T x in alpha.
+        r_inv_t = torch.linalg.solve_triangular(coords[self.kept].t(),
+                                                torch.eye(k, dtype=torch.float64), upper=True)
+        to_alpha = gen[self.kept].t() @ r_inv_t
+        return Span(self.basis, self.local, coords[0] + deviations, coords[0].clone(), to_alpha,
+                    self.names, self.size)
+
+
+class Subspace:
+    """The weights sum_b sum_i alpha_bi w_i|b that the checkpoints w_i span, block by block, written
+    as origin + P^T (c - P origin).
+
+    origin is the checkpoints' mean, kept in float32. P is block-diagonal: each block b of parameters
+    (one block for the ICLR method, one per layer group for layer-wise TWA) has its own span (a Span
+    with orthonormal rows over the block's entries), and c concatenates their coordinates. Storing P
+    in 16, 8 or 4 bits then perturbs only the deviation from the mean, never the mean itself."""
+
+    def __init__(self, spans, origin, names, shard=None):
+        self.spans, self.origin, self.names = spans, origin, names
+        self.shard = shard or Sharding(origin.numel())
+        self.device = origin.device
+        sizes = [span.rank for span in spans]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
+    @property
+    def rank(self):
+        return self.offsets[-1]
 
     @property
     def mean(self):
         """The uniform average of the checkpoints (the SWA solution; this process's shard of it)."""
         return self.origin
 
+    @property
+    def origin_coords(self):
+        return self._concat(span.origin_coords for span in self.spans)
+
+    def _concat(self, pieces):
+        return torch.cat([p.reshape(-1) for p in pieces]) if self.spans else torch.zeros(0)
+
+    def _pieces(self, c):
+        """c split into the spans' coordinates."""
+        return [c[a:b] for a, b in zip(self.offsets, self.offsets[1:])]
+
+    def nbytes(self):
+        return sum(span.basis.nbytes() for span in self.spans)
+
     @classmethod
     def from_checkpoints(cls, model, checkpoints, bits=32, tol=1e-5, device=None, progress=None,
-                         group=None):
+                         group=None, layer_size=None):
         """Build the subspace from checkpoints (files or state_dicts of `model`), streamed one at a
-        time in two passes (the mean, then the basis). A checkpoint that, up to `tol` times its norm,
-        lies in the span of the mean and the earlier checkpoints adds no direction and is left out of
-        the basis with a warning. progress(iterable, description) may wrap the passes (e.g. tqdm).
-        Under torch.distributed every process of `group` keeps one column shard (see Sharding)."""
+        time in two passes (the mean, then the basis). layer_size: see parameter_blocks (None: one
+        coefficient per checkpoint). A checkpoint that, up to `tol` times its norm, lies in the span
+        of the mean and the earlier checkpoints (within a block) adds no direction there and is left
+        out with a warning. progress(iterable, description) may wrap the passes (e.g. tqdm). Under
+        torch.distributed every process of `group` keeps one column shard (see Sharding)."""
         params = trainable_parameters(model)
         device = torch.device(device) if device is not None else params[0][1].device
         sources = list(checkpoints)
@@ -371,94 +470,115 @@ class Subspace:
         wrap = progress or (lambda items, desc: items)
         shard = Sharding(sum(p.numel() for _, p in params), group)
         mean = _mean_of(sources, params, device, wrap, shard)
-        n = len(sources)
-        basis = Basis(n, shard.size, bits, device)
-        # Generators: the mean, then w_i - mean for all but the last checkpoint (whose deviation is
-        # minus the sum of the others). gen[j] holds generator j as coefficients of the checkpoints.
-        gen = torch.eye(n, dtype=torch.float64) - 1.0 / n
-        gen = torch.cat((torch.full((1, n), 1.0 / n, dtype=torch.float64), gen[:-1]))
-        coords = torch.zeros(n, n, dtype=torch.float64)
-        kept = []
+        builders = [SpanBuilder(len(sources), shard.local(start, stop), bits, device, block_names,
+                                stop - start)
+                    for start, stop, block_names in parameter_blocks(params, layer_size)]
         w = mean.clone()
-        for j in wrap(range(n), "orthonormal basis"):
+        for j in wrap(range(len(sources)), "orthonormal basis"):
             if j > 0:
                 flatten_checkpoint(load_state_dict(sources[j - 1]), params, names[j - 1], out=w,
                                    columns=(shard.lo, shard.hi))
-            norm = shard.norm(w)  # of the checkpoint
+            norms = [shard.norm(w[b.local]) for b in builders]  # of the checkpoint, per block
             if j > 0:
                 w -= mean
-            removed, residual = orthogonalise_(basis, w, shard)
-            coords[j, :basis.rows] = removed.cpu()
-            if residual <= tol * norm or residual == 0.0:
-                what = names[j - 1] if j else "the mean of the checkpoints"
-                log.warning("%s adds no new direction (relative residual %.1e); left out of the basis",
-                            what, residual / max(norm, 1e-300))
-                continue
-            coords[j, basis.rows] = residual
-            basis.append(w.div_(residual))
-            kept.append(j)
-        coords = coords[:, :basis.rows]
-        deviations = torch.cat((coords[1:], -coords[1:].sum(0, keepdim=True)))  # P (w_i - mean)
-        # Kept generators = R P with R lower triangular, so P = R^-1 gen W and
-        # P^T x = W^T gen^T R^-T x: a step x in coordinates is a step gen^T R^-T x in alpha.
-        r_inv_t = torch.linalg.solve_triangular(coords[kept].t(), torch.eye(len(kept),
-                                                dtype=torch.float64), upper=True)
-        to_alpha = gen[kept].t() @ r_inv_t
-        return cls(basis, mean, names, coords[0] + deviations, coords[0].clone(), to_alpha, shard)
+            for builder, norm in zip(builders, norms):
+                builder.add(j, w[builder.local], norm, shard, tol)
+        _warn_dropped(builders, names)
+        return cls([b.finish() for b in builders], mean, names, shard)
 
     def to_principal_components(self, n_components):
-        """Keep only the top principal directions of the centred checkpoints (the DLDR subspace):
-        mean + their span. They lie in the span, so this is a rotation of P; nothing is reloaded.
-        Returns the fraction of the checkpoints' variance that the kept directions explain."""
-        if not 1 <= n_components <= self.rank:
-            raise ValueError(f"n_components must be in [1, {self.rank}], not {n_components}")
-        centred = self.checkpoint_coords - self.origin_coords
-        _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
-        directions = vh[:n_components].t()  # k x m
-        self.basis.mix_rows_(directions)
-        self.checkpoint_coords = self.checkpoint_coords @ directions
-        self.origin_coords = self.origin_coords @ directions
-        self.to_alpha = self.to_alpha @ directions
-        energy = singular.square()
-        return (energy[:n_components].sum() / energy.sum().clamp_min(1e-300)).item()
+        """Keep only the top principal directions of the centred checkpoints (the DLDR subspace), in
+        each block: mean + their span. They lie in the span, so this is a rotation of P; nothing is
+        reloaded. Returns the fraction of the checkpoints' variance that the kept directions explain."""
+        largest = max(span.rank for span in self.spans)
+        if not 1 <= n_components <= largest:
+            raise ValueError(f"n_components must be in [1, {largest}], not {n_components}")
+        kept = total = 0.0
+        for span in self.spans:
+            m = min(n_components, span.rank)
+            centred = span.checkpoint_coords - span.origin_coords
+            _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+            directions = vh[:m].t()  # k x m
+            span.basis.mix_rows_(directions)
+            span.checkpoint_coords = span.checkpoint_coords @ directions
+            span.origin_coords = span.origin_coords @ directions
+            span.to_alpha = span.to_alpha @ directions
+            energy = singular.square()
+            kept, total = kept + energy[:m].sum().item(), total + energy.sum().item()
+        self.offsets = [0]
+        for span in self.spans:
+            self.offsets.append(self.offsets[-1] + span.rank)
+        return kept / max(total, 1e-300)
 
     def start_coordinates(self, start="mean"):
         """Coordinates of the checkpoints' mean ("mean") or of checkpoint number `start`."""
         if start == "mean":
             return self.origin_coords.clone()
-        return self.checkpoint_coords[start].clone()
+        return self._concat(span.checkpoint_coords[start] for span in self.spans)
+
+    def gradient(self, g):
+        """P g (float64, summed over the shards) for this shard's entries g of a D-vector."""
+        products = self._concat(span.basis.matvec(g[span.local]) for span in self.spans)
+        return self.shard.sum_(products)
 
     def coordinates(self, w):
         """P w, the coordinates of the point of the subspace nearest to w (all D entries)."""
-        local = w[self.shard.lo:self.shard.hi].to(device=self.basis.device, dtype=torch.float32)
-        products = self.shard.sum_(self.basis.matvec(local - self.origin, exact=True))
-        return products.cpu() + self.origin_coords
+        local = w[self.shard.lo:self.shard.hi].to(device=self.device, dtype=torch.float32)
+        centred = local - self.origin
+        products = self._concat(span.basis.matvec(centred[span.local], exact=True)
+                                for span in self.spans)
+        return self.shard.sum_(products).cpu() + self.origin_coords
 
     def weights(self, c, out):
         """out = origin + P^T (c - P origin): the weights at coordinates c (this shard's entries)."""
-        step = c.detach().to(self.origin_coords.device, torch.float64) - self.origin_coords
-        return self.basis.rmatvec(step, out.copy_(self.origin), accumulate=True)
+        step = c.detach().to(torch.float64).cpu() - self.origin_coords
+        out.copy_(self.origin)
+        for span, piece in zip(self.spans, self._pieces(step)):
+            span.basis.rmatvec(piece, out[span.local], accumulate=True)
+        return out
 
     def project_(self, g):
         """g <- P^T P g in place: the paper's projected gradient, for optimizers kept in D-space
         (one process; shards call it on their own columns and sum P g first)."""
-        return self.basis.rmatvec(self.basis.matvec(g), out=g)
+        for span in self.spans:
+            span.basis.rmatvec(span.basis.matvec(g[span.local]), out=g[span.local])
+        return g
 
     def checkpoint_coefficients(self, c):
-        """alpha with sum_i alpha_i w_i = the weights at coordinates c."""
-        c = c.detach().double().cpu()
-        return 1.0 / len(self.names) + self.to_alpha @ (c - self.origin_coords)
+        """alpha (blocks x n) with sum_i alpha_bi w_i = the weights at coordinates c in block b."""
+        step = c.detach().double().cpu() - self.origin_coords
+        return torch.stack([1.0 / len(self.names) + span.to_alpha @ piece
+                            for span, piece in zip(self.spans, self._pieces(step))])
 
     def orthogonality_error(self):
-        """max |P P^T - I|, computed in float64."""
-        eye = torch.eye(self.rank, dtype=torch.float64, device=self.basis.device)
-        return (self.shard.sum_(self.basis.gram()) - eye).abs().max().item()
+        """max |P P^T - I| over the blocks, computed in float64."""
+        errors = [0.0]
+        for span in self.spans:
+            eye = torch.eye(span.rank, dtype=torch.float64, device=self.device)
+            errors.append((self.shard.sum_(span.basis.gram()) - eye).abs().max().item()
+                          if span.rank else 0.0)
+        return max(errors)
 
     def relative_residual(self, w):
         """||w - (nearest point of the subspace)|| / ||w||: 0 for points of the subspace."""
-        local = w[self.shard.lo:self.shard.hi].to(device=self.basis.device, dtype=torch.float32)
+        local = w[self.shard.lo:self.shard.hi].to(device=self.device, dtype=torch.float32)
         inside = self.weights(self.coordinates(w), torch.empty_like(local))
         return self.shard.norm(local.double() - inside.double()) / max(self.shard.norm(local), 1e-300)
+
+
+def _warn_dropped(builders, names):
+    def what(j):
+        return names[j - 1] if j else "the mean of the checkpoints"
+    if len(builders) == 1:
+        for j, relative in builders[0].dropped:
+            log.warning("%s adds no new direction (relative residual %.1e); left out of the basis",
+                        what(j), relative)
+        return
+    hit = [b for b in builders if b.dropped]
+    if hit:
+        log.warning("%d of %d block directions add nothing new and are left out of the basis (the "
+                    "first: %s in the block of %s)", sum(len(b.dropped) for b in hit),
+                    len(builders) * len(names), what(hit[0].dropped[0][0]), hit[0].names[0])
 
 
 def _mean_of(sources, params, device, wrap, shard):
@@ -511,10 +631,10 @@ class TWA:
                                                                  shard.per_rank * shard.world)
         # the shard's weights are computed here, then gathered into flat_weights
         self.local = self.flat_weights[:dim] if shard.world == 1 else \
-            torch.zeros(shard.per_rank, dtype=self.flat_weights.dtype, device=space.basis.device)
+            torch.zeros(shard.per_rank, dtype=self.flat_weights.dtype, device=space.device)
         self.views = [p.grad for p in self.params]
         self.coordinates = nn.Parameter(torch.zeros(space.rank, dtype=torch.float64,
-                                                    device=space.basis.device))
+                                                    device=space.device))
         self.move_to(start)
 
     def parameters(self):
@@ -525,8 +645,8 @@ class TWA:
         """dL/dc = P g; one optimizer step on c; then the model's weights become origin + P^T c."""
         self._collect_gradients()
         shard = self.space.shard
-        grad = self.space.basis.matvec(self.flat_grads[shard.lo:shard.hi])
-        self.coordinates.grad = shard.sum_(grad)
+        self.coordinates.grad = self.space.gradient(self.flat_grads[shard.lo:shard.hi]).to(
+            self.coordinates.device)
         self.flat_grads.zero_()
         optimizer.step()
         self.write_weights()

@@ -24,6 +24,7 @@ import distributed
 import models
 
 log = logging.getLogger("twa")
+SPLIT_FILE = "split.json"  # the held-out indices of --val-split, beside the checkpoints
 CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)  # ImageNet-style --arch names
 
 
@@ -226,9 +227,12 @@ def step_milestones(epochs):
     return int(epochs * 0.5), int(epochs * 0.75 + 0.9)
 
 
-def lr_at(schedule, base_lr, epoch, epochs, fraction):
+def lr_at(schedule, base_lr, epoch, epochs, fraction, warmup=0.0):
     """The learning rate in `epoch` at `fraction` (in [0, 1)) of all training steps: a pure function,
-    so that resuming needs only counters. step: per epoch; linear and cosine: per step."""
+    so that resuming needs only counters. step: per epoch; linear and cosine: per step. warmup: the
+    fraction of the steps over which the rate first rises linearly from 0."""
+    if fraction < warmup:
+        return lr_at(schedule, base_lr, epoch, epochs, fraction) * (fraction / warmup)
     if schedule == "constant":
         return base_lr
     if schedule == "step":
@@ -280,6 +284,10 @@ def add_common_args(parser):
         "torchvision model name for ImageNet/ImageFolder data")
     add("--train-subset", type=int, default=0, help="train on a fixed random subset of this many "
         "training images (0: all); the same subset in both scripts")
+    add("--val-split", type=float, default=0, metavar="R", help="hold R%% of the training images out "
+        "of training (seeded by --split-seed; recorded as split.json so that both scripts use the "
+        "same part); train_twa.py then trains the TWA coefficients on that part (TWA-v)")
+    add("--split-seed", type=int, default=0, help="seed of the --val-split hold-out")
     add("-b", "--batch-size", type=int, default=128, help="global mini-batch size")
     add("--momentum", type=float, default=0.9, help="SGD momentum")
     add("--randomseed", type=int, default=1, help="seed for initialisation, data order and augmentation")
@@ -306,6 +314,8 @@ def check_common_args(args):
     if args.datasets not in data.DATASETS:
         raise UsageError(f"unknown --datasets {args.datasets!r}; choose one of: "
                          f"{', '.join(data.DATASETS)}")
+    if not 0 <= args.val_split < 100:
+        raise UsageError(f"--val-split is a percentage in [0, 100), not {args.val_split}")
     if args.train_subset < 0:
         raise UsageError(f"--train-subset must be non-negative, not {args.train_subset}")
     for name in ("batch_size", "epochs", "print_freq"):
@@ -318,9 +328,11 @@ def check_common_args(args):
     args.log_dir = args.log_dir or args.save_dir
 
 
-def setup_run(args, stage):
+def setup_run(args, stage, recorded_split=None, record_split_to=None):
     """Processes, logging, device, seeds, data and model; rank 0 writes the resolved args and the
-    command line. Returns (distributed context, train loader, test loader, model)."""
+    command line. The held-out part of the training set is the split recorded in `recorded_split`
+    (a split.json) if given, else a new one when --val-split asks for it; rank 0 records it in
+    `record_split_to`. Returns (distributed context, data.Loaders, model)."""
     ctx = distributed.init(pick_device(args.device))
     setup_logging(args.log_dir, args.log_name, enabled=ctx.is_main)
     seed_everything(args.randomseed, args.deterministic)
@@ -328,16 +340,46 @@ def setup_run(args, stage):
         save_json({"argv": sys.argv, "args": vars(args), "git": git_revision(), "world": ctx.world},
                   os.path.join(args.log_dir, f"{stage}_args.json"))
     log.info("%s: %s", stage, " ".join(sys.argv))
+    split = {}
+
+    def held_out(n):
+        split.update(resolve_split(args, n, recorded_split))
+        return torch.tensor(split["held_out"], dtype=torch.int64) if split else None
     try:
-        train_loader, test_loader, num_classes = data.build_loaders(args, ctx.device, ctx.rank, ctx.world)
+        loaders = data.build_loaders(args, ctx.device, ctx.rank, ctx.world, held_out)
     except data.DataError as err:
         raise UsageError(str(err)) from None
-    model = build_model(args.arch, args.datasets, num_classes, ctx.device, args.channels_last)
+    if split and ctx.is_main and record_split_to:
+        save_json(split, record_split_to)
+    model = build_model(args.arch, args.datasets, loaders.classes, ctx.device, args.channels_last)
     model = distributed.synchronise_batchnorm(model, ctx)
-    log.info("device %s x %d processes, %s on %s: %d train batches, %d classes, %d parameters",
-             ctx.device, ctx.world, args.arch, args.datasets, len(train_loader), num_classes,
+    log.info("device %s x %d processes, %s on %s: %d train batches%s, %d classes, %d parameters",
+             ctx.device, ctx.world, args.arch, args.datasets, len(loaders.train),
+             f" ({len(split['held_out'])} images held out)" if split else "", loaders.classes,
              sum(p.numel() for p in model.parameters()))
-    return ctx, train_loader, test_loader, model
+    return ctx, loaders, model
+
+
+def resolve_split(args, n, recorded):
+    """The split of n training images as a dict (percent, seed, examples, held_out indices): the
+    recorded one, checked against the data and --val-split, else a new one; {} for none."""
+    if recorded:
+        try:
+            with open(recorded) as f:
+                split = json.load(f)
+            split["examples"], split["percent"], split["held_out"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"cannot read the split {recorded}: {err}") from None
+        if split["examples"] != n:
+            raise UsageError(f"{recorded} splits {split['examples']} training images; this data has {n}")
+        if args.val_split and args.val_split != split["percent"]:
+            raise UsageError(f"--val-split {args.val_split:g} differs from the {split['percent']:g}% "
+                             f"recorded in {recorded}")
+        return split
+    if not args.val_split:
+        return {}
+    held = data.held_out_split(n, args.val_split, args.split_seed)
+    return {"percent": args.val_split, "seed": args.split_seed, "examples": n, "held_out": held.tolist()}
 
 
 def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, save_state,
@@ -358,7 +400,8 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
 
             def lr_for_batch(batch):
                 fraction = (epoch * steps + batch) / (args.epochs * steps)
-                return lr_at(args.schedule, args.lr, epoch, args.epochs, fraction)
+                return lr_at(args.schedule, args.lr, epoch, args.epochs, fraction,
+                             getattr(args, "warmup_epochs", 0) / args.epochs)
 
             def after_step(batch, totals):
                 stopping = distributed.any_(bool(stop), ctx)

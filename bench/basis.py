@@ -115,7 +115,7 @@ def worker(args):
     else:
         space = twa.Subspace.from_checkpoints(model, files, bits=args.bits)
         seconds, peak = time.perf_counter() - started, peak_bytes() - before
-        error, rank, stored = space.orthogonality_error(), space.rank, space.basis.nbytes()
+        error, rank, stored = space.orthogonality_error(), space.rank, space.nbytes()
     print(json.dumps({"seconds": seconds, "peak": peak, "error": error, "rank": rank,
                       "stored": stored, "dim": dim}))
 

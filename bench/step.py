@@ -33,9 +33,9 @@ def random_subspace(dim, n, bits, seed=0):
         basis.scale.fill_(1e-4)
         basis.low.fill_(-1e-4 * 127)
     basis.rows = n
-    zeros = torch.zeros(n, dtype=torch.float64)
-    return twa.Subspace(basis, torch.randn(dim, generator=gen), [f"{i}.pt" for i in range(n)],
-                        torch.zeros(n, n, dtype=torch.float64), zeros, torch.zeros(n, n, dtype=torch.float64))
+    span = twa.Span(basis, slice(0, dim), torch.zeros(n, n, dtype=torch.float64),
+                    torch.zeros(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64))
+    return twa.Subspace([span], torch.randn(dim, generator=gen), [f"{i}.pt" for i in range(n)])
 
 
 def bandwidth(rounds):
@@ -53,12 +53,12 @@ def projection_table(dim, n, rounds, bytes_per_second):
         c = torch.zeros(n, dtype=torch.float64)
 
         def project():
-            c.copy_(space.basis.matvec(g))
+            c.copy_(space.gradient(g))
             space.weights(c, out)
         project()
         seconds = common.median([common.timed(project, torch.device("cpu")) for _ in range(rounds)])
-        floor = 2 * space.basis.nbytes() / bytes_per_second
-        rows.append([bits, f"{space.basis.nbytes() / 2**20:.0f}", f"{seconds * 1e3:.1f}",
+        floor = 2 * space.nbytes() / bytes_per_second
+        rows.append([bits, f"{space.nbytes() / 2**20:.0f}", f"{seconds * 1e3:.1f}",
                      f"{floor * 1e3:.1f}", f"{seconds / floor:.2f}"])
         space = None  # free this basis before the next one is allocated
     print(f"\nprojection, D = {dim / 1e6:.1f}M, n = {n}; bandwidth {bytes_per_second / 1e9:.1f} GB/s")

@@ -65,9 +65,9 @@ def main():
     device = utils.pick_device(args.device)
     torch.manual_seed(0)
     root = common.cifar10_dir(args.data_dir)
-    memory, _, classes = data.build_loaders(common.data_args(root, args.batch_size), device)
-    classic, _, _ = data.build_loaders(common.data_args(root, args.batch_size, "torchvision"), device)
-    reference, _, _ = data.build_loaders(
+    memory, _, classes, *_ = data.build_loaders(common.data_args(root, args.batch_size), device)
+    classic, *_ = data.build_loaders(common.data_args(root, args.batch_size, "torchvision"), device)
+    reference, *_ = data.build_loaders(
         common.data_args(root, args.batch_size, "torchvision", workers=4), device)
     paths = {
         "compute only": compute_only_batches(memory, args.steps),

@@ -80,3 +80,18 @@ def test_low_precision_pca_basis_on_two_processes_matches_one(runs, tiny_data):
     two = torch.load(runs / "pca2" / "twa.pt", weights_only=True)
     params = {k: v for k, v in one.items() if "running" not in k and "num_batches" not in k}
     assert relative_difference(params, {k: two[k] for k in params}) <= 1e-5
+
+
+def test_layerwise_twa_v_on_two_processes_matches_one(runs, tiny_data):
+    """Blocks that straddle the shard boundary, and coefficients trained on the held-out part."""
+    for n in (1, 2):
+        launch("train_twa.py", n, *flags(tiny_data, runs / "sgd1"), "--epochs", "2", "--lr", "0.1",
+               "--params_end", "5", "--layer-size", "20000", "--val-split", "25",
+               "--output-dir", runs / f"blocks{n}", "--log-dir", runs / f"blocks{n}")
+    one = torch.load(runs / "blocks1" / "twa.pt", weights_only=True)
+    two = torch.load(runs / "blocks2" / "twa.pt", weights_only=True)
+    params = {k: v for k, v in one.items() if "running" not in k and "num_batches" not in k}
+    assert relative_difference(params, {k: two[k] for k in params}) <= 1e-5
+    blocks = [json.load(open(runs / f"blocks{n}" / "coefficients.json"))["blocks"] for n in (1, 2)]
+    assert len(blocks[0]) == len(blocks[1]) > 1
+    assert json.load(open(runs / "blocks2" / "twa_results.json"))["mode"] == "TWA-v"

@@ -46,7 +46,7 @@ def test_basis_is_orthonormal_and_spans_every_checkpoint(n):
     assert space.orthogonality_error() <= 1e-5  # P P^T computed in float64
     for state in walk:
         assert space.relative_residual(flat(state, model)) <= 1e-5
-    outside = torch.randn(space.basis.dim)
+    outside = torch.randn(space.spans[0].basis.dim)
     assert space.relative_residual(outside) > 0.5  # the residual check can fail
 
 
@@ -76,7 +76,7 @@ def test_checkpoint_adding_no_direction_is_dropped_with_a_warning(caplog):
     assert space.orthogonality_error() <= 1e-5
     # the coefficients still reproduce any point, the duplicate simply gets a zero
     c = space.start_coordinates(4)
-    out = torch.empty(space.basis.dim)
+    out = torch.empty(space.spans[0].basis.dim)
     space.weights(c, out)
     alpha = space.checkpoint_coefficients(c)
     stacked = torch.stack([flat(s, model) for s in walk[:3] + [walk[1]] + walk[3:]]).double()
@@ -131,7 +131,7 @@ def test_alpha_reproduces_the_final_weights():
     trainer = twa.TWA(model, space)
     opt = torch.optim.SGD(trainer.parameters(), lr=1.0, momentum=0.9)
     train_steps(model, 10, lambda: trainer.step(opt))
-    alpha = space.checkpoint_coefficients(trainer.coordinates)
+    alpha = space.checkpoint_coefficients(trainer.coordinates)[0]  # one block: one alpha per checkpoint
     stacked = torch.stack([flat(s, model) for s in walk]).double()
     weights = torch.nn.utils.parameters_to_vector(model.parameters()).double()
     assert (alpha @ stacked - weights).norm() / weights.norm() <= 1e-5
@@ -197,13 +197,13 @@ def test_low_precision_bases_keep_the_weights_in_their_span(bits, orth_tol):
     walk = random_walk(model, 6, step=0.05)
     full = twa.Subspace.from_checkpoints(model, walk)
     space = twa.Subspace.from_checkpoints(model, walk, bits=bits)
-    assert space.basis.nbytes() < full.basis.nbytes() * (bits / 32) * 1.2
+    assert space.nbytes() < full.nbytes() * (bits / 32) * 1.2
     assert space.orthogonality_error() <= orth_tol
     trainer = twa.TWA(model, space)
     opt = torch.optim.SGD(trainer.parameters(), lr=0.5, momentum=0.9)
     train_steps(model, 5, lambda: trainer.step(opt))
     # the weights are exactly mean + Q^T (c - c0) for the stored (dequantised) basis Q
-    q = space.basis.block(0, space.basis.dim).double()
+    q = space.spans[0].basis.block(0, space.spans[0].basis.dim).double()
     expected = space.mean.double() + q.t() @ (trainer.coordinates.detach() - space.origin_coords)
     weights = torch.nn.utils.parameters_to_vector(model.parameters()).double()
     assert (weights - expected).norm() / weights.norm() <= 1e-6
@@ -229,14 +229,14 @@ def test_pca_keeps_the_top_directions():
     assert space.rank == 3 and 0 < explained < 1
     assert space.orthogonality_error() <= 1e-5
     c = space.start_coordinates(4)
-    out = torch.empty(space.basis.dim)
+    out = torch.empty(space.spans[0].basis.dim)
     space.weights(c, out)
     stacked = torch.stack([flat(s, model) for s in walk]).double()
     alpha = space.checkpoint_coefficients(c)
     assert (alpha @ stacked - out.double()).norm() / out.double().norm() <= 1e-5
     centred = stacked - stacked.mean(0)
     top = torch.linalg.svd(centred, full_matrices=False).Vh[:3]
-    q = space.basis.block(0, space.basis.dim).double()
+    q = space.spans[0].basis.block(0, space.spans[0].basis.dim).double()
     assert torch.linalg.matrix_norm(top @ q.t() @ q - top) <= 1e-4  # same 3-dim space
 
 

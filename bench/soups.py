@@ -1,0 +1,104 @@
+"""Model soups against TWA on real CIFAR-10: fine-tune copies of one trained ResNet-20, then compare
+the best single model, the uniform soup, the greedy soup, TWA-t and TWA-v (journal version, soup mode).
+
+    python bench/soups.py [--seed 1] [--data-dir DIR] [--base-epochs 10] [--finetune-epochs 2]
+
+1. Base: train_sgd.py with --val-split 10 (10% of the training images held out, recorded in split.json).
+2. Fine-tunes: train_sgd.py --init <base> with the same split, one per (lr, seed) of FINETUNES.
+3. train_twa.py --checkpoints <the fine-tunes' last checkpoints>: once training the coefficients on the
+   training part (TWA-t) and once on the held-out part (TWA-v, --val-split 10). Both runs also report
+   the best single model, the uniform soup and the greedy soup (ranked on the held-out part).
+
+Steps whose outputs exist are skipped. Writes results/soups-seed<k>.json and prints the table.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import common
+
+ROOT = common.ROOT
+sys.path.insert(0, ROOT)
+import utils  # noqa: E402
+
+VAL_SPLIT = 10
+FINETUNES = [(0.01, 1), (0.02, 2), (0.02, 3), (0.05, 4), (0.05, 5), (0.1, 6)]  # (lr, seed)
+TWA = ["--opt", "AdamW", "--lr", "0.01", "--wd", "0", "--schedule", "cosine", "--warmup-epochs", "0.2"]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=1, help="seed of the base model")
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10 ImageFolder tree (default: "
+                        "extracted from ../shared/data into ~/.cache/twa-data)")
+    parser.add_argument("--base-epochs", type=int, default=10, help="epochs of the base model")
+    parser.add_argument("--finetune-epochs", type=int, default=2, help="epochs of each fine-tune")
+    parser.add_argument("--twa-epochs", type=int, default=2, help="epochs of TWA-t and TWA-v")
+    parser.add_argument("--train-subset", type=int, default=0, help="train on this many images (0: all)")
+    parser.add_argument("-b", "--batch-size", type=int, default=128, help="batch size of every run")
+    parser.add_argument("--out", default=os.path.join(ROOT, "results", "runs"), help="run folders")
+    parser.add_argument("--results", default=os.path.join(ROOT, "results"), help="where the JSON goes")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    data_dir = common.cifar10_dir(args.data_dir)
+    run_dir = os.path.join(args.out, f"soups-seed{args.seed}")
+    commands = []
+
+    def run(script, flags):
+        cmd = [sys.executable, os.path.join(ROOT, script), "--datasets", "ImageFolder", "--data-dir",
+               data_dir, "--arch", "resnet20", "--device", args.device, "--quiet", "-p", "100", "-b",
+               str(args.batch_size), "--val-split", str(VAL_SPLIT), "--train-subset",
+               str(args.train_subset), *map(str, flags)]
+        commands.append(" ".join(cmd[1:]))
+        print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+    def sgd(name, epochs, flags):
+        folder = os.path.join(run_dir, name)
+        if not os.path.exists(os.path.join(folder, f"{epochs}.pt")):
+            resume = ["--resume"] if os.path.exists(os.path.join(folder, "state.pt")) else []
+            run("train_sgd.py", ["--epochs", epochs, "--save-dir", folder, "--wd", 5e-4, *flags, *resume])
+        return folder
+
+    started = time.time()
+    base = sgd("base", args.base_epochs, ["--lr", 0.1, "--schedule", "cosine", "--randomseed", args.seed])
+    finetunes = [os.path.join(sgd(f"finetune-lr{lr}-seed{seed}", args.finetune_epochs,
+                                  ["--lr", lr, "--schedule", "cosine", "--randomseed", seed,
+                                   "--init", os.path.join(base, f"{args.base_epochs}.pt")]),
+                              f"{args.finetune_epochs}.pt") for lr, seed in FINETUNES]
+    runs = {}
+    for name, flags in (("twa-t", []), ("twa-v", ["--val-split", VAL_SPLIT])):
+        folder = os.path.join(run_dir, name)
+        results = os.path.join(folder, "twa_results.json")
+        if not os.path.exists(results):
+            run("train_twa.py", ["--checkpoints", *finetunes, "--split", os.path.join(base, "split.json"),
+                                 "--save-dir", folder, "--log-dir", folder, "--epochs", args.twa_epochs,
+                                 "--randomseed", args.seed, *TWA, *flags])
+        runs[name] = json.load(open(results))
+    soup = runs["twa-v"]["soup"]
+    rows = {"best single": soup["best_single"], "uniform soup": soup["uniform"],
+            "greedy soup": soup["greedy"], "TWA-t": runs["twa-t"]["twa"], "TWA-v": runs["twa-v"]["twa"]}
+    report = {"seed": args.seed, "val_split": VAL_SPLIT, "finetunes": FINETUNES, "twa": TWA,
+              "base_epochs": args.base_epochs, "finetune_epochs": args.finetune_epochs,
+              "twa_epochs": args.twa_epochs, "ingredients": soup["ingredients"], "methods": rows,
+              "greedy_members": soup["greedy"]["members"],
+              "base_test_acc": utils.read_jsonl(os.path.join(base, "metrics.jsonl"))[-1]["test_acc"],
+              "commands": commands, "git": utils.git_revision(), "wall_seconds": time.time() - started}
+    path = os.path.join(args.results, f"soups-seed{args.seed}.json")
+    utils.save_json(report, path)
+    print("| method | held-out acc | test acc |\n|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['held_out']['accuracy']:.2f} | {row['accuracy']:.2f} |")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
