@@ -92,8 +92,22 @@ def read_coefficients(path):
     if not isinstance(data, dict):
         raise PlotInputError(f"{path}: expected a JSON object with 'checkpoints' and 'alpha'")
     names, alpha, uniform = data.get("checkpoints"), data.get("alpha"), data.get("uniform")
+    if alpha is None and isinstance(data.get("blocks"), list) and data["blocks"]:
+        alpha = blocks_mean(data["blocks"], path)
     check_coefficients(names, alpha, uniform, source=path)
     return [str(name) for name in names], [float(a) for a in alpha], uniform
+
+
+def blocks_mean(blocks, source):
+    """Layer-wise TWA's per-block alphas, averaged with each block's share of the parameters as
+    its weight: one bar per checkpoint."""
+    try:
+        total = sum(block["entries"] for block in blocks)
+        return [sum(block["entries"] * block["alpha"][i] for block in blocks) / total
+                for i in range(len(blocks[0]["alpha"]))]
+    except (KeyError, TypeError, IndexError):
+        raise PlotInputError(f"{source}: 'blocks' must hold 'entries' and equal-length 'alpha' "
+                             "lists") from None
 
 
 def check_coefficients(names, alpha, uniform, source):

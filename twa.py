@@ -9,7 +9,7 @@ Works with any nn.Module and any training loop:
     for x, y in loader:
         F.cross_entropy(model(x), y).backward()
         trainer.step(opt)                            # dL/dc = P g; step on c; weights = P^T c
-    alpha = space.checkpoint_coefficients(trainer.coordinates)   # sum_i alpha_i w_i = weights
+    alpha = space.checkpoint_coefficients(trainer.coordinates)[0]   # sum_i alpha_i w_i = weights
 
 P (k x D) is an orthonormal basis of the checkpoints' span, built by streaming the checkpoints one at a
 time (Gram-Schmidt applied twice per vector), so that only P itself is ever held in memory. Training
@@ -18,6 +18,9 @@ coordinates: the same trajectory, with no D-sized optimizer state. Weights are w
 mean + P^T (c - P mean) with the checkpoints' mean kept in float32, so that they stay exactly inside
 the span of the stored basis, and a basis stored in 16, 8 or 4 bits only perturbs their deviation
 from the mean.
+
+With layer_size=S (the journal version's layer-wise TWA) each block of consecutive parameter tensors
+gets its own coefficients: P becomes block-diagonal and alpha has one row per block.
 """
 import logging
 import math

@@ -83,3 +83,15 @@ def test_mismatched_coefficients_exits_2(tmp_path):
     result = run_plot("coefficients", coefficients, "-o", tmp_path / "out.png")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_layerwise_coefficients_plot_the_size_weighted_mean(tmp_path):
+    path = tmp_path / "coefficients.json"
+    path.write_text(json.dumps({"checkpoints": ["a", "b"], "alpha": None, "uniform": 0.5, "blocks": [
+        {"entries": 3, "alpha": [1.0, 0.0]}, {"entries": 1, "alpha": [0.0, 1.0]}]}))
+    result = run_plot("coefficients", str(path), "-o", str(tmp_path / "alpha.png"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "alpha.png").read_bytes().startswith(PNG_SIGNATURE)
+    sys.path.insert(0, str(PLOT_SCRIPT.parent))
+    import plot
+    assert plot.blocks_mean(json.loads(path.read_text())["blocks"], path) == [0.75, 0.25]
