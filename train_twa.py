@@ -26,6 +26,8 @@ import utils
 from utils import UsageError, log
 
 STATE = "twa_state.pt"
+NOT_CHECKPOINTS = ("state.pt", STATE, "twa.pt")  # what the scripts write beside checkpoints; globs skip them
+SPLIT_RECORD = "twa_split.json"  # the split a TWA run used, in its log folder (never read back)
 
 
 def parse_args(argv=None):
@@ -34,7 +36,8 @@ def parse_args(argv=None):
     utils.add_common_args(parser)
     add = parser.add_argument
     add("--epochs", type=int, default=10, help="TWA training epochs")
-    add("--lr", type=float, default=2.0, help="learning rate of the projected SGD")
+    add("--lr", type=float, default=None, help="learning rate of the coefficients (default: 2 for "
+        "SGD, 0.01 for AdamW)")
     add("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-5, help="weight decay")
     add("--schedule", default="step", choices=("step", "constant", "linear", "cosine"),
         help="step: /10 at 50%% and 75%% of the epochs; linear and cosine: decay to 0 per step")
@@ -66,6 +69,7 @@ def parse_args(argv=None):
     add("--tol", type=float, default=1e-5,
         help="a checkpoint within this relative distance of the others' span is left out")
     args = parser.parse_args(argv)
+    args.lr = args.lr if args.lr is not None else {"SGD": 2.0, "AdamW": 0.01}[args.opt]
     utils.check_common_args(args)
     check_args(args)
     return args
@@ -111,7 +115,8 @@ def checkpoint_files(args):
         return [checkpoint_path(args, i) for i in checkpoint_indices(args)]
     files = []
     for pattern in args.checkpoints:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = [path for path in sorted(glob.glob(pattern)) if os.path.basename(path) not in
+                   NOT_CHECKPOINTS] if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise UsageError(f"--checkpoints {pattern} matches no file")
         files += matches
@@ -150,7 +155,10 @@ def build_subspace(args, model, ctx):
                                               progress=utils.progress_bar(not args.quiet and ctx.is_main))
     except twa.CheckpointError as err:
         raise UsageError(str(err)) from None
-    explained = space.to_principal_components(args.n_components) if args.extract == "PCA" else None
+    try:
+        explained = space.to_principal_components(args.n_components) if args.extract == "PCA" else None
+    except ValueError as err:  # fewer independent checkpoints than components
+        raise UsageError(f"--n_components: {err}") from None
     report = {"checkpoints": len(files), "rank": space.rank, "blocks": len(space.spans),
               "seconds": time.time() - started, "orthogonality_error": space.orthogonality_error(),
               "pbits": args.pbits, "basis_bytes_per_process": space.nbytes(), "processes": ctx.world,
@@ -179,7 +187,10 @@ def compare_soups(args, model, loaders, ctx, uniform):
     files = checkpoint_files(args)
     ingredients = []
     for path in files:
-        load_checkpoint(model, path, args)
+        try:
+            load_checkpoint(model, path, args)
+        except twa.CheckpointError as err:
+            raise UsageError(str(err)) from None
         ingredients.append({"checkpoint": path, **measure(model, loaders, args, ctx, recompute=False)})
         log.info("ingredient %s: held-out acc %.2f, test acc %.2f", path,
                  ingredients[-1]["held_out"]["accuracy"], ingredients[-1]["accuracy"])
@@ -191,7 +202,7 @@ def compare_soups(args, model, loaders, ctx, uniform):
         soups[tuple(members)] = measure(model, loaders, args, ctx)
         return soups[tuple(members)]["held_out"]["accuracy"]
     members, _ = soup.greedy_soup(ranked, score)
-    greedy = soups[tuple(members)] if len(members) > 1 else ingredients[members[0]]
+    greedy = soups[tuple(members)]  # as scored: BatchNorm recomputed, also for a soup of one
     best = ingredients[ranked[0]]
     log.info("best single %.2f, uniform soup %.2f, greedy soup of %d: %.2f (test accuracy)",
              best["accuracy"], uniform["accuracy"], len(members), greedy["accuracy"])
@@ -210,17 +221,29 @@ def main(argv=None):
     state_path = os.path.join(args.output_dir, STATE)
     resume = utils.load_torch(state_path) if args.resume else None
     recorded = args.split or os.path.join(args.save_dir, utils.SPLIT_FILE)
-    ctx, loaders, model = utils.setup_run(args, "twa", recorded if os.path.isfile(recorded) else None,
-                                          os.path.join(args.output_dir, utils.SPLIT_FILE))
+    recorded = recorded if os.path.isfile(recorded) else None
+    ctx, loaders, model = utils.setup_run(args, "twa", recorded, os.path.join(args.log_dir, SPLIT_RECORD))
+    if args.val_split and not recorded:
+        log.warning("no recorded split: holding out a new %g%% of the training images, which the "
+                    "checkpoints may have been trained on", args.val_split)
     if args.checkpoints and loaders.held_out is None:
         raise UsageError("soup mode ranks the models on held-out images: give --val-split R, or "
                          "--split FILE from train_sgd.py --val-split")
+    inputs = {"checkpoints": checkpoint_files(args), "layer_size": args.layer_size,
+              "pbits": args.pbits, "extract": args.extract, "n_components": args.n_components,
+              "val_split": args.val_split, "batch_size": args.batch_size}
+    if resume and resume.get("inputs") != inputs:
+        raise UsageError(f"{state_path} was saved for other checkpoints or settings; start without "
+                         "--resume or use another --output-dir")
     space, basis_report = build_subspace(args, model, ctx)
     trainer = twa.TWA(model, space)  # the model now holds the checkpoints' mean: SWA
     swa = measure(model, loaders, args, ctx)
     log.info("SWA: test loss %.4f acc %.2f", swa["loss"], swa["accuracy"])
-    soups = compare_soups(args, model, loaders, ctx, swa) if args.checkpoints else None
-    trainer.move_to("mean")  # the soups loaded other weights; BN statistics are those of the last
+    soups = None
+    if args.checkpoints:
+        swa_state = {k: v.clone() for k, v in model.state_dict().items()}
+        soups = compare_soups(args, model, loaders, ctx, swa)
+        model.load_state_dict(swa_state)  # copied into the trainer's flat views: SWA again
     if args.train_start >= 0:
         load_checkpoint(model, checkpoint_path(args, args.train_start), args)
         trainer.move_to(checkpoint_indices(args).index(args.train_start))
@@ -244,7 +267,8 @@ def main(argv=None):
         buffers = {k: v for k, v in model.state_dict().items() if k not in dict(model.named_parameters())}
         utils.save_torch({"coordinates": trainer.coordinates.detach(), "buffers": buffers,
                           "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                          "progress": progress, "metrics": metrics.rows, "args": vars(args)}, state_path)
+                          "progress": progress, "metrics": metrics.rows, "args": vars(args),
+                          "inputs": inputs}, state_path)
 
     def update(lr):
         utils.set_lr(optimizer, lr)

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 # dequantised float32 block of a 100-row basis stays in the last-level cache.
 BLOCK = 1 << 14
 QUANT_GROUP = 256  # entries per row that share one affine quantisation scale (8 and 4 bits)
+# Blocks of layer-wise TWA smaller than this stay in float32 whatever the storage precision: they cost
+# little, and a rounded basis of a block with fewer entries than checkpoints would never reach a
+# residual below the tolerance, so it would keep adding rows past the block's own dimension.
+SMALL_BLOCK = 16 * QUANT_GROUP
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and torch.compile
 
 
@@ -214,7 +218,7 @@ class Basis:
             return self.data[:self.rows, start:stop].float()
         codes, scale, low = self._groups(start, stop)
         values = codes * scale[..., None] + low[..., None]
-        return values.view(self.rows, -1)[:, :stop - start]
+        return values.reshape(self.rows, codes.shape[1] * QUANT_GROUP)[:, :stop - start]
 
     def _groups(self, start, stop):
         """Quantised columns [start, stop) as float codes (k, groups, QUANT_GROUP) with their scales
@@ -381,7 +385,8 @@ class SpanBuilder:
 
     def __init__(self, n, local, bits, device, names, size):
         self.local, self.names, self.n, self.size = local, names, n, size
-        self.basis = Basis(n, local.stop - local.start, bits, device)
+        self.basis = Basis(min(n, size), local.stop - local.start, 32 if size < SMALL_BLOCK else bits,
+                           device)
         self.coords = torch.zeros(n, n, dtype=torch.float64)  # generator j in the basis so far
         self.kept, self.dropped = [], []
 
@@ -390,6 +395,8 @@ class SpanBuilder:
         direction unless it is within tol * norm of their span."""
         removed, residual = orthogonalise_(self.basis, w, shard)
         self.coords[j, :self.basis.rows] = removed.cpu()
+        if self.basis.rows == self.size:  # a block with fewer entries than checkpoints is full
+            return
         if residual <= tol * norm or residual == 0.0:
             self.dropped.append((j, residual / max(norm, 1e-300)))
             return
@@ -497,7 +504,7 @@ class Subspace:
         if not 1 <= n_components <= largest:
             raise ValueError(f"n_components must be in [1, {largest}], not {n_components}")
         kept = total = 0.0
-        for span in self.spans:
+        for span in (span for span in self.spans if span.rank):
             m = min(n_components, span.rank)
             centred = span.checkpoint_coords - span.origin_coords
             _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
@@ -508,9 +515,8 @@ class Subspace:
             span.to_alpha = span.to_alpha @ directions
             energy = singular.square()
             kept, total = kept + energy[:m].sum().item(), total + energy.sum().item()
-        self.offsets = [0]
-        for span in self.spans:
-            self.offsets.append(self.offsets[-1] + span.rank)
+        sizes = [span.rank for span in self.spans]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         return kept / max(total, 1e-300)
 
     def start_coordinates(self, start="mean"):

@@ -227,12 +227,9 @@ def step_milestones(epochs):
     return int(epochs * 0.5), int(epochs * 0.75 + 0.9)
 
 
-def lr_at(schedule, base_lr, epoch, epochs, fraction, warmup=0.0):
+def lr_at(schedule, base_lr, epoch, epochs, fraction):
     """The learning rate in `epoch` at `fraction` (in [0, 1)) of all training steps: a pure function,
-    so that resuming needs only counters. step: per epoch; linear and cosine: per step. warmup: the
-    fraction of the steps over which the rate first rises linearly from 0."""
-    if fraction < warmup:
-        return lr_at(schedule, base_lr, epoch, epochs, fraction) * (fraction / warmup)
+    so that resuming needs only counters. step: per epoch; linear and cosine: per step."""
     if schedule == "constant":
         return base_lr
     if schedule == "step":
@@ -367,14 +364,16 @@ def resolve_split(args, n, recorded):
         try:
             with open(recorded) as f:
                 split = json.load(f)
-            split["examples"], split["percent"], split["held_out"]
+            split["examples"], split["percent"], split["seed"], split["held_out"]
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise UsageError(f"cannot read the split {recorded}: {err}") from None
         if split["examples"] != n:
             raise UsageError(f"{recorded} splits {split['examples']} training images; this data has {n}")
-        if args.val_split and args.val_split != split["percent"]:
-            raise UsageError(f"--val-split {args.val_split:g} differs from the {split['percent']:g}% "
-                             f"recorded in {recorded}")
+        if args.val_split and (args.val_split, args.split_seed) != (split["percent"], split["seed"]):
+            raise UsageError(f"--val-split {args.val_split:g} --split-seed {args.split_seed} differs "
+                             f"from the {split['percent']:g}% (seed {split['seed']}) recorded in {recorded}")
+        if not all(0 <= i < n for i in split["held_out"]):
+            raise UsageError(f"{recorded} holds indices outside the {n} training images")
         return split
     if not args.val_split:
         return {}
@@ -400,8 +399,9 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
 
             def lr_for_batch(batch):
                 fraction = (epoch * steps + batch) / (args.epochs * steps)
-                return lr_at(args.schedule, args.lr, epoch, args.epochs, fraction,
-                             getattr(args, "warmup_epochs", 0) / args.epochs)
+                warmup = getattr(args, "warmup_epochs", 0) * steps  # steps of linear warm-up
+                scale = min(1.0, (epoch * steps + batch + 1) / warmup) if warmup else 1.0
+                return scale * lr_at(args.schedule, args.lr, epoch, args.epochs, fraction)
 
             def after_step(batch, totals):
                 stopping = distributed.any_(bool(stop), ctx)

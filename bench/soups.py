@@ -6,8 +6,9 @@ the best single model, the uniform soup, the greedy soup, TWA-t and TWA-v (journ
 1. Base: train_sgd.py with --val-split 10 (10% of the training images held out, recorded in split.json).
 2. Fine-tunes: train_sgd.py --init <base> with the same split, one per (lr, seed) of FINETUNES.
 3. train_twa.py --checkpoints <the fine-tunes' last checkpoints>: once training the coefficients on the
-   training part (TWA-t) and once on the held-out part (TWA-v, --val-split 10). Both runs also report
-   the best single model, the uniform soup and the greedy soup (ranked on the held-out part).
+   training part (TWA-t), once on the held-out part (TWA-v, --val-split 10), and once more on the
+   held-out part with one coefficient per model and parameter tensor (--layer-size 0). Each run also
+   reports the best single model, the uniform soup and the greedy soup (ranked on the held-out part).
 
 Steps whose outputs exist are skipped. Writes results/soups-seed<k>.json and prints the table.
 """
@@ -75,7 +76,8 @@ def main():
                                    "--init", os.path.join(base, f"{args.base_epochs}.pt")]),
                               f"{args.finetune_epochs}.pt") for lr, seed in FINETUNES]
     runs = {}
-    for name, flags in (("twa-t", []), ("twa-v", ["--val-split", VAL_SPLIT])):
+    for name, flags in (("twa-t", []), ("twa-v", ["--val-split", VAL_SPLIT]),
+                        ("twa-v-layerwise", ["--val-split", VAL_SPLIT, "--layer-size", 0])):
         folder = os.path.join(run_dir, name)
         results = os.path.join(folder, "twa_results.json")
         if not os.path.exists(results):
@@ -85,11 +87,14 @@ def main():
         runs[name] = json.load(open(results))
     soup = runs["twa-v"]["soup"]
     rows = {"best single": soup["best_single"], "uniform soup": soup["uniform"],
-            "greedy soup": soup["greedy"], "TWA-t": runs["twa-t"]["twa"], "TWA-v": runs["twa-v"]["twa"]}
+            "greedy soup": soup["greedy"], "TWA-t": runs["twa-t"]["twa"], "TWA-v": runs["twa-v"]["twa"],
+            "TWA-v, layer-wise": runs["twa-v-layerwise"]["twa"]}
     report = {"seed": args.seed, "val_split": VAL_SPLIT, "finetunes": FINETUNES, "twa": TWA,
               "base_epochs": args.base_epochs, "finetune_epochs": args.finetune_epochs,
               "twa_epochs": args.twa_epochs, "ingredients": soup["ingredients"], "methods": rows,
               "greedy_members": soup["greedy"]["members"],
+              "alpha": {name: json.load(open(os.path.join(run_dir, name, "coefficients.json")))["alpha"]
+                        for name in ("twa-t", "twa-v")},
               "base_test_acc": utils.read_jsonl(os.path.join(base, "metrics.jsonl"))[-1]["test_acc"],
               "commands": commands, "git": utils.git_revision(), "wall_seconds": time.time() - started}
     path = os.path.join(args.results, f"soups-seed{args.seed}.json")

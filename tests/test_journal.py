@@ -106,6 +106,20 @@ def test_layerwise_basis_at_low_precision(bits):
         assert space.relative_residual(flat(state, model)) <= (1e-5 if bits == 32 else 2e-2)
 
 
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_blocks_smaller_than_the_checkpoint_count(bits):
+    """Per-tensor blocks with fewer entries (5, the last bias) than checkpoints (8): the block's
+    rank stops at its size, and small blocks stay exact whatever the storage precision."""
+    model = mlp()
+    walk = random_walk(model, 8, step=0.05)
+    space = twa.Subspace.from_checkpoints(model, walk, bits=bits, layer_size=0)
+    assert [span.rank for span in space.spans] == [8, 8, 8, 5]
+    assert space.orthogonality_error() <= (1e-5 if bits == 32 else 2e-2)
+    for state in walk:
+        assert space.relative_residual(flat(state, model)) <= (1e-5 if bits == 32 else 2e-2)
+    assert space.spans[-1].basis.bits == 32
+
+
 def test_greedy_soup_keeps_an_ingredient_only_when_held_out_accuracy_does_not_drop():
     # held-out accuracy of each soup, by its members: model 2 hurts, 3 ties, 1 helps
     table = {(0,): 70.0, (0, 2): 65.0, (0, 3): 70.0, (0, 3, 1): 72.0}
@@ -191,7 +205,7 @@ def test_soup_mode_reports_soups_and_twa_v(finetunes, tiny_data):
     assert soups["uniform"] == results["swa"]
     assert 0 <= results["twa"]["held_out"]["accuracy"] <= 100
     # the TWA run records the split it used: the one train_sgd.py wrote
-    assert json.load(open(out / "split.json")) == json.load(open(finetunes / "base" / "split.json"))
+    assert json.load(open(out / "twa_split.json")) == json.load(open(finetunes / "base" / "split.json"))
     coefficients = json.load(open(out / "coefficients.json"))
     assert len(coefficients["blocks"]) > 1 and coefficients["alpha"] is None
     assert all(len(b["alpha"]) == 3 for b in coefficients["blocks"])
@@ -207,3 +221,11 @@ def test_twa_refuses_a_split_of_another_size(finetunes, tiny_data):
     proc = cli("train_twa.py", *common_flags(tiny_data), "--save-dir", finetunes / "base",
                "--params_end", 2, "--val-split", 10, "--output-dir", finetunes / "other")
     assert proc.returncode == 2 and "differs" in proc.stderr
+
+
+def test_resume_refuses_other_settings(finetunes, tiny_data):
+    flags = [*common_flags(tiny_data), "--save-dir", finetunes / "base", "--params_end", 2,
+             "--epochs", 1, "--output-dir", finetunes / "resumed", "--log-dir", finetunes / "resumed"]
+    assert cli("train_twa.py", *flags).returncode == 0
+    proc = cli("train_twa.py", *flags, "--resume", "--layer-size", 0)
+    assert proc.returncode == 2 and "other checkpoints or settings" in proc.stderr
