@@ -56,8 +56,7 @@ def main():
     def run(script, flags):
         cmd = [sys.executable, os.path.join(ROOT, script), "--datasets", "ImageFolder", "--data-dir",
                data_dir, "--arch", "resnet20", "--device", args.device, "--quiet", "-p", "100", "-b",
-               str(args.batch_size), "--val-split", str(VAL_SPLIT), "--train-subset",
-               str(args.train_subset), *map(str, flags)]
+               str(args.batch_size), "--train-subset", str(args.train_subset), *map(str, flags)]
         commands.append(" ".join(cmd[1:]))
         print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -66,7 +65,8 @@ def main():
         folder = os.path.join(run_dir, name)
         if not os.path.exists(os.path.join(folder, f"{epochs}.pt")):
             resume = ["--resume"] if os.path.exists(os.path.join(folder, "state.pt")) else []
-            run("train_sgd.py", ["--epochs", epochs, "--save-dir", folder, "--wd", 5e-4, *flags, *resume])
+            run("train_sgd.py", ["--epochs", epochs, "--save-dir", folder, "--wd", 5e-4,
+                                 "--val-split", VAL_SPLIT, *flags, *resume])
         return folder
 
     started = time.time()
