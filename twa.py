@@ -385,8 +385,7 @@ class SpanBuilder:
 
     def __init__(self, n, local, bits, device, names, size):
         self.local, self.names, self.n, self.size = local, names, n, size
-        self.basis = Basis(min(n, size), local.stop - local.start, 32 if size < SMALL_BLOCK else bits,
-                           device)
+        self.basis = Basis(min(n, size), local.stop - local.start, bits, device)
         self.coords = torch.zeros(n, n, dtype=torch.float64)  # generator j in the basis so far
         self.kept, self.dropped = [], []
 
@@ -480,9 +479,11 @@ class Subspace:
         wrap = progress or (lambda items, desc: items)
         shard = Sharding(sum(p.numel() for _, p in params), group)
         mean = _mean_of(sources, params, device, wrap, shard)
-        builders = [SpanBuilder(len(sources), shard.local(start, stop), bits, device, block_names,
-                                stop - start)
-                    for start, stop, block_names in parameter_blocks(params, layer_size)]
+        blocks = parameter_blocks(params, layer_size)
+        builders = [SpanBuilder(len(sources), shard.local(start, stop),
+                                32 if len(blocks) > 1 and stop - start < SMALL_BLOCK else bits,
+                                device, block_names, stop - start)
+                    for start, stop, block_names in blocks]
         w = mean.clone()
         for j in wrap(range(len(sources)), "orthonormal basis"):
             if j > 0:
