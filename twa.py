@@ -432,8 +432,14 @@ class Subspace:
         self.spans, self.origin, self.names = spans, origin, names
         self.shard = shard or Sharding(origin.numel())
         self.device = origin.device
-        sizes = [span.rank for span in spans]
+        self._index_spans()
+
+    def _index_spans(self):
+        """Where each span's coordinates sit in c, and the coordinates of the mean (kept, since
+        every training step needs them)."""
+        sizes = [span.rank for span in self.spans]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.origin_coords = self._concat(span.origin_coords for span in self.spans)
 
     @property
     def rank(self):
@@ -443,10 +449,6 @@ class Subspace:
     def mean(self):
         """The uniform average of the checkpoints (the SWA solution; this process's shard of it)."""
         return self.origin
-
-    @property
-    def origin_coords(self):
-        return self._concat(span.origin_coords for span in self.spans)
 
     def _concat(self, pieces):
         return torch.cat([p.reshape(-1) for p in pieces]) if self.spans else torch.zeros(0)
@@ -516,8 +518,7 @@ class Subspace:
             span.to_alpha = span.to_alpha @ directions
             energy = singular.square()
             kept, total = kept + energy[:m].sum().item(), total + energy.sum().item()
-        sizes = [span.rank for span in self.spans]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self._index_spans()
         return kept / max(total, 1e-300)
 
     def start_coordinates(self, start="mean"):

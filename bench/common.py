@@ -1,6 +1,7 @@
 """Shared by the benchmarks: the real CIFAR-10 tree, timing, and table printing."""
 import os
 import statistics
+import subprocess
 import sys
 import tarfile
 import time
@@ -25,6 +26,16 @@ def cifar10_dir(path=None):
         with tarfile.open(ARCHIVE) as archive:
             archive.extractall(path, filter="data")
     return path
+
+
+def run_script(script, flags, commands):
+    """Run one of the project's scripts as a user would (output to its log files), recording the
+    command line in `commands` and printing it with the time."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
+    if " ".join(cmd[1:]) not in commands:
+        commands.append(" ".join(cmd[1:]))
+    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
 def data_args(data_dir, batch_size, loader="memory", workers=None, subset=0):

@@ -18,7 +18,6 @@ commands and the git revision go to results/reproduce[-quick]-seed<k>.json, rewr
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -79,11 +78,7 @@ class Pipeline:
         return flags + (["--train-subset", "10000"] if self.args.quick else [])
 
     def run(self, script, flags):
-        cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
-        if " ".join(cmd[1:]) not in self.commands:
-            self.commands.append(" ".join(cmd[1:]))
-        print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        common.run_script(script, flags, self.commands)
 
     def sgd(self, name, epochs, extra):
         """A train_sgd.py run in <run_dir>/<name>, resumed if it was interrupted."""

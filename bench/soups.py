@@ -15,7 +15,6 @@ Steps whose outputs exist are skipped. Writes results/soups-seed<k>.json and pri
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -54,12 +53,10 @@ def main():
     commands = []
 
     def run(script, flags):
-        cmd = [sys.executable, os.path.join(ROOT, script), "--datasets", "ImageFolder", "--data-dir",
-               data_dir, "--arch", "resnet20", "--device", args.device, "--quiet", "-p", "100", "-b",
-               str(args.batch_size), "--train-subset", str(args.train_subset), *map(str, flags)]
-        commands.append(" ".join(cmd[1:]))
-        print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        common.run_script(script, ["--datasets", "ImageFolder", "--data-dir", data_dir, "--arch",
+                                   "resnet20", "--device", args.device, "--quiet", "-p", 100, "-b",
+                                   args.batch_size, "--train-subset", args.train_subset, *flags],
+                          commands)
 
     def sgd(name, epochs, flags):
         folder = os.path.join(run_dir, name)

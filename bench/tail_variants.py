@@ -10,9 +10,7 @@ outputs exist are skipped. Writes results/tail-variants-seed<k>.json.
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 import common
 
@@ -47,12 +45,9 @@ def main():
     commands = []
 
     def run(script, flags):
-        cmd = [sys.executable, os.path.join(ROOT, script), "--datasets", "ImageFolder", "--data-dir",
-               data_dir, "--arch", "resnet20", "--device", args.device, "--quiet", "-p", "100",
-               "--randomseed", str(args.seed), *map(str, flags)]
-        commands.append(" ".join(cmd[1:]))
-        print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        common.run_script(script, ["--datasets", "ImageFolder", "--data-dir", data_dir, "--arch",
+                                   "resnet20", "--device", args.device, "--quiet", "-p", 100,
+                                   "--randomseed", args.seed, *flags], commands)
 
     e = args.tail_epochs
     if not os.path.exists(os.path.join(tail, f"{e}.pt")):
