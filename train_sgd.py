@@ -27,8 +27,13 @@ def parse_args(argv=None):
     add("--epochs", type=int, default=200, help="training epochs")
     add("--lr", "--learning-rate", type=float, default=0.1, help="initial learning rate")
     add("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-4, help="weight decay")
-    add("--schedule", default="step", choices=("step", "cosine", "constant"),
-        help="learning-rate schedule; step: /10 at 50%% and 75%% of the epochs")
+    add("--schedule", default="step", choices=("step", "cosine", "constant", "swa"),
+        help="learning-rate schedule; step: /10 at 50%% and 75%% of the epochs; swa: --lr for the "
+        "first half of --swa-start epochs, linear decay to --swa-lr by 90%% of it, then --swa-lr")
+    add("--swa-start", type=float, default=None, metavar="S",
+        help="with --schedule swa: the epoch from which the rate is --swa-lr and the checkpoints "
+        "form SWA's tail (the reference: 161 of 300 for VGG16BN, 126 of 225 for PreResNet164)")
+    add("--swa-lr", type=float, default=0.05, help="with --schedule swa: the constant rate of the tail")
     add("--optimizer", default="sgd", choices=("sgd", "SGD"), help="kept for the reference's flags")
     add("--save-every", type=int, default=1, help="checkpoints saved per epoch")
     add("--init", default=None, help="start from the weights in this state_dict file (e.g. to branch "
@@ -37,6 +42,10 @@ def parse_args(argv=None):
     utils.check_common_args(args)
     if args.save_every <= 0:
         raise UsageError(f"--save-every must be positive, not {args.save_every}")
+    if args.schedule == "swa" and not (args.swa_start and 0 < args.swa_start <= args.epochs):
+        raise UsageError(f"--schedule swa needs --swa-start in (0, --epochs], not {args.swa_start}")
+    if not args.swa_lr > 0:
+        raise UsageError(f"--swa-lr must be positive, not {args.swa_lr}")
     return args
 
 

@@ -227,11 +227,13 @@ def step_milestones(epochs):
     return int(epochs * 0.5), int(epochs * 0.75 + 0.9)
 
 
-def lr_at(schedule, base_lr, epoch, epochs, fraction):
+def lr_at(schedule, base_lr, epoch, epochs, fraction, swa_start=None, swa_lr=None):
     """The learning rate in `epoch` at `fraction` (in [0, 1)) of all training steps: a pure function,
-    so that resuming needs only counters. step: per epoch; linear and cosine: per step."""
+    so that resuming needs only counters. step and swa: per epoch; linear and cosine: per step."""
     if schedule == "constant":
         return base_lr
+    if schedule == "swa":
+        return base_lr * swa_factor(epoch / swa_start, swa_lr / base_lr)
     if schedule == "step":
         return base_lr * 0.1 ** sum(epoch >= m for m in step_milestones(epochs))
     if schedule == "cosine":
@@ -239,6 +241,16 @@ def lr_at(schedule, base_lr, epoch, epochs, fraction):
     if schedule == "linear":
         return base_lr * (1 - fraction)
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def swa_factor(t, ratio):
+    """The SWA schedule (Izmailov et al. 2018; the reference's swa/ scripts) at t = epoch / swa_start:
+    the full rate for the first half, a linear decay to `ratio` of it by 90%, then `ratio` for good."""
+    if t <= 0.5:
+        return 1.0
+    if t <= 0.9:
+        return 1.0 - (1.0 - ratio) * (t - 0.5) / 0.4
+    return ratio
 
 
 def set_lr(optimizer, lr):
@@ -401,7 +413,8 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
                 fraction = (epoch * steps + batch) / (args.epochs * steps)
                 warmup = getattr(args, "warmup_epochs", 0) * steps  # steps of linear warm-up
                 scale = min(1.0, (epoch * steps + batch + 1) / warmup) if warmup else 1.0
-                return scale * lr_at(args.schedule, args.lr, epoch, args.epochs, fraction)
+                return scale * lr_at(args.schedule, args.lr, epoch, args.epochs, fraction,
+                                     getattr(args, "swa_start", None), getattr(args, "swa_lr", None))
 
             def after_step(batch, totals):
                 stopping = distributed.any_(bool(stop), ctx)
