@@ -66,6 +66,14 @@ def parse_args(argv=None):
         help="storage of the basis: float32, bfloat16, or 8/4-bit affine quantisation")
     add("--output-dir", default=None, help="folder for twa.pt, coefficients.json and the resume "
         "state (default: --save-dir)")
+    add("--basis", default="orthonormal", choices=("orthonormal", "reference"),
+        help="orthonormal: Gram-Schmidt applied twice to the mean and the deviations from it (exact "
+        "projection); reference: the ICLR code's one pass in float32 over the raw checkpoints, whose "
+        "P^T P g is only a preconditioned projection in the tail (an ablation; one block, 32 bits)")
+    add("--coefficients", default="coordinates", choices=("coordinates", "alpha"),
+        help="what the optimizer trains: the orthonormal coordinates, or (as the journal code) one "
+        "coefficient per checkpoint and block along its unit deviation from the mean, which makes "
+        "AdamW independent of the checkpoints' order")
     add("--tol", type=float, default=1e-5,
         help="a checkpoint within this relative distance of the others' span is left out")
     args = parser.parse_args(argv)
@@ -92,6 +100,10 @@ def check_args(args):
         raise UsageError(f"--train_start {args.train_start} is outside {where}; use -1 for the mean")
     if args.extract == "PCA" and not (args.n_components and 1 <= args.n_components <= len(files)):
         raise UsageError(f"--extract PCA needs --n_components in [1, {len(files)}]")
+    if args.basis == "reference" and (args.layer_size is not None or args.pbits != 32 or
+                                      args.extract != "Schmidt" or args.coefficients != "coordinates"):
+        raise UsageError("--basis reference is the ICLR code's single float32 basis: it takes no "
+                         "--layer-size, --pbits, --extract PCA or --coefficients alpha")
     if args.split and not os.path.isfile(args.split):
         raise UsageError(f"--split {args.split} does not exist")
     for path in files:
@@ -150,9 +162,14 @@ def build_subspace(args, model, ctx):
     try:
         load_checkpoint(model, files[0], args)  # fails fast on another architecture or class count
         started = time.time()
-        space = twa.Subspace.from_checkpoints(model, files, bits=args.pbits, tol=args.tol,
-                                              device=ctx.device, layer_size=args.layer_size,
-                                              progress=utils.progress_bar(not args.quiet and ctx.is_main))
+        progress = utils.progress_bar(not args.quiet and ctx.is_main)
+        if args.basis == "reference":
+            space = twa.Subspace.reference_from_checkpoints(model, files, device=ctx.device,
+                                                            progress=progress)
+        else:
+            space = twa.Subspace.from_checkpoints(model, files, bits=args.pbits, tol=args.tol,
+                                                  device=ctx.device, layer_size=args.layer_size,
+                                                  progress=progress)
     except twa.CheckpointError as err:
         raise UsageError(str(err)) from None
     try:
@@ -160,13 +177,16 @@ def build_subspace(args, model, ctx):
     except ValueError as err:  # fewer independent checkpoints than components
         raise UsageError(f"--n_components: {err}") from None
     report = {"checkpoints": len(files), "rank": space.rank, "blocks": len(space.spans),
-              "seconds": time.time() - started, "orthogonality_error": space.orthogonality_error(),
+              "seconds": time.time() - started, "basis": args.basis, **space.basis_quality(),
               "pbits": args.pbits, "basis_bytes_per_process": space.nbytes(), "processes": ctx.world,
               "columns_per_process": space.shard.size, "explained_variance": explained}
     log.info("subspace: %d checkpoints, %d block(s), rank %d, max|PP^T-I| %.1e, %.1f MB per process "
              "at %d bits (%d processes), %.1f s", len(files), len(space.spans), space.rank,
              report["orthogonality_error"], report["basis_bytes_per_process"] / 1e6, args.pbits,
              ctx.world, report["seconds"])
+    if args.basis == "reference":
+        log.warning("--basis reference: P is not orthonormal (eigenvalues of PP^T in [%.3g, %.3g]), "
+                    "so each step is P^T P g, a preconditioned projection", *report["gram_eigenvalues"])
     return space, report
 
 
@@ -231,12 +251,13 @@ def main(argv=None):
                          "--split FILE from train_sgd.py --val-split")
     inputs = {"checkpoints": checkpoint_files(args), "layer_size": args.layer_size,
               "pbits": args.pbits, "extract": args.extract, "n_components": args.n_components,
-              "val_split": args.val_split, "batch_size": args.batch_size}
+              "val_split": args.val_split, "batch_size": args.batch_size, "basis": args.basis,
+              "coefficients": args.coefficients}
     if resume and resume.get("inputs") != inputs:
         raise UsageError(f"{state_path} was saved for other checkpoints or settings; start without "
                          "--resume or use another --output-dir")
     space, basis_report = build_subspace(args, model, ctx)
-    trainer = twa.TWA(model, space)  # the model now holds the checkpoints' mean: SWA
+    trainer = twa.TWA(model, space, train=args.coefficients)  # the model now holds the checkpoints' mean: SWA
     swa = measure(model, loaders, args, ctx)
     log.info("SWA: test loss %.4f acc %.2f", swa["loss"], swa["accuracy"])
     soups = None
@@ -252,7 +273,7 @@ def main(argv=None):
                             resume["metrics"] if resume else (), enabled=ctx.is_main)
     progress = {"epoch": 0, "batch": 0, "totals": None, "elapsed": 0.0}
     if resume:
-        trainer.move_to(resume["coordinates"])
+        trainer.move_to(resume["trained"])
         model.load_state_dict(resume["buffers"], strict=False)
         optimizer.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"])
@@ -265,7 +286,7 @@ def main(argv=None):
         if not ctx.is_main:
             return
         buffers = {k: v for k, v in model.state_dict().items() if k not in dict(model.named_parameters())}
-        utils.save_torch({"coordinates": trainer.coordinates.detach(), "buffers": buffers,
+        utils.save_torch({"trained": trainer.trained.detach(), "buffers": buffers,
                           "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                           "progress": progress, "metrics": metrics.rows, "args": vars(args),
                           "inputs": inputs}, state_path)
@@ -298,6 +319,7 @@ def write_results(args, model, space, trainer, results):
     utils.save_torch(model.state_dict(), os.path.join(args.output_dir, "twa.pt"))
     utils.save_json({"checkpoints": names, "alpha": alpha[0].tolist() if len(blocks) == 1 else None,
                      "blocks": blocks, "uniform": 1.0 / len(names),
+                     "trained": args.coefficients,
                      "coordinates": trainer.coordinates.detach().cpu().double().tolist()},
                     os.path.join(args.output_dir, "coefficients.json"))
     utils.save_json({**results, "mode": "TWA-v" if args.val_split else "TWA-t", "args": vars(args),

@@ -499,6 +499,48 @@ class Subspace:
         _warn_dropped(builders, names)
         return cls([b.finish() for b in builders], mean, names, shard)
 
+    @classmethod
+    def reference_from_checkpoints(cls, model, checkpoints, device=None, progress=None, group=None):
+        """The ICLR code's basis, kept as an ablation: ONE pass of classical Gram-Schmidt in float32
+        over the raw (not centred) checkpoints. In the tail, where checkpoints are nearly parallel,
+        its rows drift far from orthonormal, and the reference's weight-space update P^T P g is then
+        a preconditioned projection, not the projector onto the span.
+
+        Written as coordinates: w_j = sum_i L_ji p_i (L lower triangular, recorded during the pass)
+        and the weights are mean + P^T (c - mean of L's rows). SGD on c with gradient P g and weight
+        decay on c is then the reference's SGD on w with gradient P^T P g and weight decay on w, step
+        for step (both stay in the row space of P; they differ only by float rounding)."""
+        params = trainable_parameters(model)
+        device = torch.device(device) if device is not None else params[0][1].device
+        sources = list(checkpoints)
+        names = [_describe(s, i) for i, s in enumerate(sources)]
+        wrap = progress or (lambda items, desc: items)
+        dim = sum(p.numel() for _, p in params)
+        shard = Sharding(dim, group)
+        mean = _mean_of(sources, params, device, wrap, shard)
+        basis = Basis(len(sources), shard.size, 32, device)
+        lower = torch.zeros(len(sources), len(sources), dtype=torch.float64)  # L
+        w = torch.empty(shard.size, device=device)
+        for j in wrap(range(len(sources)), "one-pass Gram-Schmidt (reference)"):
+            flatten_checkpoint(load_state_dict(sources[j]), params, names[j], out=w,
+                               columns=(shard.lo, shard.hi))
+            h = shard.sum_(basis.matvec(w))  # float32 products, as the reference computes them
+            basis.rmatvec(h, out=w, accumulate=True, alpha=-1.0)
+            norm = shard.norm(w)
+            lower[j, :basis.rows] = h.cpu()
+            if norm == 0.0:  # an exact copy of earlier checkpoints: the reference divides by zero
+                log.warning("%s adds no new direction; left out of the reference basis", names[j])
+                continue
+            lower[j, basis.rows] = norm
+            basis.append(w.div_(norm))
+        coords = lower[:, :basis.rows]
+        origin_coords = coords.mean(0)
+        # alpha with W^T alpha = P^T c: P = L^+ W on the kept rows, so alpha = 1/n + L^+T (c - origin)
+        to_alpha = torch.linalg.pinv(coords.t())
+        span = Span(basis, shard.local(0, dim), coords, origin_coords, to_alpha, [n for n, _ in params],
+                    dim)
+        return cls([span], mean, names, shard)
+
     def to_principal_components(self, n_components):
         """Keep only the top principal directions of the centred checkpoints (the DLDR subspace), in
         each block: mean + their span. They lie in the span, so this is a rotation of P; nothing is
@@ -555,6 +597,17 @@ class Subspace:
             span.basis.rmatvec(span.basis.matvec(g[span.local]), out=g[span.local])
         return g
 
+    def deviation_directions(self):
+        """Per span: the checkpoints' deviations from the mean in coordinates, as unit rows D (n x k,
+        a zero row for a checkpoint equal to the mean), with their norms (n) = |w_i - mean| in the
+        span's block."""
+        out = []
+        for span in self.spans:
+            deviations = span.checkpoint_coords.to(self.device) - span.origin_coords.to(self.device)
+            norms = torch.linalg.vector_norm(deviations, dim=1)
+            out.append((deviations / norms.clamp_min(1e-300)[:, None], norms))
+        return out
+
     def checkpoint_coefficients(self, c):
         """alpha (blocks x n) with sum_i alpha_bi w_i = the weights at coordinates c in block b."""
         step = c.detach().double().cpu() - self.origin_coords
@@ -562,19 +615,34 @@ class Subspace:
                             for span, piece in zip(self.spans, self._pieces(step))])
 
     def orthogonality_error(self):
-        """max |P P^T - I| over the blocks, computed in float64."""
-        errors = [0.0]
-        for span in self.spans:
-            eye = torch.eye(span.rank, dtype=torch.float64, device=self.device)
-            errors.append((self.shard.sum_(span.basis.gram()) - eye).abs().max().item()
-                          if span.rank else 0.0)
-        return max(errors)
+        """max |P P^T - I| over the blocks, computed in float64 (NaN if the basis holds a NaN)."""
+        return self.basis_quality()["orthogonality_error"]
+
+    def basis_quality(self):
+        """How far P is from orthonormal: max |P P^T - I| and the range of P P^T's eigenvalues over
+        the blocks (both 1 for an orthonormal basis), in float64."""
+        errors, low, high = [0.0], [1.0], [1.0]
+        for span in (span for span in self.spans if span.rank):
+            gram = self.shard.sum_(span.basis.gram())
+            errors.append((gram - torch.eye(span.rank, dtype=torch.float64, device=self.device))
+                          .abs().max().item())
+            eigenvalues = torch.linalg.eigvalsh(gram) if gram.isfinite().all() else gram.new_full(
+                (1,), math.nan)
+            low.append(eigenvalues.min().item())
+            high.append(eigenvalues.max().item())
+        return {"orthogonality_error": _nan_or(max, errors),
+                "gram_eigenvalues": [_nan_or(min, low), _nan_or(max, high)]}
 
     def relative_residual(self, w):
         """||w - (nearest point of the subspace)|| / ||w||: 0 for points of the subspace."""
         local = w[self.shard.lo:self.shard.hi].to(device=self.device, dtype=torch.float32)
         inside = self.weights(self.coordinates(w), torch.empty_like(local))
         return self.shard.norm(local.double() - inside.double()) / max(self.shard.norm(local), 1e-300)
+
+
+def _nan_or(reduce, values):
+    """reduce(values), or NaN when any value is NaN (max and min would silently skip it)."""
+    return math.nan if any(map(math.isnan, values)) else reduce(values)
 
 
 def _warn_dropped(builders, names):
@@ -630,9 +698,18 @@ class TWA:
     Give `parameters()` to any torch optimizer; after each backward pass call `step(optimizer)`.
     With P orthonormal, SGD on c (momentum, weight decay) is exactly the paper's projected SGD on w.
     Under torch.distributed (a sharded subspace) every process computes the same c from the summed
-    shard products and the weights are all-gathered from the shards."""
+    shard products and the weights are all-gathered from the shards.
 
-    def __init__(self, model, space, start="mean"):
+    train="alpha" trains the averaging coefficients instead, as the journal code does: per block,
+    w = mean + sum_i beta_i (w_i - mean) / |w_i - mean|, so c = P mean + D^T beta with D the unit
+    deviations in coordinates, and dL/dbeta = D P g. An adaptive optimizer (AdamW) then scales each
+    checkpoint's own coefficient, which does not depend on the order of the checkpoints, while on c it
+    scales the axes of whichever orthonormal basis Gram-Schmidt happened to produce. Plain SGD differs
+    between the two only by the preconditioner D^T D."""
+
+    def __init__(self, model, space, start="mean", train="coordinates"):
+        if train not in ("coordinates", "alpha"):
+            raise ValueError(f"train must be 'coordinates' or 'alpha', not {train!r}")
         self.space, shard = space, space.shard
         self.params = [p for _, p in trainable_parameters(model)]
         dim = sum(p.numel() for p in self.params)
@@ -644,29 +721,50 @@ class TWA:
         self.local = self.flat_weights[:dim] if shard.world == 1 else \
             torch.zeros(shard.per_rank, dtype=self.flat_weights.dtype, device=space.device)
         self.views = [p.grad for p in self.params]
-        self.coordinates = nn.Parameter(torch.zeros(space.rank, dtype=torch.float64,
-                                                    device=space.device))
+        self.directions = space.deviation_directions() if train == "alpha" else None
+        size = space.rank if train == "coordinates" else len(space.names) * len(space.spans)
+        self.trained = nn.Parameter(torch.zeros(size, dtype=torch.float64, device=space.device))
         self.move_to(start)
 
     def parameters(self):
-        return [self.coordinates]
+        return [self.trained]
+
+    @property
+    def coordinates(self):
+        """The coordinates c of the current weights (the trained tensor itself unless train="alpha")."""
+        if self.directions is None:
+            return self.trained
+        beta = self.trained.detach().view(len(self.space.spans), -1)
+        return self.space.origin_coords.to(beta.device) + torch.cat(
+            [unit.t() @ b for (unit, _), b in zip(self.directions, beta)])
 
     @torch.no_grad()
     def step(self, optimizer):
-        """dL/dc = P g; one optimizer step on c; then the model's weights become origin + P^T c."""
+        """dL/dc = P g; one optimizer step on c (or beta); then the weights become origin + P^T c."""
         self._collect_gradients()
         shard = self.space.shard
-        self.coordinates.grad = self.space.gradient(self.flat_grads[shard.lo:shard.hi]).to(
-            self.coordinates.device)
+        grad = self.space.gradient(self.flat_grads[shard.lo:shard.hi]).to(self.trained.device)
+        if self.directions is not None:  # chain rule through c = P mean + D^T beta
+            grad = torch.cat([unit @ piece for (unit, _), piece in
+                              zip(self.directions, self.space._pieces(grad))])
+        self.trained.grad = grad
         self.flat_grads.zero_()
         optimizer.step()
         self.write_weights()
 
     @torch.no_grad()
     def move_to(self, start):
-        """Jump to the checkpoints' mean ("mean"), checkpoint number `start`, or given coordinates."""
-        c = start if torch.is_tensor(start) else self.space.start_coordinates(start)
-        self.coordinates.copy_(c)
+        """Jump to the checkpoints' mean ("mean"), checkpoint number `start`, or a given value of the
+        trained tensor (coordinates, or beta with train="alpha")."""
+        if torch.is_tensor(start):
+            self.trained.copy_(start)
+        elif self.directions is None:
+            self.trained.copy_(self.space.start_coordinates(start))
+        else:  # beta: zero at the mean; checkpoint j is |w_j - mean| along its own direction
+            self.trained.zero_()
+            if start != "mean":
+                beta = self.trained.view(len(self.space.spans), -1)
+                beta[:, start] = torch.stack([norms[start] for _, norms in self.directions])
         self.write_weights()
 
     @torch.no_grad()
