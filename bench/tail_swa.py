@@ -1,0 +1,149 @@
+"""The paper's tail stage with the reference's structure, at CPU scale, one seed per call.
+
+    python bench/tail_swa.py --seed 1 [--swa-lrs 0.1 0.05] [--epochs 30 --swa-start 16]
+
+1. SGD: ResNet-20 on CIFAR-10 with 10% of the training images held out (for TWA-v), lr 0.1,
+   wd 5e-4, the SWA schedule (--schedule swa: lr 0.1 for the first half of swa_start, linear decay to
+   swa_lr by 90% of it, then swa_lr), 2 checkpoints per epoch.
+2. SWA and TWA over the tail checkpoints (epochs swa_start..E, about 29), TWA from the LAST one as the
+   reference's swa/run_twa.sh does (lr 2, wd 5e-5, step schedule), in the variants of VARIANTS: 2 and
+   4 epochs, the reference's one-pass basis against ours at lr 2 / 1 / 0.5, PCA with 5 components,
+   TWA-v (coefficients trained on the held-out part) with SGD and with AdamW on coordinates or alpha.
+3. For the first swa_lr, HEAD: the same basis ablation on the checkpoints of epochs 0..swa_start-1.
+
+The scripts run as a user runs them, in <out>/tail-swa-seed<k>/. A step whose outputs exist is skipped
+and an interrupted SGD run is resumed. Every number goes to results/tail-swa-seed<k>.json, rewritten
+after every step.
+"""
+import argparse
+import json
+import os
+import sys
+
+import common
+
+ROOT = common.ROOT
+sys.path.insert(0, ROOT)
+import utils  # noqa: E402
+
+PER_EPOCH = 2
+TAIL = {"wd": 5e-5, "schedule": "step"}
+# name: (train_twa flags, which swa_lrs: "all" or "first"); lr and epochs are given per variant
+VARIANTS = {
+    "orth-lr2-e2": (["--lr", 2, "--epochs", 2], "all"),
+    "ref-lr2-e2": (["--lr", 2, "--epochs", 2, "--basis", "reference"], "all"),
+    "orth-lr2-e4": (["--lr", 2, "--epochs", 4], "all"),
+    "v-orth-lr2-e2": (["--lr", 2, "--epochs", 2, "--val-split", 10], "all"),
+    "ref-lr1-e2": (["--lr", 1, "--epochs", 2, "--basis", "reference"], "first"),
+    "orth-lr1-e2": (["--lr", 1, "--epochs", 2], "first"),
+    "ref-lr0.5-e2": (["--lr", 0.5, "--epochs", 2, "--basis", "reference"], "first"),
+    "orth-lr0.5-e2": (["--lr", 0.5, "--epochs", 2], "first"),
+    "pca5-lr2-e2": (["--lr", 2, "--epochs", 2, "--extract", "PCA", "--n_components", 5], "first"),
+    "v-adamw-coordinates": (["--opt", "AdamW", "--lr", 0.01, "--wd", 0, "--schedule", "cosine",
+                             "--epochs", 2, "--val-split", 10], "first"),
+    "v-adamw-alpha": (["--opt", "AdamW", "--lr", 0.01, "--wd", 0, "--schedule", "cosine",
+                       "--epochs", 2, "--val-split", 10, "--coefficients", "alpha"], "first"),
+}
+HEAD = {
+    "head-orth-lr2-e2": ["--lr", 2, "--epochs", 2, "--wd", 1e-5, "--train_start", -1],
+    "head-ref-lr2-e2": ["--lr", 2, "--epochs", 2, "--wd", 1e-5, "--train_start", -1,
+                        "--basis", "reference"],
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=1, help="seed of the whole pipeline")
+    parser.add_argument("--epochs", type=int, default=30, help="SGD epochs E")
+    parser.add_argument("--swa-start", type=int, default=16, help="first epoch of the tail")
+    parser.add_argument("--swa-lrs", type=float, nargs="+", default=[0.1, 0.05],
+                        help="tail learning rates, one SGD run each (the first gets every variant)")
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10 ImageFolder tree (default: "
+                        "extracted from ../shared/data into ~/.cache/twa-data)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "results", "runs"), help="run folders")
+    parser.add_argument("--results", default=os.path.join(ROOT, "results"), help="where the JSON goes")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    args = parser.parse_args()
+    if not 0 < args.swa_start < args.epochs:
+        parser.error("--swa-start must lie in (0, --epochs)")
+    return args
+
+
+class Pipeline:
+    def __init__(self, args):
+        self.args, self.commands = args, []
+        self.data_dir = common.cifar10_dir(args.data_dir)
+        self.run_dir = os.path.join(args.out, f"tail-swa-seed{args.seed}")
+        self.path = os.path.join(args.results, f"tail-swa-seed{args.seed}.json")
+        self.report = {"seed": args.seed, "epochs": args.epochs, "swa_start": args.swa_start,
+                       "checkpoints_per_epoch": PER_EPOCH, "runs": {}, "commands": self.commands,
+                       "git": utils.git_revision(), "complete": False}
+
+    def run(self, script, flags):
+        common.run_script(script, ["--datasets", "ImageFolder", "--data-dir", self.data_dir, "--arch",
+                                   "resnet20", "--device", self.args.device, "--quiet", "-p", 100,
+                                   "--randomseed", self.args.seed, *flags], self.commands)
+
+    def sgd(self, swa_lr):
+        folder = os.path.join(self.run_dir, f"sgd-swalr{swa_lr:g}")
+        if not os.path.exists(os.path.join(folder, f"{PER_EPOCH * self.args.epochs}.pt")):
+            resume = ["--resume"] if os.path.exists(os.path.join(folder, "state.pt")) else []
+            self.run("train_sgd.py", ["--epochs", self.args.epochs, "--lr", 0.1, "--wd", 5e-4,
+                                      "--schedule", "swa", "--swa-start", self.args.swa_start,
+                                      "--swa-lr", swa_lr, "--save-every", PER_EPOCH, "--val-split", 10,
+                                      "--save-dir", folder, "--log-dir", folder, *resume])
+        rows = utils.read_jsonl(os.path.join(folder, "metrics.jsonl"))
+        return folder, [r["test_acc"] for r in rows if r["stage"] == "sgd"]
+
+    def twa(self, checkpoints, name, first, end, flags):
+        folder = os.path.join(self.run_dir, name)
+        results = os.path.join(folder, "twa_results.json")
+        if not os.path.exists(results):
+            self.run("train_twa.py", ["--save-dir", checkpoints, "--output-dir", folder, "--log-dir",
+                                      folder, "--params_start", first, "--params_end", end, *flags])
+        with open(results) as f:
+            out = json.load(f)
+        return {"swa_acc": out["swa"]["accuracy"], "twa_acc": out["twa"]["accuracy"],
+                "held_out_acc": out["twa"].get("held_out", {}).get("accuracy"),
+                "swa_held_out_acc": out["swa"].get("held_out", {}).get("accuracy"),
+                "gram_eigenvalues": out["basis"]["gram_eigenvalues"],
+                "orthogonality_error": out["basis"]["orthogonality_error"],
+                "rank": out["basis"]["rank"], "flags": list(map(str, flags))}
+
+    def save(self):
+        utils.save_json(self.report, self.path)
+
+
+def main():
+    args = parse_args()
+    pipe = Pipeline(args)
+    first, end = PER_EPOCH * args.swa_start, PER_EPOCH * args.epochs + 1
+    head_end = PER_EPOCH * (args.swa_start - 1) + 1  # the checkpoints of epochs 0..swa_start-1
+    for number, swa_lr in enumerate(args.swa_lrs):
+        checkpoints, sgd = pipe.sgd(swa_lr)
+        run = pipe.report["runs"].setdefault(f"swalr{swa_lr:g}", {"swa_lr": swa_lr, "sgd_test_acc": sgd,
+                                                                  "tail": {}, "head": {}})
+        for name, (flags, which) in VARIANTS.items():
+            if which == "all" or number == 0:
+                variant = [*tail_flags(flags), "--train_start", end - 1]
+                run["tail"][name] = pipe.twa(checkpoints, f"swalr{swa_lr:g}-{name}", first, end,
+                                             variant)
+                pipe.save()
+        for name, flags in HEAD.items():
+            if number == 0:
+                run["head"][name] = pipe.twa(checkpoints, f"swalr{swa_lr:g}-{name}", 0, head_end,
+                                             ["--schedule", "step", *flags])
+                pipe.save()
+    pipe.report["complete"] = True
+    pipe.save()
+    print(f"wrote {pipe.path}")
+
+
+def tail_flags(flags):
+    """The reference's tail flags, overridden by a variant's own (argparse keeps the last value)."""
+    return ["--wd", TAIL["wd"], "--schedule", TAIL["schedule"], *flags]
+
+
+if __name__ == "__main__":
+    main()
