@@ -23,6 +23,9 @@ LOADERS = ("memory", "torchvision")
 SMALL_IMAGE = 64  # images up to this size are kept decoded in memory
 PAD = 4           # random-crop padding for small images
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The reference code's CIFAR constants, used for CIFAR-100 too; its checkpoints expect these inputs
+REFERENCE_MEAN, REFERENCE_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+NORMALIZATIONS = ("dataset", "reference")
 EVAL_BATCH = 512
 
 
@@ -240,6 +243,20 @@ def small_image_tensors(args):
     return images, labels, test[0], test[1], train[2]
 
 
+def default_normalization(datasets):
+    """reference for CIFAR-10/100 (so the reference's checkpoints score as they did there), else the
+    training images' own statistics."""
+    return "reference" if datasets in ("CIFAR10", "CIFAR100") else "dataset"
+
+
+def input_normalization(args, train_images):
+    """Per-channel (mean, std) that the small-image loaders subtract and divide by."""
+    choice = getattr(args, "normalize", None) or default_normalization(args.datasets)
+    if choice == "reference":
+        return REFERENCE_MEAN, REFERENCE_STD
+    return channel_stats(train_images)
+
+
 def is_small_image_dataset(args):
     if args.datasets in ("CIFAR10", "CIFAR100"):
         return True
@@ -281,7 +298,7 @@ def build_loaders(args, device, rank=0, world_size=1, split=None):
     if not is_small_image_dataset(args):
         return large_image_loaders(args, device, rank, world_size, split)
     train_x, train_y, test_x, test_y, classes = small_image_tensors(args)
-    mean, std = channel_stats(train_x)
+    mean, std = input_normalization(args, train_x)
     held = split(len(train_y))
     keep = torch.ones(len(train_y), dtype=torch.bool)
     if held is not None:

@@ -311,6 +311,10 @@ def add_common_args(parser):
     add("--loader", default="memory", choices=data.LOADERS, help="memory: small-image datasets decoded once "
         "and augmented per batch on the device; torchvision: the classic DataLoader path (always "
         "used for large images such as ImageNet)")
+    add("--normalize", default=None, choices=data.NORMALIZATIONS,
+        help="input normalisation of small images: the reference code's CIFAR constants (default for "
+        "CIFAR10/100, so its checkpoints load and score as there) or the training images' own "
+        "statistics (default otherwise); both scripts must use the same")
     add("--channels-last", action="store_true", help="channels-last memory format (faster convs on GPU)")
     add("--amp", action="store_true", help="bfloat16 autocast for forward passes")
     add("--compile", action="store_true", help="torch.compile the model")
@@ -335,6 +339,7 @@ def check_common_args(args):
     if args.datasets != "CIFAR10" and args.datasets != "CIFAR100" and not os.path.isdir(args.data_dir):
         raise UsageError(f"--data-dir {args.data_dir} does not exist")
     args.log_dir = args.log_dir or args.save_dir
+    args.normalize = args.normalize or data.default_normalization(args.datasets)
 
 
 def setup_run(args, stage, recorded_split=None, record_split_to=None):
