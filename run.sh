@@ -3,9 +3,12 @@
 #
 #   bash run.sh quick      a few minutes on a CPU: ResNet-20, 10k CIFAR-10 images, 6 SGD epochs
 #   bash run.sh cifar      the paper's CIFAR-100 VGG16BN run: 200 SGD epochs, TWA over 0..100
+#   bash run.sh tail       the paper's tail stage (the reference's swa/ scripts): SWA-schedule training,
+#                          then SWA and TWA over the tail checkpoints, TWA from the last one
 #   bash run.sh imagenet   the paper's ImageNet ResNet-18 run: 90 epochs, TWA over 0..300
 #
-# Environment overrides: DATASET ARCH EPOCHS DATA_DIR DEVICE OUT (output folder), SEED.
+# Environment overrides: DATASET ARCH EPOCHS DATA_DIR DEVICE OUT (output folder), SEED; for tail also
+# SWA_START and SWA_LR (0.05 or 0.10 in the paper).
 # DATA_DIR holding train/ and test/ (or val/) class folders is read as an ImageFolder tree; otherwise
 # CIFAR is downloaded into it.
 set -euo pipefail
@@ -41,6 +44,23 @@ cifar)
         --lr 2 --params_start 0 --params_end $((EPOCHS / 2 + 1)) --train_start -1 --wd 0.00001 \
         --batch-size 128
     ;;
+tail)
+    DATASET=$(dataset_for CIFAR100); ARCH=${ARCH:-VGG16BN}; SWA_LR=${SWA_LR:-0.05}
+    if [ "$ARCH" = PreResNet164 ]; then  # the reference's budgets: 1.5x the usual SWA run
+        EPOCHS=${EPOCHS:-225}; SWA_START=${SWA_START:-126}; WD=3e-4
+    else
+        EPOCHS=${EPOCHS:-300}; SWA_START=${SWA_START:-161}; WD=5e-4
+    fi
+    OUT=${OUT:-results/runs/tail_${ARCH}_${DATASET}_swalr${SWA_LR}}
+    common=(--datasets "$DATASET" --data-dir "${DATA_DIR:-./datasets}" --arch "$ARCH" --device "$DEVICE"
+            --randomseed "$SEED" --save-dir "$OUT/checkpoints" --log-dir "$OUT")
+    python train_sgd.py "${common[@]}" --epochs "$EPOCHS" --lr 0.1 --wd "$WD" -p 100 \
+        --schedule swa --swa-start "$SWA_START" --swa-lr "$SWA_LR"
+    # SWA and TWA over checkpoints SWA_START..EPOCHS (one per epoch), TWA from the last one
+    python train_twa.py "${common[@]}" --epochs 10 --opt SGD --extract Schmidt --schedule step \
+        --lr 2 --wd 0.00005 --params_start "$SWA_START" --params_end $((EPOCHS + 1)) \
+        --train_start "$EPOCHS" --batch-size 128
+    ;;
 imagenet)
     DATASET=${DATASET:-ImageNet}; ARCH=${ARCH:-resnet18}; EPOCHS=${EPOCHS:-90}
     OUT=${OUT:-results/runs/${ARCH}_${DATASET}}
@@ -53,5 +73,5 @@ imagenet)
         --lr 0.3 --params_start 0 --params_end 301 --train_start -1 --wd 0.00001 -b 256
     ;;
 *)
-    echo "usage: bash run.sh [quick|cifar|imagenet]" >&2; exit 2 ;;
+    echo "usage: bash run.sh [quick|cifar|tail|imagenet]" >&2; exit 2 ;;
 esac
