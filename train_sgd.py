@@ -8,10 +8,12 @@ where train_twa.py finds them.
 """
 import argparse
 import os
+import time
 
 import torch
 
 import distributed
+import train_twa
 import twa
 import utils
 from utils import UsageError, log
@@ -35,18 +37,66 @@ def parse_args(argv=None):
         "form SWA's tail (the reference: 161 of 300 for VGG16BN, 126 of 225 for PreResNet164)")
     add("--swa-lr", type=float, default=0.05, help="with --schedule swa: the constant rate of the tail")
     add("--optimizer", default="sgd", choices=("sgd", "SGD"), help="kept for the reference's flags")
-    add("--save-every", type=int, default=1, help="checkpoints saved per epoch")
+    add("--save-every", type=int, default=None, help="checkpoint files saved per epoch (default 1; "
+        "with --twa-at 0: none)")
     add("--init", default=None, help="start from the weights in this state_dict file (e.g. to branch "
         "a run at one of its checkpoints) instead of a fresh initialisation")
+    online = parser.add_argument_group("TWA in the same run (no checkpoint files needed)")
+    add = online.add_argument
+    add("--twa-at", type=int, default=None, metavar="E", help="stop SGD after E epochs (of the "
+        "--epochs schedule), then run SWA and TWA over the weights recorded so far, kept in memory")
+    add("--record-every", type=int, default=1, metavar="K",
+        help="with --twa-at: weights recorded per epoch (plus the initial ones)")
+    add("--twa-epochs", type=int, default=2, help="with --twa-at: TWA epochs")
+    add("--twa-lr", type=float, default=None, help="with --twa-at: TWA learning rate (default: 2 "
+        "for SGD, 0.01 for AdamW)")
+    add("--twa-wd", type=float, default=1e-5, help="with --twa-at: TWA weight decay")
+    add("--twa-schedule", default="step", choices=("step", "constant", "linear", "cosine"),
+        help="with --twa-at: TWA learning-rate schedule")
+    add("--twa-opt", default="SGD", choices=("SGD", "AdamW"), help="with --twa-at: TWA optimizer")
+    add("--coefficients", default="coordinates", choices=("coordinates", "alpha"),
+        help="with --twa-at: what TWA trains (see train_twa.py --help)")
+    add("--pbits", type=int, default=32, choices=(32, 16, 8, 4),
+        help="with --twa-at: storage of the recorded basis")
+    add("--layer-size", type=int, default=None, metavar="S",
+        help="with --twa-at: layer-wise TWA (see train_twa.py --help)")
+    add("--tol", type=float, default=1e-5,
+        help="with --twa-at: recorded weights within this relative distance of the span are left out")
     args = parser.parse_args(argv)
     utils.check_common_args(args)
-    if args.save_every <= 0:
+    check_online_args(args)
+    if args.save_every is None:
+        args.save_every = 0 if args.twa_at else 1
+    if args.save_every < 0 or (args.save_every == 0 and not args.twa_at):
         raise UsageError(f"--save-every must be positive, not {args.save_every}")
     if args.schedule == "swa" and not (args.swa_start and 0 < args.swa_start <= args.epochs):
         raise UsageError(f"--schedule swa needs --swa-start in (0, --epochs], not {args.swa_start}")
     if not args.swa_lr > 0:
         raise UsageError(f"--swa-lr must be positive, not {args.swa_lr}")
     return args
+
+
+def check_online_args(args):
+    if args.twa_at is None:
+        return
+    if not 0 < args.twa_at <= args.epochs:
+        raise UsageError(f"--twa-at must lie in [1, --epochs], not {args.twa_at}")
+    for name in ("record_every", "twa_epochs"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    if args.layer_size is not None and args.layer_size < 0:
+        raise UsageError(f"--layer-size must be non-negative, not {args.layer_size}")
+    args.twa_lr = args.twa_lr if args.twa_lr is not None else {"SGD": 2.0, "AdamW": 0.01}[args.twa_opt]
+    if not args.twa_lr > 0 or not args.twa_wd >= 0:
+        raise UsageError("--twa-lr must be positive and --twa-wd non-negative")
+
+
+def twa_settings(args):
+    """The flags of the TWA stage as train_twa.py would have them."""
+    return argparse.Namespace(**{**vars(args), "epochs": args.twa_epochs, "lr": args.twa_lr,
+                                 "weight_decay": args.twa_wd, "schedule": args.twa_schedule,
+                                 "opt": args.twa_opt, "warmup_epochs": 0.0, "checkpoints": None,
+                                 "output_dir": args.save_dir, "train_start": -1})
 
 
 def save_points(batches, per_epoch):
@@ -67,7 +117,8 @@ def main(argv=None):
     args = parse_args(argv)
     state_path = os.path.join(args.save_dir, STATE)
     resume = utils.load_torch(state_path) if args.resume else None
-    if not args.resume and os.path.exists(os.path.join(args.save_dir, "0.pt")):
+    if not args.resume and any(os.path.exists(os.path.join(args.save_dir, name))
+                               for name in ("0.pt", STATE)):
         raise UsageError(f"{args.save_dir} already holds checkpoints; use --resume or another --save-dir")
     split = os.path.join(args.save_dir, utils.SPLIT_FILE)  # --val-split's held-out part, for train_twa
     ctx, loaders, model = utils.setup_run(args, "sgd", split if args.resume and os.path.exists(split)
@@ -75,6 +126,7 @@ def main(argv=None):
     train_loader, test_loader = loaders.train, loaders.test
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
+    recorder = make_recorder(args, model, ctx)
     metrics = utils.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "sgd",
                             resume["metrics"] if resume else (), enabled=ctx.is_main)
     progress = {"epoch": 0, "batch": 0, "checkpoint": 0, "totals": None, "elapsed": 0.0}
@@ -83,13 +135,16 @@ def main(argv=None):
         optimizer.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"])
         progress = resume["progress"]
+        restore_recorder(recorder, resume, state_path)
         log.info("resumed at epoch %d, batch %d, checkpoint %d", progress["epoch"], progress["batch"],
                  progress["checkpoint"])
     else:
         if args.init:
             load_weights(model, args.init)
-        if ctx.is_main:
+        if ctx.is_main and args.save_every:
             utils.save_torch(model.state_dict(), os.path.join(args.save_dir, "0.pt"))
+        if recorder:
+            recorder.add(model)
     forward = distributed.wrap(model, ctx)
     forward = torch.compile(forward) if args.compile else forward
 
@@ -97,11 +152,17 @@ def main(argv=None):
         if ctx.is_main:
             utils.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "rng": torch.get_rng_state(), "progress": progress,
-                              "metrics": metrics.rows, "args": vars(args)}, state_path)
+                              "metrics": metrics.rows, "args": vars(args),
+                              "recorder": recorder.state_dict() if recorder else None}, state_path)
 
     points = save_points(len(train_loader), args.save_every)
+    recording = save_points(len(train_loader), args.record_every) if recorder else set()
 
-    def save_checkpoint(batch):
+    def on_step(batch):
+        """Record the weights and save a checkpoint file where asked; True when a file was saved
+        (the resume state must then be saved too, to keep the numbering)."""
+        if batch in recording:
+            recorder.add(model)
         if batch not in points:
             return False
         progress["checkpoint"] += 1
@@ -116,9 +177,59 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
 
     utils.run_epochs(args, ctx, model, forward, (train_loader, test_loader), update, progress,
-                     metrics, save_state, on_step=save_checkpoint)
-    log.info("done: %d checkpoints in %s", progress["checkpoint"] + 1, args.save_dir)
+                     metrics, save_state, on_step=on_step, until=args.twa_at)
+    if args.save_every:
+        log.info("done: %d checkpoints in %s", progress["checkpoint"] + 1, args.save_dir)
+    if recorder:
+        train_recorded_subspace(args, ctx, loaders, model, recorder)
     distributed.shutdown(ctx)
+
+
+def make_recorder(args, model, ctx):
+    """With --twa-at: the recorder of 1 + K x E weights (initial, then K per epoch), else None."""
+    if not args.twa_at:
+        return None
+    return twa.SubspaceRecorder(model, 1 + args.record_every * args.twa_at, bits=args.pbits,
+                                tol=args.tol, layer_size=args.layer_size, device=ctx.device)
+
+
+def restore_recorder(recorder, resume, state_path):
+    if recorder is None:
+        return
+    if recorder.shard.world > 1:
+        raise UsageError("--resume of --twa-at under torchrun is not supported: each process holds "
+                         "its own shard of the recorded basis; use --save-every k and train_twa.py")
+    if not resume.get("recorder"):
+        raise UsageError(f"{state_path} holds no recorded weights: it was saved without --twa-at")
+    try:
+        recorder.load_state_dict(resume["recorder"])
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise UsageError(f"{state_path}: the recorded weights do not fit these flags ({err})") from None
+
+
+def train_recorded_subspace(args, ctx, loaders, model, recorder):
+    """SWA and TWA over the recorded weights, as train_twa.py does over files; resumable through
+    <save-dir>/twa_state.pt."""
+    settings = twa_settings(args)
+    utils.seed_everything(args.randomseed, args.deterministic)  # draw what train_twa.py would draw
+    started = time.time()
+    space = recorder.subspace()
+    report = {"basis": {"checkpoints": len(space.names), "rank": space.rank,
+                        "blocks": len(space.spans), "recorded_online": True,
+                        "seconds": time.time() - started, **space.basis_quality(),
+                        "pbits": args.pbits, "basis_bytes_per_process": space.nbytes(),
+                        "processes": ctx.world}}
+    log.info("subspace of %d recorded weights: rank %d, max|PP^T-I| %.1e, %.1f MB", len(space.names),
+             space.rank, report["basis"]["orthogonality_error"], space.nbytes() / 1e6)
+    state_path = os.path.join(args.save_dir, train_twa.STATE)
+    inputs = {"recorded": list(space.names), "pbits": args.pbits, "layer_size": args.layer_size,
+              "coefficients": args.coefficients, "val_split": args.val_split,
+              "batch_size": args.batch_size}
+    resume = utils.load_torch(state_path) if args.resume and os.path.exists(state_path) else None
+    if resume and resume.get("inputs") != inputs:
+        raise UsageError(f"{state_path} was saved for other settings; start without --resume")
+    train_twa.train_in_subspace(settings, ctx, loaders, model, space, report, state_path, inputs,
+                                resume)
 
 
 if __name__ == "__main__":

@@ -257,17 +257,34 @@ def main(argv=None):
         raise UsageError(f"{state_path} was saved for other checkpoints or settings; start without "
                          "--resume or use another --output-dir")
     space, basis_report = build_subspace(args, model, ctx)
-    trainer = twa.TWA(model, space, train=args.coefficients)  # the model now holds the checkpoints' mean: SWA
-    swa = measure(model, loaders, args, ctx)
-    log.info("SWA: test loss %.4f acc %.2f", swa["loss"], swa["accuracy"])
-    soups = None
-    if args.checkpoints:
+
+    def soups_beside(swa):  # soup mode's baselines, then the model is back at the SWA point
         swa_state = {k: v.clone() for k, v in model.state_dict().items()}
         soups = compare_soups(args, model, loaders, ctx, swa)
-        model.load_state_dict(swa_state)  # copied into the trainer's flat views: SWA again
-    if args.train_start >= 0:
-        load_checkpoint(model, checkpoint_path(args, args.train_start), args)
+        model.load_state_dict(swa_state)  # copied into the trainer's flat views
+        return soups
+
+    def start_at_checkpoint(trainer):
+        load_checkpoint(model, checkpoint_path(args, args.train_start), args)  # and its buffers
         trainer.move_to(checkpoint_indices(args).index(args.train_start))
+
+    train_in_subspace(args, ctx, loaders, model, space, {"basis": basis_report}, state_path, inputs,
+                      resume, soups_beside if args.checkpoints else None,
+                      start_at_checkpoint if args.train_start >= 0 else None)
+    distributed.shutdown(ctx)
+
+
+def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inputs, resume=None,
+                      soups_beside=None, start=None):
+    """SWA (the mean, BatchNorm recomputed), then TWA for args.epochs from the mean or start(trainer),
+    resumable through state_path; writes twa.pt, coefficients.json and twa_results.json."""
+    trainer = twa.TWA(model, space, train=args.coefficients)  # the model now holds the mean: SWA
+    loaders.train.set_epoch(0)  # the same crops for SWA's BatchNorm pass, after SGD in this process too
+    swa = measure(model, loaders, args, ctx)
+    log.info("SWA: test loss %.4f acc %.2f", swa["loss"], swa["accuracy"])
+    soups = soups_beside(swa) if soups_beside else None
+    if start:
+        start(trainer)
     optimizer = make_optimizer(args, trainer.parameters())
     metrics = utils.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "twa",
                             resume["metrics"] if resume else (), enabled=ctx.is_main)
@@ -302,13 +319,14 @@ def main(argv=None):
     train_started = time.time()
     utils.run_epochs(args, ctx, model, forward, (coefficient_data, loaders.test), update, progress,
                      metrics, save_state)
+    # the final BatchNorm pass sees one fixed epoch's crops, also when a resumed run has no epoch left
+    loaders.train.set_epoch(args.epochs)
     final = measure(model, loaders, args, ctx)
     log.info("TWA after BN update: test loss %.4f acc %.2f (SWA %.2f)", final["loss"],
              final["accuracy"], swa["accuracy"])
     if ctx.is_main:
-        write_results(args, model, space, trainer, {"swa": swa, "twa": final, "soup": soups,
-                      "basis": basis_report, "train_seconds": time.time() - train_started})
-    distributed.shutdown(ctx)
+        write_results(args, model, space, trainer, {"swa": swa, "twa": final, "soup": soups, **report,
+                      "train_seconds": time.time() - train_started})
 
 
 def write_results(args, model, space, trainer, results):

@@ -203,9 +203,22 @@ class Basis:
             self.scale = torch.zeros(capacity, padded // QUANT_GROUP, device=device)
             self.low = torch.zeros(capacity, padded // QUANT_GROUP, device=device)
 
+    def _tensors(self):
+        return {"data": self.data} if self.bits >= 16 else \
+            {"data": self.data, "scale": self.scale, "low": self.low}
+
     def nbytes(self):
-        tensors = [self.data] if self.bits >= 16 else [self.data, self.scale, self.low]
-        return sum(t.nbytes for t in tensors)
+        return sum(t.nbytes for t in self._tensors().values())
+
+    def state_dict(self):
+        return {"rows": self.rows, "bits": self.bits, **self._tensors()}
+
+    def load_state_dict(self, state):
+        if state["bits"] != self.bits:
+            raise ValueError(f"the stored basis has {state['bits']} bits, not {self.bits}")
+        for name, tensor in self._tensors().items():
+            tensor.copy_(state[name])
+        self.rows = state["rows"]
 
     def blocks(self):
         return [(start, min(start + BLOCK, self.dim)) for start in range(0, self.dim, BLOCK)]
@@ -379,6 +392,14 @@ class Span:
         return self.basis.rows
 
 
+def span_builders(blocks, n, shard, bits, device):
+    """One SpanBuilder per block of up to n generators; small blocks of several stay in float32."""
+    return [SpanBuilder(n, shard.local(start, stop),
+                        32 if len(blocks) > 1 and stop - start < SMALL_BLOCK else bits,
+                        device, names, stop - start)
+            for start, stop, names in blocks]
+
+
 class SpanBuilder:
     """Gram-Schmidt over the generators {mean, w_1 - mean, ..., w_{n-1} - mean} of one block, fed one
     generator at a time (the last deviation is minus the sum of the others, so it adds nothing)."""
@@ -403,20 +424,35 @@ class SpanBuilder:
         self.basis.append(w.div_(residual))
         self.kept.append(j)
 
-    def finish(self):
+    def finish(self, gen, checkpoint_coords, origin_coords):
+        """The Span, given gen (n x n: generator j as coefficients of the checkpoints) and the
+        coordinates P w_i of the checkpoints (n x k) and of the origin (k)."""
+        k = self.basis.rows
+        # Kept generators = R P with R lower triangular, so P = R^-1 gen W and
+        # P^T x = W^T gen^T R^-T x: a step x in coordinates is a step gen^T R^-T x in alpha.
+        r_inv_t = torch.linalg.solve_triangular(self.coords[self.kept][:, :k].t(),
+                                                torch.eye(k, dtype=torch.float64), upper=True)
+        to_alpha = gen[self.kept].t() @ r_inv_t
+        return Span(self.basis, self.local, checkpoint_coords, origin_coords, to_alpha,
+                    self.names, self.size)
+
+    def finish_centred(self):
+        """For the generators {mean, w_1 - mean, ..., w_{n-1} - mean} (Subspace.from_checkpoints)."""
         n, k = self.n, self.basis.rows
-        # gen[j]: generator j as coefficients of the checkpoints
         gen = torch.eye(n, dtype=torch.float64) - 1.0 / n
         gen = torch.cat((torch.full((1, n), 1.0 / n, dtype=torch.float64), gen[:-1]))
         coords = self.coords[:, :k]
         deviations = torch.cat((coords[1:], -coords[1:].sum(0, keepdim=True)))  # P (w_i - mean)
-        # Kept generators = R P with R lower triangular, so P = R^-1 gen W and
-        # P^T x = W^T gen^T R^-T x: a step x in coordinates is a step gen^T R^-T x in alpha.
-        r_inv_t = torch.linalg.solve_triangular(coords[self.kept].t(),
-                                                torch.eye(k, dtype=torch.float64), upper=True)
-        to_alpha = gen[self.kept].t() @ r_inv_t
-        return Span(self.basis, self.local, coords[0] + deviations, coords[0].clone(), to_alpha,
-                    self.names, self.size)
+        return self.finish(gen, coords[0] + deviations, coords[0].clone())
+
+    def finish_anchored(self, n):
+        """For the generators {w_1, w_2 - w_1, ..., w_n - w_1} (SubspaceRecorder)."""
+        gen = torch.eye(n, dtype=torch.float64)
+        gen[1:, 0] = -1.0
+        coords = self.coords[:n, :self.basis.rows]
+        checkpoint_coords = coords.clone()
+        checkpoint_coords[1:] += coords[0]
+        return self.finish(gen, checkpoint_coords, checkpoint_coords.mean(0))
 
 
 class Subspace:
@@ -481,11 +517,8 @@ class Subspace:
         wrap = progress or (lambda items, desc: items)
         shard = Sharding(sum(p.numel() for _, p in params), group)
         mean = _mean_of(sources, params, device, wrap, shard)
-        blocks = parameter_blocks(params, layer_size)
-        builders = [SpanBuilder(len(sources), shard.local(start, stop),
-                                32 if len(blocks) > 1 and stop - start < SMALL_BLOCK else bits,
-                                device, block_names, stop - start)
-                    for start, stop, block_names in blocks]
+        builders = span_builders(parameter_blocks(params, layer_size), len(sources), shard, bits,
+                                 device)
         w = mean.clone()
         for j in wrap(range(len(sources)), "orthonormal basis"):
             if j > 0:
@@ -496,8 +529,9 @@ class Subspace:
                 w -= mean
             for builder, norm in zip(builders, norms):
                 builder.add(j, w[builder.local], norm, shard, tol)
-        _warn_dropped(builders, names)
-        return cls([b.finish() for b in builders], mean, names, shard)
+        _warn_dropped(builders, lambda j: names[j - 1] if j else "the mean of the checkpoints",
+                      len(sources))
+        return cls([b.finish_centred() for b in builders], mean, names, shard)
 
     @classmethod
     def reference_from_checkpoints(cls, model, checkpoints, device=None, progress=None, group=None):
@@ -645,19 +679,18 @@ def _nan_or(reduce, values):
     return math.nan if any(map(math.isnan, values)) else reduce(values)
 
 
-def _warn_dropped(builders, names):
-    def what(j):
-        return names[j - 1] if j else "the mean of the checkpoints"
+def _warn_dropped(builders, describe, n):
+    """describe(j): what generator j is, for the log; n: generators per block."""
     if len(builders) == 1:
         for j, relative in builders[0].dropped:
             log.warning("%s adds no new direction (relative residual %.1e); left out of the basis",
-                        what(j), relative)
+                        describe(j), relative)
         return
     hit = [b for b in builders if b.dropped]
     if hit:
         log.warning("%d of %d block directions add nothing new and are left out of the basis (the "
                     "first: %s in the block of %s)", sum(len(b.dropped) for b in hit),
-                    len(builders) * len(names), what(hit[0].dropped[0][0]), hit[0].names[0])
+                    len(builders) * n, describe(hit[0].dropped[0][0]), hit[0].names[0])
 
 
 def _mean_of(sources, params, device, wrap, shard):
@@ -668,6 +701,81 @@ def _mean_of(sources, params, device, wrap, shard):
         total += flatten_checkpoint(load_state_dict(source), params, _describe(source, i), out=w,
                                     columns=(shard.lo, shard.hi))
     return total.div_(len(sources)).float()
+
+
+class SubspaceRecorder:
+    """Builds the subspace while SGD trains, with no checkpoint files: call add(model) at each point
+    where a checkpoint would be saved, then subspace() gives what Subspace.from_checkpoints would
+    give for those checkpoints: the same span, mean, alpha bookkeeping, blocks and column shards.
+
+    The files route orthogonalises {mean, w_1 - mean, ...}, but online the mean is known only at the
+    end. So the generators here are {w_1, w_2 - w_1, ..., w_n - w_1}: the same linear span, anchored
+    at the first recorded weights, so that a 16/8/4-bit basis rounds deviations from w_1 (as the
+    files route rounds deviations from the mean) rather than whole weight vectors. Nothing is
+    re-orthogonalised at the end: the basis is a rotation of the files' basis, and the exact mean,
+    from a float64 running sum, becomes the origin (weights = origin + P^T (c - P origin), with P
+    origin the average of the checkpoints' coordinates). The cost over the files route: the anchor w_1
+    in float32 and the float64 sum (3 D-sized vectors more), no extra pass. SGD on the coordinates
+    does not see the rotation, so it trains exactly as over the files; AdamW does (use
+    train="alpha" in TWA for an order- and rotation-free optimizer)."""
+
+    def __init__(self, model, capacity, bits=32, tol=1e-5, layer_size=None, device=None, group=None):
+        self.params = trainable_parameters(model)
+        device = torch.device(device) if device is not None else self.params[0][1].device
+        self.shard = Sharding(sum(p.numel() for _, p in self.params), group)
+        self.capacity, self.tol, self.names = capacity, tol, []
+        self.builders = span_builders(parameter_blocks(self.params, layer_size), capacity,
+                                      self.shard, bits, device)
+        self.total = torch.zeros(self.shard.size, dtype=torch.float64, device=device)
+        self.anchor = torch.zeros(self.shard.size, device=device)
+        self.work = torch.empty(self.shard.size, device=device)
+
+    @torch.no_grad()
+    def add(self, model=None, name=None):
+        """Stream the model's current trainable weights into the basis (the model given at
+        construction when None). Raises ValueError for non-finite weights, before changing anything."""
+        j = len(self.names)
+        if j == self.capacity:
+            raise ValueError(f"the recorder is full: capacity {self.capacity}")
+        params = self.params if model is None else trainable_parameters(model)
+        w = flatten_checkpoint(dict(params), self.params, "the model", out=self.work,
+                               columns=(self.shard.lo, self.shard.hi))
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"non-finite weights at recorded checkpoint {j}")
+        self.total += w
+        norms = [self.shard.norm(w[b.local]) for b in self.builders]
+        if j == 0:
+            self.anchor.copy_(w)
+        else:
+            w -= self.anchor
+        for builder, norm in zip(self.builders, norms):
+            builder.add(j, w[builder.local], norm, self.shard, self.tol)
+        self.names.append(name or f"recorded #{j}")
+
+    def subspace(self):
+        n = len(self.names)
+        if n == 0:
+            raise ValueError("no checkpoint recorded")
+        _warn_dropped(self.builders, lambda j: self.names[j], n)
+        return Subspace([b.finish_anchored(n) for b in self.builders], (self.total / n).float(),
+                        list(self.names), self.shard)
+
+    def state_dict(self):
+        """Everything add() has accumulated (for a resume state; about the basis' size)."""
+        return {"names": list(self.names), "total": self.total, "anchor": self.anchor,
+                "builders": [{"coords": b.coords, "kept": list(b.kept), "dropped": list(b.dropped),
+                              **b.basis.state_dict()} for b in self.builders]}
+
+    def load_state_dict(self, state):
+        if len(state["builders"]) != len(self.builders):
+            raise ValueError("the recorded state has another block layout")
+        self.names = list(state["names"])
+        self.total.copy_(state["total"])
+        self.anchor.copy_(state["anchor"])
+        for builder, saved in zip(self.builders, state["builders"]):
+            builder.coords.copy_(saved["coords"])
+            builder.kept, builder.dropped = list(saved["kept"]), [tuple(d) for d in saved["dropped"]]
+            builder.basis.load_state_dict(saved)
 
 
 # ---------------------------------------------------------------------------------------------------

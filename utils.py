@@ -399,16 +399,18 @@ def resolve_split(args, n, recorded):
 
 
 def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, save_state,
-               on_step=lambda batch: False):
-    """Train epochs progress["epoch"] .. args.epochs - 1 and evaluate after each. update(lr) applies
+               on_step=lambda batch: False, until=None):
+    """Train epochs progress["epoch"] .. args.epochs - 1 (or until - 1: the schedule still spans
+    args.epochs) and evaluate after each. update(lr) applies
     one optimizer step; on_step(batch) may save a checkpoint and says whether the resume state must
     be saved as well. SIGINT/SIGTERM (on any rank) save the state at the next step and exit with
     code 143."""
     train_loader, test_loader = loaders
     steps = len(train_loader)
     bar = progress_bar(not args.quiet and ctx.is_main)
-    epochs = bar(range(progress["epoch"], args.epochs), desc=metrics.stage, initial=progress["epoch"],
-                 total=args.epochs)
+    last = until or args.epochs
+    epochs = bar(range(progress["epoch"], last), desc=metrics.stage, initial=progress["epoch"],
+                 total=last)
     with StopRequest() as stop:
         for epoch in epochs:
             started, spent_before = time.time(), progress["elapsed"]
