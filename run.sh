@@ -2,6 +2,8 @@
 # TWA pipelines: regular SGD training that saves checkpoints, then TWA over them.
 #
 #   bash run.sh quick      a few minutes on a CPU: ResNet-20, 10k CIFAR-10 images, 6 SGD epochs
+#   bash run.sh quick-online   the same TWA in one command: SGD stops at epoch 3, its weights recorded
+#                          in memory (no checkpoint files), then SWA and TWA in the same process
 #   bash run.sh cifar      the paper's CIFAR-100 VGG16BN run: 200 SGD epochs, TWA over 0..100
 #   bash run.sh tail       the paper's tail stage (the reference's swa/ scripts): SWA-schedule training,
 #                          then SWA and TWA over the tail checkpoints, TWA from the last one
@@ -33,6 +35,14 @@ quick)
     # TWA over the first half of the checkpoints (0.pt .. EPOCHS.pt at 2 per epoch), 2 epochs
     python train_twa.py "${common[@]}" --epochs 2 --lr 0.5 --wd 1e-5 --schedule step \
         --params_start 0 --params_end $((EPOCHS + 1)) --train_start -1
+    ;;
+quick-online)
+    DATASET=$(dataset_for CIFAR10); ARCH=${ARCH:-resnet20}; EPOCHS=${EPOCHS:-6}
+    OUT=${OUT:-results/runs/quick_online_${ARCH}_${DATASET}}
+    python train_sgd.py --datasets "$DATASET" --data-dir "${DATA_DIR:-./datasets}" --arch "$ARCH" \
+        --device "$DEVICE" --randomseed "$SEED" --train-subset 10000 --save-dir "$OUT" \
+        --epochs "$EPOCHS" --lr 0.1 --wd 5e-4 --twa-at $((EPOCHS / 2)) --record-every 2 \
+        --twa-epochs 2 --twa-lr 0.5 --twa-wd 1e-5 --twa-schedule step
     ;;
 cifar)
     DATASET=$(dataset_for CIFAR100); ARCH=${ARCH:-VGG16BN}; EPOCHS=${EPOCHS:-200}
@@ -73,5 +83,5 @@ imagenet)
         --lr 0.3 --params_start 0 --params_end 301 --train_start -1 --wd 0.00001 -b 256
     ;;
 *)
-    echo "usage: bash run.sh [quick|cifar|tail|imagenet]" >&2; exit 2 ;;
+    echo "usage: bash run.sh [quick|quick-online|cifar|tail|imagenet]" >&2; exit 2 ;;
 esac
