@@ -299,6 +299,8 @@ def add_common_args(parser):
     add("--split-seed", type=int, default=0, help="seed of the --val-split hold-out")
     add("-b", "--batch-size", type=int, default=128, help="global mini-batch size")
     add("--momentum", type=float, default=0.9, help="SGD momentum")
+    add("--label-smoothing", type=float, default=0.0, help="label smoothing of the training loss "
+        "(evaluation always uses plain cross-entropy)")
     add("--randomseed", type=int, default=1, help="seed for initialisation, data order and augmentation")
     add("--save-dir", default="save_temp", help="folder of the checkpoints 0.pt, 1.pt, ...")
     add("--log-dir", default=None, help="folder for the log, metrics.jsonl, args and results "
@@ -327,6 +329,8 @@ def check_common_args(args):
     if args.datasets not in data.DATASETS:
         raise UsageError(f"unknown --datasets {args.datasets!r}; choose one of: "
                          f"{', '.join(data.DATASETS)}")
+    if not 0 <= args.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must lie in [0, 1), not {args.label_smoothing}")
     if not 0 <= args.val_split < 100:
         raise UsageError(f"--val-split is a percentage in [0, 100), not {args.val_split}")
     if args.train_subset < 0:
@@ -471,7 +475,7 @@ def train_epoch(model, forward, loader, epoch, lr_for_batch, update, args, ctx, 
         lr = lr_for_batch(batch)
         with autocast(device, args.amp):
             logits = forward(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
         loss.backward()
         update(lr)
         sums[0] += loss.detach() * len(labels)

@@ -2,6 +2,7 @@
 the best single model, the uniform soup, the greedy soup, TWA-t and TWA-v (journal version, soup mode).
 
     python bench/soups.py [--seed 1] [--data-dir DIR] [--base-epochs 10] [--finetune-epochs 2]
+    python bench/soups.py --diverse --base MODEL.pt --split split.json   (see --diverse)
 
 1. Base: train_sgd.py with --val-split 10 (10% of the training images held out, recorded in split.json).
 2. Fine-tunes: train_sgd.py --init <base> with the same split, one per (lr, seed) of FINETUNES.
@@ -9,6 +10,10 @@ the best single model, the uniform soup, the greedy soup, TWA-t and TWA-v (journ
    training part (TWA-t), once on the held-out part (TWA-v, --val-split 10), and once more on the
    held-out part with one coefficient per model and parameter tensor (--layer-size 0). Each run also
    reports the best single model, the uniform soup and the greedy soup (ranked on the held-out part).
+
+--diverse instead fine-tunes an existing model (--base, trained with the held-out part of --split
+left out) into DIVERSE: 2 epochs at lr 0.05-0.2, with and without label smoothing; then compares
+TWA-v training the coordinates against TWA-v training alpha (--coefficients alpha), both with AdamW.
 
 Steps whose outputs exist are skipped. Writes results/soups-seed<k>.json and prints the table.
 """
@@ -26,6 +31,7 @@ import utils  # noqa: E402
 
 VAL_SPLIT = 10
 FINETUNES = [(0.01, 1), (0.02, 2), (0.02, 3), (0.05, 4), (0.05, 5), (0.1, 6)]  # (lr, seed)
+DIVERSE = [(0.05, 1, 0.0), (0.1, 2, 0.0), (0.2, 3, 0.0), (0.05, 4, 0.1), (0.1, 5, 0.1), (0.2, 6, 0.1)]
 TWA = ["--opt", "AdamW", "--lr", "0.01", "--wd", "0", "--schedule", "cosine", "--warmup-epochs", "0.2"]
 
 
@@ -43,7 +49,60 @@ def parse_args():
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "runs"), help="run folders")
     parser.add_argument("--results", default=os.path.join(ROOT, "results"), help="where the JSON goes")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    return parser.parse_args()
+    parser.add_argument("--diverse", action="store_true", help="the DIVERSE ingredients from --base; "
+                        "TWA-v on coordinates against alpha")
+    parser.add_argument("--base", default=None, help="with --diverse: the model to fine-tune")
+    parser.add_argument("--split", default=None, help="with --diverse: the split.json --base used")
+    args = parser.parse_args()
+    if args.diverse and not (args.base and args.split):
+        parser.error("--diverse needs --base and --split")
+    return args
+
+
+def twa_runs(args, run, run_dir, ingredients, split, variants):
+    """train_twa.py in soup mode over the ingredients, once per (name, flags) variant."""
+    runs = {}
+    for name, flags in variants:
+        folder = os.path.join(run_dir, name)
+        results = os.path.join(folder, "twa_results.json")
+        if not os.path.exists(results):
+            run("train_twa.py", ["--checkpoints", *ingredients, "--split", split, "--save-dir", folder,
+                                 "--log-dir", folder, "--epochs", args.twa_epochs,
+                                 "--randomseed", args.seed, *TWA, *flags])
+        with open(results) as f:
+            runs[name] = json.load(f)
+    return runs
+
+
+def diverse(args, run, sgd, run_dir, commands, started):
+    ingredients = [os.path.join(sgd(f"diverse-lr{lr}-ls{smooth}-seed{seed}", args.finetune_epochs,
+                                    ["--lr", lr, "--schedule", "cosine", "--randomseed", seed,
+                                     "--label-smoothing", smooth, "--init", args.base, "--split-seed",
+                                     json.load(open(args.split))["seed"]]),
+                                f"{args.finetune_epochs}.pt") for lr, seed, smooth in DIVERSE]
+    runs = twa_runs(args, run, run_dir, ingredients, args.split,
+                    [("twa-v-coordinates", ["--val-split", VAL_SPLIT]),
+                     ("twa-v-alpha", ["--val-split", VAL_SPLIT, "--coefficients", "alpha"])])
+    soup = runs["twa-v-coordinates"]["soup"]
+    rows = {"best single": soup["best_single"], "uniform soup": soup["uniform"],
+            "greedy soup": soup["greedy"], "TWA-v, coordinates": runs["twa-v-coordinates"]["twa"],
+            "TWA-v, alpha": runs["twa-v-alpha"]["twa"]}
+    report = {"seed": args.seed, "base": args.base, "split": args.split, "ingredients_recipe": DIVERSE,
+              "twa": TWA, "finetune_epochs": args.finetune_epochs, "twa_epochs": args.twa_epochs,
+              "ingredients": soup["ingredients"], "methods": rows,
+              "greedy_members": soup["greedy"]["members"],
+              "alpha": {name: json.load(open(os.path.join(run_dir, name, "coefficients.json")))["alpha"]
+                        for name in runs},
+              "commands": commands, "git": utils.git_revision(), "wall_seconds": time.time() - started}
+    print_report(report, rows, os.path.join(args.results, f"soups-diverse-seed{args.seed}.json"))
+
+
+def print_report(report, rows, path):
+    utils.save_json(report, path)
+    print("| method | held-out acc | test acc |\n|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['held_out']['accuracy']:.2f} | {row['accuracy']:.2f} |")
+    print(f"wrote {path}")
 
 
 def main():
@@ -67,21 +126,16 @@ def main():
         return folder
 
     started = time.time()
+    if args.diverse:
+        return diverse(args, run, sgd, run_dir, commands, started)
     base = sgd("base", args.base_epochs, ["--lr", 0.1, "--schedule", "cosine", "--randomseed", args.seed])
     finetunes = [os.path.join(sgd(f"finetune-lr{lr}-seed{seed}", args.finetune_epochs,
                                   ["--lr", lr, "--schedule", "cosine", "--randomseed", seed,
                                    "--init", os.path.join(base, f"{args.base_epochs}.pt")]),
                               f"{args.finetune_epochs}.pt") for lr, seed in FINETUNES]
-    runs = {}
-    for name, flags in (("twa-t", []), ("twa-v", ["--val-split", VAL_SPLIT]),
-                        ("twa-v-layerwise", ["--val-split", VAL_SPLIT, "--layer-size", 0])):
-        folder = os.path.join(run_dir, name)
-        results = os.path.join(folder, "twa_results.json")
-        if not os.path.exists(results):
-            run("train_twa.py", ["--checkpoints", *finetunes, "--split", os.path.join(base, "split.json"),
-                                 "--save-dir", folder, "--log-dir", folder, "--epochs", args.twa_epochs,
-                                 "--randomseed", args.seed, *TWA, *flags])
-        runs[name] = json.load(open(results))
+    runs = twa_runs(args, run, run_dir, finetunes, os.path.join(base, "split.json"),
+                    [("twa-t", []), ("twa-v", ["--val-split", VAL_SPLIT]),
+                     ("twa-v-layerwise", ["--val-split", VAL_SPLIT, "--layer-size", 0])])
     soup = runs["twa-v"]["soup"]
     rows = {"best single": soup["best_single"], "uniform soup": soup["uniform"],
             "greedy soup": soup["greedy"], "TWA-t": runs["twa-t"]["twa"], "TWA-v": runs["twa-v"]["twa"],
@@ -94,12 +148,7 @@ def main():
                         for name in ("twa-t", "twa-v")},
               "base_test_acc": utils.read_jsonl(os.path.join(base, "metrics.jsonl"))[-1]["test_acc"],
               "commands": commands, "git": utils.git_revision(), "wall_seconds": time.time() - started}
-    path = os.path.join(args.results, f"soups-seed{args.seed}.json")
-    utils.save_json(report, path)
-    print("| method | held-out acc | test acc |\n|---|---|---|")
-    for name, row in rows.items():
-        print(f"| {name} | {row['held_out']['accuracy']:.2f} | {row['accuracy']:.2f} |")
-    print(f"wrote {path}")
+    print_report(report, rows, os.path.join(args.results, f"soups-seed{args.seed}.json"))
 
 
 if __name__ == "__main__":
