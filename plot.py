@@ -136,6 +136,7 @@ def save_figure(fig, path):
         temp_path = handle.name
     try:
         FigureCanvasAgg(fig).print_png(temp_path)
+        os.chmod(temp_path, 0o644)  # a temporary file is created private
         os.replace(temp_path, path)
     except BaseException:
         Path(temp_path).unlink(missing_ok=True)
@@ -152,15 +153,20 @@ def series(rows, key):
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def draw_metric(ax, runs, metric, ylabel):
-    """Draw train (solid) and test (dashed) `metric` for every run on `ax`."""
+def draw_metric(ax, runs, metric, ylabel, markers=()):
+    """Draw train (solid) and test (dashed) `metric` for every run on `ax`, and the single points
+    of `markers`: (label, epoch, {"loss": .., "acc": ..}, matplotlib marker)."""
     for index, (label, rows) in enumerate(runs.items()):
         for split, style in SPLIT_STYLES.items():
             epochs, values = series(rows, f"{split}_{metric}")
             if epochs:
                 ax.plot(epochs, values, linestyle=style, color=f"C{index % 10}",
                         marker="." if len(epochs) < 30 else None,
-                        label=f"{label} ({split})")
+                        label=f"{label} {split}")
+    for label, epoch, values, marker in markers:
+        if is_number(values.get(metric)):
+            ax.plot([epoch], [values[metric]], marker=marker, markersize=9, linestyle="none",
+                    color="black", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -170,12 +176,13 @@ def draw_metric(ax, runs, metric, ylabel):
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
 
 
-def plot_curves(runs, path):
-    """Plot loss and accuracy vs epoch for each run; `runs` maps label -> rows."""
+def plot_curves(runs, path, markers=()):
+    """Plot loss and accuracy vs epoch for each run; `runs` maps label -> rows; `markers` as in
+    draw_metric (the test metrics of single points such as SWA)."""
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    draw_metric(loss_ax, runs, "loss", "loss")
-    draw_metric(acc_ax, runs, "acc", "accuracy (%)")
+    draw_metric(loss_ax, runs, "loss", "loss", markers)
+    draw_metric(acc_ax, runs, "acc", "accuracy (%)", markers)
     loss_ax.set_title("Loss (train solid, test dashed)")
     acc_ax.set_title("Accuracy (train solid, test dashed)")
     save_figure(fig, path)
@@ -226,18 +233,56 @@ def run_curves(args):
         raise PlotInputError(
             f"--labels got {len(args.labels)} labels for {len(args.runs)} runs")
     labels = args.labels or [default_label(run) for run in args.runs]
-    runs = {}
+    single = len(args.runs) == 1
+    runs, markers = {}, []
     for label, run in zip(unique_labels(labels), args.runs):
-        runs.update(split_stages(label, read_metrics(run)))
-    plot_curves(runs, args.output)
+        rows, results = read_metrics(run), read_results(run)
+        start = results.get("start_epoch") if results else None
+        runs.update(split_stages("" if single else label, rows, start or 0))
+        markers += result_markers("" if single else label, rows, results, start or 0)
+    plot_curves(runs, args.output, markers)
 
 
-def split_stages(label, rows):
-    """One series per training stage ("sgd", "twa") when a metrics file holds several."""
+def read_results(run):
+    """twa_results.json beside the run's metrics file, or None."""
+    path = resolve_metrics_path(run).parent / "twa_results.json"
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PlotInputError(f"{path}: not valid JSON ({error})") from None
+    return results if isinstance(results, dict) else None
+
+
+def split_stages(label, rows, twa_start=0):
+    """One series per training stage ("sgd", "twa") when a metrics file holds several; TWA's
+    epochs continue from twa_start, the SGD epoch its subspace ends at."""
     stages = list(dict.fromkeys(row.get("stage") for row in rows))
-    if len(stages) == 1:
-        return {label: rows}
-    return {f"{label} {stage}": [r for r in rows if r.get("stage") == stage] for stage in stages}
+    prefix = f"{label} " if label else ""
+    if len(stages) == 1 and not twa_start:
+        return {label or (stages[0] or "run").upper(): rows}
+    return {f"{prefix}{(stage or 'run').upper()}": [
+        {**r, "epoch": r["epoch"] + twa_start} if stage == "twa" else r
+        for r in rows if r.get("stage") == stage] for stage in stages}
+
+
+def result_markers(label, rows, results, twa_start):
+    """SWA (at the start of TWA) and TWA's final weights with BatchNorm recomputed (at its end),
+    from twa_results.json; the last TWA row is before that recompute."""
+    if not results:
+        return []
+    prefix = f"{label} " if label else ""
+    twa_epochs = [r["epoch"] for r in rows if r.get("stage") == "twa"]
+    end = twa_start + (max(twa_epochs) if twa_epochs else 0)
+    points = []
+    for name, epoch, marker, text in (("swa", twa_start, "*", "SWA"),
+                                      ("twa", end, "D", "TWA, BN recomputed")):
+        values = results.get(name)
+        if isinstance(values, dict):
+            points.append((f"{prefix}{text} test", epoch,
+                           {"loss": values.get("loss"), "acc": values.get("accuracy")}, marker))
+    return points
 
 
 def run_coefficients(args):

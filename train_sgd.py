@@ -218,7 +218,7 @@ def train_recorded_subspace(args, ctx, loaders, model, recorder):
                         "blocks": len(space.spans), "recorded_online": True,
                         "seconds": time.time() - started, **space.basis_quality(),
                         "pbits": args.pbits, "basis_bytes_per_process": space.nbytes(),
-                        "processes": ctx.world}}
+                        "processes": ctx.world}, "start_epoch": args.twa_at}
     log.info("subspace of %d recorded weights: rank %d, max|PP^T-I| %.1e, %.1f MB", len(space.names),
              space.rank, report["basis"]["orthogonality_error"], space.nbytes() / 1e6)
     state_path = os.path.join(args.save_dir, train_twa.STATE)

@@ -14,6 +14,7 @@ args); --output-dir moves the first two.
 """
 import argparse
 import glob
+import json
 import os
 import time
 
@@ -139,6 +140,21 @@ def checkpoint_path(args, i):
     if args.checkpoints:
         return checkpoint_files(args)[i]
     return os.path.join(args.save_dir, f"{i}.pt")
+
+
+def head_epoch(args):
+    """The SGD epoch of the subspace's last checkpoint, where TWA's epochs continue in plots; from
+    train_sgd's sgd_args.json in --log-dir or --save-dir, None when unknown or in soup mode."""
+    if args.checkpoints:
+        return None
+    for folder in (args.log_dir, args.save_dir):
+        try:
+            with open(os.path.join(folder, "sgd_args.json")) as f:
+                per_epoch = json.load(f)["args"]["save_every"]
+            return checkpoint_indices(args)[-1] / per_epoch
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            continue
+    return None
 
 
 def load_checkpoint(model, path, args):
@@ -268,7 +284,8 @@ def main(argv=None):
         load_checkpoint(model, checkpoint_path(args, args.train_start), args)  # and its buffers
         trainer.move_to(checkpoint_indices(args).index(args.train_start))
 
-    train_in_subspace(args, ctx, loaders, model, space, {"basis": basis_report}, state_path, inputs,
+    report = {"basis": basis_report, "start_epoch": head_epoch(args)}
+    train_in_subspace(args, ctx, loaders, model, space, report, state_path, inputs,
                       resume, soups_beside if args.checkpoints else None,
                       start_at_checkpoint if args.train_start >= 0 else None)
     distributed.shutdown(ctx)

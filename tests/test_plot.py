@@ -95,3 +95,24 @@ def test_layerwise_coefficients_plot_the_size_weighted_mean(tmp_path):
     sys.path.insert(0, str(PLOT_SCRIPT.parent))
     import plot
     assert plot.blocks_mean(json.loads(path.read_text())["blocks"], path) == [0.75, 0.25]
+
+
+def test_twa_continues_from_the_head_with_swa_and_final_markers(tmp_path):
+    sys.path.insert(0, str(PLOT_SCRIPT.parent))
+    import plot
+    rows = [{"stage": "sgd", "epoch": e, "test_acc": 50.0 + e} for e in (1, 2, 3, 4)]
+    rows += [{"stage": "twa", "epoch": e, "test_acc": 60.0 + e} for e in (1, 2)]
+    series = plot.split_stages("", rows, twa_start=2.0)
+    assert [r["epoch"] for r in series["TWA"]] == [3.0, 4.0]  # after the head's epoch 2
+    assert [r["epoch"] for r in series["SGD"]] == [1, 2, 3, 4]
+    results = {"swa": {"loss": 1.0, "accuracy": 55.0}, "twa": {"loss": 0.9, "accuracy": 61.5}}
+    markers = plot.result_markers("", rows, results, 2.0)
+    assert [(m[0], m[1], m[2]["acc"]) for m in markers] == [("SWA test", 2.0, 55.0),
+                                                          ("TWA, BN recomputed test", 4.0, 61.5)]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "twa_results.json").write_text(json.dumps({**results, "start_epoch": 2.0}))
+    result = run_plot("curves", run, "-o", tmp_path / "c.png")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "c.png").stat().st_mode & 0o777 == 0o644  # readable by everyone
