@@ -15,6 +15,8 @@ import utils
 from conftest import ROOT, write_image_folder
 from test_twa import RunsCode
 
+pytestmark = pytest.mark.slow  # every test here runs the scripts end to end
+
 
 def run(script, *args, check=True):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args), "--quiet"],

@@ -9,6 +9,8 @@ import torch
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # every test here runs the scripts end to end
+
 
 def launch(script, processes, *args):
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone",

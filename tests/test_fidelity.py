@@ -26,6 +26,7 @@ def test_swa_schedule_matches_the_reference_formula():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+@pytest.mark.slow
 def test_sgd_script_trains_with_the_swa_schedule(tiny_data, tmp_path):
     save = tmp_path / "swa"
     run("train_sgd.py", *common(tiny_data, save, "--epochs", 5, "--schedule", "swa", "--swa-start", 3,
@@ -250,6 +251,7 @@ def test_a_model_scored_on_the_other_normalisation_loses_accuracy(tmp_path):
     assert matched >= 95 and mismatched <= matched - 20
 
 
+@pytest.mark.slow
 def test_twa_cli_reports_both_bases_and_trains_alpha(tiny_data, tmp_path):
     save = tmp_path / "sgd"
     run("train_sgd.py", *common(tiny_data, save, "--epochs", 2, "--save-every", 2))

@@ -181,6 +181,7 @@ def finetunes(tiny_data, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_both_scripts_use_one_recorded_split(finetunes):
     base = json.load(open(finetunes / "base" / "split.json"))
     assert base["percent"] == 25 and base["examples"] == 48 and len(base["held_out"]) == 12
@@ -188,6 +189,7 @@ def test_both_scripts_use_one_recorded_split(finetunes):
         assert json.load(open(finetunes / f"ft{i}" / "split.json")) == base
 
 
+@pytest.mark.slow
 def test_soup_mode_reports_soups_and_twa_v(finetunes, tiny_data):
     out = finetunes / "twa-v"
     proc = cli("train_twa.py", *common_flags(tiny_data), "--checkpoints", str(finetunes / "ft*" / "1.pt"),
@@ -211,18 +213,21 @@ def test_soup_mode_reports_soups_and_twa_v(finetunes, tiny_data):
     assert all(len(b["alpha"]) == 3 for b in coefficients["blocks"])
 
 
+@pytest.mark.slow
 def test_soup_mode_needs_held_out_images(finetunes, tiny_data):
     proc = cli("train_twa.py", *common_flags(tiny_data), "--checkpoints", finetunes / "ft0" / "1.pt",
                finetunes / "ft1" / "1.pt", "--save-dir", finetunes / "none")
     assert proc.returncode == 2 and "held-out" in proc.stderr
 
 
+@pytest.mark.slow
 def test_twa_refuses_a_split_of_another_size(finetunes, tiny_data):
     proc = cli("train_twa.py", *common_flags(tiny_data), "--save-dir", finetunes / "base",
                "--params_end", 2, "--val-split", 10, "--output-dir", finetunes / "other")
     assert proc.returncode == 2 and "differs" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings(finetunes, tiny_data):
     flags = [*common_flags(tiny_data), "--save-dir", finetunes / "base", "--params_end", 2,
              "--epochs", 1, "--output-dir", finetunes / "resumed", "--log-dir", finetunes / "resumed"]

@@ -101,6 +101,7 @@ def test_recorder_refuses_non_finite_weights_and_overflow():
 ONLINE = ["--epochs", 4, "--twa-at", 2, "--record-every", 2, "--twa-epochs", 2, "--twa-lr", 0.3]
 
 
+@pytest.mark.slow
 def test_one_command_equals_train_sgd_then_train_twa(tiny_data, tmp_path):
     run("train_sgd.py", *common(tiny_data, tmp_path / "one", *ONLINE))
     assert not [n for n in os.listdir(tmp_path / "one") if n[0].isdigit()]  # no checkpoint files
@@ -117,6 +118,7 @@ def test_one_command_equals_train_sgd_then_train_twa(tiny_data, tmp_path):
     assert stages == ["sgd", "sgd", "twa", "twa"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["recording", "twa"])
 def test_one_command_resumed_in_either_phase_equals_uninterrupted(tiny_data, tmp_path, phase):
     flags = ["--epochs", 6, "--twa-at", 4, "--record-every", 3, "--twa-epochs", 6, "--twa-lr", 0.3,
@@ -132,6 +134,7 @@ def test_one_command_resumed_in_either_phase_equals_uninterrupted(tiny_data, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_one_command_on_two_processes_matches_one(tiny_data, tmp_path):
     """Two SGD steps recorded (they agree to rounding across process counts, see test_distributed),
     then one TWA epoch over the sharded recorded basis (a second epoch amplifies the SGD steps'

@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # every test here runs the scripts end to end
 
 
 def test_reproduce_pipeline_and_report(tiny_data, tmp_path):
