@@ -42,6 +42,8 @@ QUANT_GROUP = 256  # entries per row that share one affine quantisation scale (8
 # residual below the tolerance, so it would keep adding rows past the block's own dimension.
 SMALL_BLOCK = 16 * QUANT_GROUP
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and torch.compile
+# where training checkpoints keep the model's weights, e.g. {"model": ..., "optimizer": ...}
+MODEL_KEYS = ("state_dict", "model", "model_state_dict")
 
 
 class CheckpointError(ValueError):
@@ -85,11 +87,23 @@ def load_state_dict(source):
                                       "not just tensors (loaded with weights_only=True)") from None
             raise CheckpointError(f"checkpoint {source} is unreadable "
                                   f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
-        if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-            state = state["state_dict"]
+        state = _unwrap_training_checkpoint(state)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint {source} holds a {type(state).__name__}, not a state_dict")
+    if state and not any(torch.is_tensor(value) for value in state.values()):
+        raise CheckpointError(f"checkpoint {source} holds no tensors at its top level (keys "
+                              f"{sorted(map(str, state))[:6]}): save model.state_dict() itself, or "
+                              f"a dict with it under one of {list(MODEL_KEYS)}")
     return {_strip_prefixes(key): value for key, value in state.items()}
+
+
+def _unwrap_training_checkpoint(state):
+    """The model's state_dict from a training checkpoint such as {"model": ..., "optimizer": ...}."""
+    if isinstance(state, Mapping):
+        for key in MODEL_KEYS:
+            if isinstance(state.get(key), Mapping):
+                return state[key]
+    return state
 
 
 def _strip_prefixes(key):
