@@ -41,23 +41,16 @@ def epoch_generator(seed, epoch):
 # The in-memory loader for small images
 # ---------------------------------------------------------------------------------------------------
 
-class TensorLoader:
-    """Batches from uint8 images (N, C, H, W) and labels held on the device; with `augment`, each batch
-    gets a random crop after zero-padding by PAD pixels and a random horizontal flip. With world_size
-    > 1, rank r takes every world_size-th example of each global batch of `batch_size`."""
+class BatchOrder:
+    """What both loaders share: a (seed, epoch)-shuffled order of n examples cut into global batches
+    of batch_size, of which rank r takes every world_size-th example (as DistributedSampler)."""
 
-    def __init__(self, images, labels, batch_size, mean, std, augment=False, shuffle=False, seed=0,
-                 channels_last=False, rank=0, world_size=1):
-        self.images, self.labels = images, labels
-        self.batch_size, self.augment, self.shuffle, self.seed = batch_size, augment, shuffle, seed
+    def __init__(self, n, batch_size, shuffle, seed, rank, world_size):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        device = images.device
-        self.shift = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-        self.scale = 1 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
 
     def __len__(self):
-        return math.ceil(len(self.labels) / self.batch_size)
+        return math.ceil(self.n / self.batch_size)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -65,16 +58,37 @@ class TensorLoader:
     def __iter__(self):
         return self.batches()
 
+    def order(self, gen):
+        return torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
+
+    def shares(self, order, start=0):
+        """This rank's indices of each global batch from batch number `start` on."""
+        return [order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world_size]
+                for b in range(start, len(self))]
+
+
+class TensorLoader(BatchOrder):
+    """Batches from uint8 images (N, C, H, W) and labels held on the device; with `augment`, each batch
+    gets a random crop after zero-padding by PAD pixels and a random horizontal flip."""
+
+    def __init__(self, images, labels, batch_size, mean, std, augment=False, shuffle=False, seed=0,
+                 channels_last=False, rank=0, world_size=1):
+        super().__init__(len(labels), batch_size, shuffle, seed, rank, world_size)
+        self.images, self.labels, self.augment = images, labels, augment
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        device = images.device
+        self.shift = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.scale = 1 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
+
     def batches(self, start=0):
         """The epoch's batches from batch number `start` on (for resuming inside an epoch)."""
-        n, device = len(self.labels), self.images.device
         gen = epoch_generator(self.seed, self.epoch)
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
-        shifts = torch.randint(0, 2 * PAD + 1, (n, 2), generator=gen)
-        flips = torch.rand(n, generator=gen) < 0.5
+        order = self.order(gen)
+        shifts = torch.randint(0, 2 * PAD + 1, (self.n, 2), generator=gen)
+        flips = torch.rand(self.n, generator=gen) < 0.5
+        device = self.images.device
         order, shifts, flips = order.to(device), shifts.to(device), flips.to(device)
-        for b in range(start, len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world_size]
+        for idx in self.shares(order, start):
             images = self.images[idx]
             if self.augment:
                 images = crop_and_flip(images, shifts[idx], flips[idx])
@@ -97,34 +111,21 @@ def crop_and_flip(images, shifts, flips):
 # The torchvision loader
 # ---------------------------------------------------------------------------------------------------
 
-class EpochLoader:
-    """torchvision's DataLoader with worker processes, shuffled by a (seed, epoch) generator and
-    sharded by rank like DistributedSampler; batches are moved to `device`."""
+class EpochLoader(BatchOrder):
+    """torchvision's DataLoader with worker processes over the shared batch order; batches are moved
+    to `device`."""
 
     def __init__(self, dataset, batch_size, device, shuffle=False, workers=4, seed=0,
                  channels_last=False, rank=0, world_size=1):
-        self.dataset, self.batch_size, self.device, self.shuffle = dataset, batch_size, device, shuffle
-        self.workers, self.seed, self.rank, self.world_size, self.epoch = workers, seed, rank, world_size, 0
+        super().__init__(len(dataset), batch_size, shuffle, seed, rank, world_size)
+        self.dataset, self.device, self.workers = dataset, device, workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def __len__(self):
-        return math.ceil(len(self.dataset) / self.batch_size)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __iter__(self):
-        return self.batches()
-
     def batches(self, start=0):
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch)) if self.shuffle \
-            else torch.arange(n)
-        batch_indices = [order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world_size]
-                         .tolist() for b in range(start, len(self))]
+        order = self.order(epoch_generator(self.seed, self.epoch))
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batch_indices, num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
+            self.dataset, batch_sampler=[idx.tolist() for idx in self.shares(order, start)],
+            num_workers=self.workers, pin_memory=self.device.type == "cuda", persistent_workers=False)
         for images, labels in loader:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             yield images, labels.to(self.device, non_blocking=True)
