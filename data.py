@@ -7,6 +7,7 @@ transforms and a DataLoader with worker processes (`EpochLoader`). Both shuffle 
 by (seed, epoch), so an epoch's order is a pure function of the two and resuming needs only counters.
 """
 import hashlib
+import logging
 import math
 import os
 from typing import NamedTuple
@@ -18,6 +19,7 @@ from PIL import Image
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
+log = logging.getLogger("twa")
 DATASETS = ("CIFAR10", "CIFAR100", "ImageNet", "ImageFolder")
 LOADERS = ("memory", "torchvision")
 SMALL_IMAGE = 64  # images up to this size are kept decoded in memory
@@ -177,8 +179,12 @@ def decoded_image_folder(path, cache_dir=None):
         key.update(f"{os.path.relpath(file, path)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     cache = os.path.join(cache_dir or _cache_dir(path), f"{os.path.basename(path)}-{key.hexdigest()[:16]}.pt")
     if os.path.exists(cache):
-        saved = torch.load(cache, weights_only=True)
-        return saved["images"], saved["labels"], saved["classes"]
+        try:
+            saved = torch.load(cache, weights_only=True)
+            return saved["images"], saved["labels"], saved["classes"]
+        except Exception as err:  # a truncated or foreign file: decode again and replace it
+            log.warning("unreadable decode cache %s (%s: %s); rebuilding it", cache,
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
     arrays = [_decode(file) for file, _ in folder.samples]
     if len({a.shape for a in arrays}) != 1:
         raise DataError(f"images in {path} differ in size; use --loader torchvision")
@@ -197,6 +203,10 @@ def _decode(file):
 
 
 def _cache_dir(path):
+    """$TWA_CACHE_DIR when set; else .twa-cache beside the data when writable; else
+    ~/.cache/twa/<hash of the data path>."""
+    if os.environ.get("TWA_CACHE_DIR"):
+        return os.environ["TWA_CACHE_DIR"]
     local = os.path.join(os.path.dirname(os.path.abspath(path)), ".twa-cache")
     try:
         os.makedirs(local, exist_ok=True)

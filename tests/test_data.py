@@ -98,3 +98,18 @@ def test_decoded_folder_is_cached_and_rebuilt_when_a_file_changes(tmp_path):
     rebuilt = data.decoded_image_folder(os.path.join(root, "train"), str(cache))
     assert len(os.listdir(cache)) == 2
     assert not torch.equal(rebuilt[0][0], images[0]) and torch.equal(rebuilt[0][1:], images[1:])
+
+
+def test_a_truncated_cache_is_rebuilt_with_a_warning_and_the_folder_is_settable(tmp_path, monkeypatch,
+                                                                               caplog):
+    from conftest import write_image_folder
+    root = write_image_folder(str(tmp_path / "tree"), per_class=4)
+    monkeypatch.setenv("TWA_CACHE_DIR", str(tmp_path / "cache"))
+    first = data.decoded_image_folder(os.path.join(root, "train"))
+    cached = [os.path.join(tmp_path / "cache", n) for n in os.listdir(tmp_path / "cache")]
+    assert len(cached) == 1 and cached[0].endswith(".pt")
+    with open(cached[0], "r+b") as f:
+        f.truncate(100)
+    again = data.decoded_image_folder(os.path.join(root, "train"))
+    assert torch.equal(first[0], again[0]) and "rebuilding" in caplog.text
+    assert os.path.getsize(cached[0]) > 100
