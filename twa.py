@@ -173,7 +173,7 @@ class Sharding:
     def size(self):
         return self.hi - self.lo
 
-    def local(self, start, stop):
+    def columns(self, start, stop):
         """Entries [start, stop) of the D-vector, as a slice of this process's shard (maybe empty)."""
         lo, hi = min(max(start, self.lo), self.hi), max(min(stop, self.hi), self.lo)
         return slice(lo - self.lo, max(lo, hi) - self.lo)
@@ -184,15 +184,15 @@ class Sharding:
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
-    def norm(self, local):
-        """The norm of a vector from its shards."""
-        square = torch.linalg.vector_norm(local, dtype=torch.float64).square().reshape(1)
+    def norm(self, part):
+        """The norm of a vector from its shards (`part`: this process's)."""
+        square = torch.linalg.vector_norm(part, dtype=torch.float64).square().reshape(1)
         return self.sum_(square).sqrt().item()
 
-    def gather_(self, full, local):
-        """full[:D] = the concatenated shards; `full` holds world x per_rank entries, `local`
-        per_rank (its tail past hi - lo is ignored)."""
-        dist.all_gather_into_tensor(full, local, group=self.group)
+    def gather_(self, full, part):
+        """full[:D] = the concatenated shards; `full` holds world x per_rank entries, `part`
+        (this process's) per_rank (its tail past hi - lo is ignored)."""
+        dist.all_gather_into_tensor(full, part, group=self.group)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,7 +300,8 @@ class Basis:
             if self.bits >= 16:
                 out += torch.mv(self.block(start, stop), v[start:stop]).double()
                 continue
-            # sum_g scale_g (codes_g . v_g) + low_g sum(v_g): the dequantised block is never formed
+            # sum_g scale_g (codes_g . v_g) + low_g sum(v_g): the scales multiply the k x groups
+            # products, not every entry (the codes are still converted to float once per block)
             codes, scale, low = self._groups(start, stop)
             v_groups = self._padded(v, start, stop)
             dots = torch.einsum("rgk,gk->rg", codes, v_groups)
@@ -391,14 +392,14 @@ class Span:
     """The span of the checkpoints restricted to one block of parameters: an orthonormal basis P
     (k x this process's columns of the block, rows stored in a Basis), the coordinates of the
     checkpoints (n x k) and of their mean (k), and to_alpha (n x k), which maps a step in coordinates
-    to the averaging coefficients of the checkpoints. `local` is the block's slice of this process's
+    to the averaging coefficients of the checkpoints. `columns` is the block's slice of this process's
     shard of the weight vector."""
 
-    def __init__(self, basis, local, checkpoint_coords, origin_coords, to_alpha, names=(), size=None):
-        self.basis, self.local, self.names = basis, local, list(names)
+    def __init__(self, basis, columns, checkpoint_coords, mean_coords, to_alpha, names=(), size=None):
+        self.basis, self.columns, self.names = basis, columns, list(names)
         self.size = basis.dim if size is None else size  # entries of the block over all processes
         self.checkpoint_coords = checkpoint_coords
-        self.origin_coords = origin_coords
+        self.mean_coords = mean_coords
         self.to_alpha = to_alpha
 
     @property
@@ -408,7 +409,7 @@ class Span:
 
 def span_builders(blocks, n, shard, bits, device):
     """One SpanBuilder per block of up to n generators; small blocks of several stay in float32."""
-    return [SpanBuilder(n, shard.local(start, stop),
+    return [SpanBuilder(n, shard.columns(start, stop),
                         32 if len(blocks) > 1 and stop - start < SMALL_BLOCK else bits,
                         device, names, stop - start)
             for start, stop, names in blocks]
@@ -418,9 +419,9 @@ class SpanBuilder:
     """Gram-Schmidt over the generators {mean, w_1 - mean, ..., w_{n-1} - mean} of one block, fed one
     generator at a time (the last deviation is minus the sum of the others, so it adds nothing)."""
 
-    def __init__(self, n, local, bits, device, names, size):
-        self.local, self.names, self.n, self.size = local, names, n, size
-        self.basis = Basis(min(n, size), local.stop - local.start, bits, device)
+    def __init__(self, n, columns, bits, device, names, size):
+        self.columns, self.names, self.n, self.size = columns, names, n, size
+        self.basis = Basis(min(n, size), columns.stop - columns.start, bits, device)
         self.coords = torch.zeros(n, n, dtype=torch.float64)  # generator j in the basis so far
         self.kept, self.dropped = [], []
 
@@ -438,16 +439,16 @@ class SpanBuilder:
         self.basis.append(w.div_(residual))
         self.kept.append(j)
 
-    def finish(self, gen, checkpoint_coords, origin_coords):
+    def finish(self, gen, checkpoint_coords, mean_coords):
         """The Span, given gen (n x n: generator j as coefficients of the checkpoints) and the
-        coordinates P w_i of the checkpoints (n x k) and of the origin (k)."""
+        coordinates P w_i of the checkpoints (n x k) and of their mean (k)."""
         k = self.basis.rows
         # Kept generators = R P with R lower triangular, so P = R^-1 gen W and
         # P^T x = W^T gen^T R^-T x: a step x in coordinates is a step gen^T R^-T x in alpha.
         r_inv_t = torch.linalg.solve_triangular(self.coords[self.kept][:, :k].t(),
                                                 torch.eye(k, dtype=torch.float64), upper=True)
         to_alpha = gen[self.kept].t() @ r_inv_t
-        return Span(self.basis, self.local, checkpoint_coords, origin_coords, to_alpha,
+        return Span(self.basis, self.columns, checkpoint_coords, mean_coords, to_alpha,
                     self.names, self.size)
 
     def finish_centred(self):
@@ -471,17 +472,17 @@ class SpanBuilder:
 
 class Subspace:
     """The weights sum_b sum_i alpha_bi w_i|b that the checkpoints w_i span, block by block, written
-    as origin + P^T (c - P origin).
+    as mean + P^T (c - P mean).
 
-    origin is the checkpoints' mean, kept in float32. P is block-diagonal: each block b of parameters
+    The mean is kept in float32. P is block-diagonal: each block b of parameters
     (one block for the ICLR method, one per layer group for layer-wise TWA) has its own span (a Span
     with orthonormal rows over the block's entries), and c concatenates their coordinates. Storing P
     in 16, 8 or 4 bits then perturbs only the deviation from the mean, never the mean itself."""
 
-    def __init__(self, spans, origin, names, shard=None):
-        self.spans, self.origin, self.names = spans, origin, names
-        self.shard = shard or Sharding(origin.numel())
-        self.device = origin.device
+    def __init__(self, spans, mean, names, shard=None):
+        self.spans, self.mean, self.names = spans, mean, names
+        self.shard = shard or Sharding(mean.numel())
+        self.device = mean.device
         self._index_spans()
 
     def _index_spans(self):
@@ -489,16 +490,11 @@ class Subspace:
         every training step needs them)."""
         sizes = [span.rank for span in self.spans]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        self.origin_coords = self._concat(span.origin_coords for span in self.spans)
+        self.mean_coords = self._concat(span.mean_coords for span in self.spans)
 
     @property
     def rank(self):
         return self.offsets[-1]
-
-    @property
-    def mean(self):
-        """The uniform average of the checkpoints (the SWA solution; this process's shard of it)."""
-        return self.origin
 
     def _concat(self, pieces):
         return torch.cat([p.reshape(-1) for p in pieces]) if self.spans else torch.zeros(0)
@@ -538,11 +534,11 @@ class Subspace:
             if j > 0:
                 flatten_checkpoint(load_state_dict(sources[j - 1]), params, names[j - 1], out=w,
                                    columns=(shard.lo, shard.hi))
-            norms = [shard.norm(w[b.local]) for b in builders]  # of the checkpoint, per block
+            norms = [shard.norm(w[b.columns]) for b in builders]  # of the checkpoint, per block
             if j > 0:
                 w -= mean
             for builder, norm in zip(builders, norms):
-                builder.add(j, w[builder.local], norm, shard, tol)
+                builder.add(j, w[builder.columns], norm, shard, tol)
         _warn_dropped(builders, lambda j: names[j - 1] if j else "the mean of the checkpoints",
                       len(sources))
         return cls([b.finish_centred() for b in builders], mean, names, shard)
@@ -582,10 +578,10 @@ class Subspace:
             lower[j, basis.rows] = norm
             basis.append(w.div_(norm))
         coords = lower[:, :basis.rows]
-        origin_coords = coords.mean(0)
-        # alpha with W^T alpha = P^T c: P = L^+ W on the kept rows, so alpha = 1/n + L^+T (c - origin)
+        mean_coords = coords.mean(0)
+        # alpha with W^T alpha = P^T c: P = L^+ W on the kept rows, so alpha = 1/n + L^+T (c - P mean)
         to_alpha = torch.linalg.pinv(coords.t())
-        span = Span(basis, shard.local(0, dim), coords, origin_coords, to_alpha, [n for n, _ in params],
+        span = Span(basis, shard.columns(0, dim), coords, mean_coords, to_alpha, [n for n, _ in params],
                     dim)
         return cls([span], mean, names, shard)
 
@@ -599,12 +595,12 @@ class Subspace:
         kept = total = 0.0
         for span in (span for span in self.spans if span.rank):
             m = min(n_components, span.rank)
-            centred = span.checkpoint_coords - span.origin_coords
+            centred = span.checkpoint_coords - span.mean_coords
             _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
             directions = vh[:m].t()  # k x m
             span.basis.mix_rows_(directions)
             span.checkpoint_coords = span.checkpoint_coords @ directions
-            span.origin_coords = span.origin_coords @ directions
+            span.mean_coords = span.mean_coords @ directions
             span.to_alpha = span.to_alpha @ directions
             energy = singular.square()
             kept, total = kept + energy[:m].sum().item(), total + energy.sum().item()
@@ -614,35 +610,39 @@ class Subspace:
     def start_coordinates(self, start="mean"):
         """Coordinates of the checkpoints' mean ("mean") or of checkpoint number `start`."""
         if start == "mean":
-            return self.origin_coords.clone()
+            return self.mean_coords.clone()
         return self._concat(span.checkpoint_coords[start] for span in self.spans)
 
     def gradient(self, g):
         """P g (float64, summed over the shards) for this shard's entries g of a D-vector."""
-        products = self._concat(span.basis.matvec(g[span.local]) for span in self.spans)
+        g = g.to(device=self.device, dtype=torch.float32)
+        products = self._concat(span.basis.matvec(g[span.columns]) for span in self.spans)
         return self.shard.sum_(products)
 
-    def coordinates(self, w):
+    def nearest_coordinates(self, w):
         """P w, the coordinates of the point of the subspace nearest to w (all D entries)."""
-        local = w[self.shard.lo:self.shard.hi].to(device=self.device, dtype=torch.float32)
-        centred = local - self.origin
-        products = self._concat(span.basis.matvec(centred[span.local], exact=True)
+        part = w[self.shard.lo:self.shard.hi].to(device=self.device, dtype=torch.float32)
+        centred = part - self.mean
+        products = self._concat(span.basis.matvec(centred[span.columns], exact=True)
                                 for span in self.spans)
-        return self.shard.sum_(products).cpu() + self.origin_coords
+        return self.shard.sum_(products).cpu() + self.mean_coords
 
     def weights(self, c, out):
-        """out = origin + P^T (c - P origin): the weights at coordinates c (this shard's entries)."""
-        step = c.detach().to(torch.float64).cpu() - self.origin_coords
-        out.copy_(self.origin)
+        """out = mean + P^T (c - P mean): the weights at coordinates c (this shard's entries)."""
+        step = c.detach().to(torch.float64).cpu() - self.mean_coords
+        out.copy_(self.mean)
         for span, piece in zip(self.spans, self._pieces(step)):
-            span.basis.rmatvec(piece, out[span.local], accumulate=True)
+            span.basis.rmatvec(piece, out[span.columns], accumulate=True)
         return out
 
     def project_(self, g):
-        """g <- P^T P g in place: the paper's projected gradient, for optimizers kept in D-space
-        (one process; shards call it on their own columns and sum P g first)."""
+        """g <- P^T P g in place: the paper's projected gradient, for optimizers kept in D-space.
+        One process only: a sharded basis needs P g summed over the processes first."""
+        if self.shard.world > 1:
+            raise RuntimeError("project_ needs the whole basis; under torch.distributed use "
+                               "gradient() (summed over the shards) and the TWA trainer")
         for span in self.spans:
-            span.basis.rmatvec(span.basis.matvec(g[span.local]), out=g[span.local])
+            span.basis.rmatvec(span.basis.matvec(g[span.columns]), out=g[span.columns])
         return g
 
     def deviation_directions(self):
@@ -651,14 +651,14 @@ class Subspace:
         span's block."""
         out = []
         for span in self.spans:
-            deviations = span.checkpoint_coords.to(self.device) - span.origin_coords.to(self.device)
+            deviations = span.checkpoint_coords.to(self.device) - span.mean_coords.to(self.device)
             norms = torch.linalg.vector_norm(deviations, dim=1)
             out.append((deviations / norms.clamp_min(1e-300)[:, None], norms))
         return out
 
     def checkpoint_coefficients(self, c):
         """alpha (blocks x n) with sum_i alpha_bi w_i = the weights at coordinates c in block b."""
-        step = c.detach().double().cpu() - self.origin_coords
+        step = c.detach().double().cpu() - self.mean_coords
         return torch.stack([1.0 / len(self.names) + span.to_alpha @ piece
                             for span, piece in zip(self.spans, self._pieces(step))])
 
@@ -683,9 +683,9 @@ class Subspace:
 
     def relative_residual(self, w):
         """||w - (nearest point of the subspace)|| / ||w||: 0 for points of the subspace."""
-        local = w[self.shard.lo:self.shard.hi].to(device=self.device, dtype=torch.float32)
-        inside = self.weights(self.coordinates(w), torch.empty_like(local))
-        return self.shard.norm(local.double() - inside.double()) / max(self.shard.norm(local), 1e-300)
+        part = w[self.shard.lo:self.shard.hi].to(device=self.device, dtype=torch.float32)
+        inside = self.weights(self.nearest_coordinates(w), torch.empty_like(part))
+        return self.shard.norm(part.double() - inside.double()) / max(self.shard.norm(part), 1e-300)
 
 
 def _nan_or(reduce, values):
@@ -727,8 +727,8 @@ class SubspaceRecorder:
     at the first recorded weights, so that a 16/8/4-bit basis rounds deviations from w_1 (as the
     files route rounds deviations from the mean) rather than whole weight vectors. Nothing is
     re-orthogonalised at the end: the basis is a rotation of the files' basis, and the exact mean,
-    from a float64 running sum, becomes the origin (weights = origin + P^T (c - P origin), with P
-    origin the average of the checkpoints' coordinates). The cost over the files route: the anchor w_1
+    from a float64 running sum, is the mean as usual (weights = mean + P^T (c - P mean), with P mean
+    the average of the checkpoints' coordinates). The cost over the files route: the anchor w_1
     in float32 and the float64 sum (3 D-sized vectors more), no extra pass. SGD on the coordinates
     does not see the rotation, so it trains exactly as over the files; AdamW does (use
     train="alpha" in TWA for an order- and rotation-free optimizer)."""
@@ -757,13 +757,13 @@ class SubspaceRecorder:
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"non-finite weights at recorded checkpoint {j}")
         self.total += w
-        norms = [self.shard.norm(w[b.local]) for b in self.builders]
+        norms = [self.shard.norm(w[b.columns]) for b in self.builders]
         if j == 0:
             self.anchor.copy_(w)
         else:
             w -= self.anchor
         for builder, norm in zip(self.builders, norms):
-            builder.add(j, w[builder.local], norm, self.shard, self.tol)
+            builder.add(j, w[builder.columns], norm, self.shard, self.tol)
         self.names.append(name or f"recorded #{j}")
 
     def subspace(self):
@@ -815,7 +815,8 @@ def flatten_parameters_(params, size=None):
 
 
 class TWA:
-    """Trains `model`'s trainable parameters as w = origin + P^T c through the k coordinates c.
+    """Trains `model`'s trainable parameters as w = mean + P^T (c - P mean) through the k
+    coordinates c.
 
     Give `parameters()` to any torch optimizer; after each backward pass call `step(optimizer)`.
     With P orthonormal, SGD on c (momentum, weight decay) is exactly the paper's projected SGD on w.
@@ -840,7 +841,7 @@ class TWA:
         self.flat_weights, self.flat_grads = flatten_parameters_(self.params,
                                                                  shard.per_rank * shard.world)
         # the shard's weights are computed here, then gathered into flat_weights
-        self.local = self.flat_weights[:dim] if shard.world == 1 else \
+        self.shard_weights = self.flat_weights[:dim] if shard.world == 1 else \
             torch.zeros(shard.per_rank, dtype=self.flat_weights.dtype, device=space.device)
         self.views = [p.grad for p in self.params]
         self.directions = space.deviation_directions() if train == "alpha" else None
@@ -857,12 +858,12 @@ class TWA:
         if self.directions is None:
             return self.trained
         beta = self.trained.detach().view(len(self.space.spans), -1)
-        return self.space.origin_coords.to(beta.device) + torch.cat(
+        return self.space.mean_coords.to(beta.device) + torch.cat(
             [unit.t() @ b for (unit, _), b in zip(self.directions, beta)])
 
     @torch.no_grad()
     def step(self, optimizer):
-        """dL/dc = P g; one optimizer step on c (or beta); then the weights become origin + P^T c."""
+        """dL/dc = P g; one optimizer step on c (or beta); then the weights become mean + P^T (c - P mean)."""
         self._collect_gradients()
         shard = self.space.shard
         grad = self.space.gradient(self.flat_grads[shard.lo:shard.hi]).to(self.trained.device)
@@ -892,9 +893,9 @@ class TWA:
     @torch.no_grad()
     def write_weights(self):
         shard = self.space.shard
-        self.space.weights(self.coordinates, out=self.local[:shard.size])
+        self.space.weights(self.coordinates, out=self.shard_weights[:shard.size])
         if shard.world > 1:
-            shard.gather_(self.flat_weights, self.local)
+            shard.gather_(self.flat_weights, self.shard_weights)
 
     def _collect_gradients(self):
         # Gradients normally accumulate in place into the flat views; a loop that set them to None

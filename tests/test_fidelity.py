@@ -162,8 +162,8 @@ def test_sgd_on_alpha_is_sgd_on_coordinates_preconditioned_by_d_t_d():
     out = train_alpha_and_coordinates(walk, torch.optim.SGD, 1, lr=lr)
     (w_alpha, t_alpha), (w_coord, t_coord) = out["alpha"], out["coordinates"]
     space, (unit, _) = t_coord.space, t_alpha.directions[0]
-    step_coord = t_coord.coordinates.detach() - space.origin_coords  # -lr P g
-    step_alpha = t_alpha.coordinates - space.origin_coords  # -lr D^T D P g
+    step_coord = t_coord.coordinates.detach() - space.mean_coords  # -lr P g
+    step_alpha = t_alpha.coordinates - space.mean_coords  # -lr D^T D P g
     assert torch.allclose(step_alpha, unit.t() @ unit @ step_coord, rtol=1e-6, atol=1e-12)
     assert (step_alpha - step_coord).norm() > 1e-3 * step_coord.norm()  # they do differ
 

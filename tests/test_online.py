@@ -81,7 +81,7 @@ def test_recorder_state_round_trip_mid_recording():
             recorder.add(model)
     a, b = first.subspace(), second.subspace()
     assert torch.equal(a.spans[0].basis.data, b.spans[0].basis.data)
-    assert torch.equal(a.origin_coords, b.origin_coords) and a.names == b.names
+    assert torch.equal(a.mean_coords, b.mean_coords) and a.names == b.names
 
 
 def test_recorder_refuses_non_finite_weights_and_overflow():

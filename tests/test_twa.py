@@ -204,7 +204,7 @@ def test_low_precision_bases_keep_the_weights_in_their_span(bits, orth_tol):
     train_steps(model, 5, lambda: trainer.step(opt))
     # the weights are exactly mean + Q^T (c - c0) for the stored (dequantised) basis Q
     q = space.spans[0].basis.block(0, space.spans[0].basis.dim).double()
-    expected = space.mean.double() + q.t() @ (trainer.coordinates.detach() - space.origin_coords)
+    expected = space.mean.double() + q.t() @ (trainer.coordinates.detach() - space.mean_coords)
     weights = torch.nn.utils.parameters_to_vector(model.parameters()).double()
     assert (weights - expected).norm() / weights.norm() <= 1e-6
     # and the mean is kept exactly: quantisation only touches deviations from it
