@@ -12,19 +12,22 @@ import time
 
 import torch
 
+import cli
 import distributed
+import loop
+import runfiles
 import train_twa
 import twa
-import utils
-from utils import UsageError, log
+from cli import log
+from runfiles import UsageError
 
 STATE = "state.pt"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    utils.add_common_args(parser)
+                                     formatter_class=cli.HelpFormatter)
+    cli.add_common_args(parser)
     add = parser.add_argument
     add("--epochs", type=int, default=200, help="training epochs")
     add("--lr", "--learning-rate", type=float, default=0.1, help="initial learning rate")
@@ -63,7 +66,7 @@ def parse_args(argv=None):
     add("--tol", type=float, default=1e-5,
         help="with --twa-at: recorded weights within this relative distance of the span are left out")
     args = parser.parse_args(argv)
-    utils.check_common_args(args)
+    cli.check_common_args(args)
     check_online_args(args)
     if args.save_every is None:
         args.save_every = 0 if args.twa_at else 1
@@ -116,18 +119,18 @@ def load_weights(model, path):
 def main(argv=None):
     args = parse_args(argv)
     state_path = os.path.join(args.save_dir, STATE)
-    resume = utils.load_torch(state_path) if args.resume else None
+    resume = runfiles.load_torch(state_path) if args.resume else None
     if not args.resume and any(os.path.exists(os.path.join(args.save_dir, name))
                                for name in ("0.pt", STATE)):
         raise UsageError(f"{args.save_dir} already holds checkpoints; use --resume or another --save-dir")
-    split = os.path.join(args.save_dir, utils.SPLIT_FILE)  # --val-split's held-out part, for train_twa
-    ctx, loaders, model = utils.setup_run(args, "sgd", split if args.resume and os.path.exists(split)
+    split = os.path.join(args.save_dir, cli.SPLIT_FILE)  # --val-split's held-out part, for train_twa
+    ctx, loaders, model = cli.setup_run(args, "sgd", split if args.resume and os.path.exists(split)
                                           else None, split)
     train_loader, test_loader = loaders.train, loaders.test
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     recorder = make_recorder(args, model, ctx)
-    metrics = utils.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "sgd",
+    metrics = runfiles.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "sgd",
                             resume["metrics"] if resume else (), enabled=ctx.is_main)
     progress = {"epoch": 0, "batch": 0, "checkpoint": 0, "totals": None, "elapsed": 0.0}
     if resume:
@@ -142,7 +145,7 @@ def main(argv=None):
         if args.init:
             load_weights(model, args.init)
         if ctx.is_main and args.save_every:
-            utils.save_torch(model.state_dict(), os.path.join(args.save_dir, "0.pt"))
+            runfiles.save_torch(model.state_dict(), os.path.join(args.save_dir, "0.pt"))
         if recorder:
             recorder.add(model)
     forward = distributed.wrap(model, ctx)
@@ -150,7 +153,7 @@ def main(argv=None):
 
     def save_state():
         if ctx.is_main:
-            utils.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            runfiles.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "rng": torch.get_rng_state(), "progress": progress,
                               "metrics": metrics.rows, "args": vars(args),
                               "recorder": recorder.state_dict() if recorder else None}, state_path)
@@ -168,15 +171,15 @@ def main(argv=None):
         progress["checkpoint"] += 1
         if ctx.is_main:
             path = os.path.join(args.save_dir, f"{progress['checkpoint']}.pt")
-            utils.save_torch(model.state_dict(), path)
+            runfiles.save_torch(model.state_dict(), path)
         return True
 
     def update(lr):
-        utils.set_lr(optimizer, lr)
+        loop.set_lr(optimizer, lr)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    utils.run_epochs(args, ctx, model, forward, (train_loader, test_loader), update, progress,
+    loop.run_epochs(args, ctx, model, forward, (train_loader, test_loader), update, progress,
                      metrics, save_state, on_step=on_step, until=args.twa_at)
     if args.save_every:
         log.info("done: %d checkpoints in %s", progress["checkpoint"] + 1, args.save_dir)
@@ -211,7 +214,7 @@ def train_recorded_subspace(args, ctx, loaders, model, recorder):
     """SWA and TWA over the recorded weights, as train_twa.py does over files; resumable through
     <save-dir>/twa_state.pt."""
     settings = twa_settings(args)
-    utils.seed_everything(args.randomseed, args.deterministic)  # draw what train_twa.py would draw
+    cli.seed_everything(args.randomseed, args.deterministic)  # draw what train_twa.py would draw
     started = time.time()
     space = recorder.subspace()
     report = {"basis": {"checkpoints": len(space.names), "rank": space.rank,
@@ -225,7 +228,7 @@ def train_recorded_subspace(args, ctx, loaders, model, recorder):
     inputs = {"recorded": list(space.names), "pbits": args.pbits, "layer_size": args.layer_size,
               "coefficients": args.coefficients, "val_split": args.val_split,
               "batch_size": args.batch_size}
-    resume = utils.load_torch(state_path) if args.resume and os.path.exists(state_path) else None
+    resume = runfiles.load_torch(state_path) if args.resume and os.path.exists(state_path) else None
     if resume and resume.get("inputs") != inputs:
         raise UsageError(f"{state_path} was saved for other settings; start without --resume")
     train_twa.train_in_subspace(settings, ctx, loaders, model, space, report, state_path, inputs,
@@ -233,4 +236,4 @@ def train_recorded_subspace(args, ctx, loaders, model, recorder):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

@@ -20,11 +20,14 @@ import time
 
 import torch
 
+import cli
 import distributed
+import loop
+import runfiles
 import soup
 import twa
-import utils
-from utils import UsageError, log
+from cli import log
+from runfiles import UsageError
 
 STATE = "twa_state.pt"
 NOT_CHECKPOINTS = ("state.pt", STATE, "twa.pt")  # what the scripts write beside checkpoints; globs skip them
@@ -33,8 +36,8 @@ SPLIT_RECORD = "twa_split.json"  # the split a TWA run used, in its log folder (
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    utils.add_common_args(parser)
+                                     formatter_class=cli.HelpFormatter)
+    cli.add_common_args(parser)
     add = parser.add_argument
     add("--epochs", type=int, default=10, help="TWA training epochs")
     add("--lr", type=float, default=None, help="learning rate of the coefficients (default: 2 for "
@@ -79,7 +82,7 @@ def parse_args(argv=None):
         help="a checkpoint within this relative distance of the others' span is left out")
     args = parser.parse_args(argv)
     args.lr = args.lr if args.lr is not None else {"SGD": 2.0, "AdamW": 0.01}[args.opt]
-    utils.check_common_args(args)
+    cli.check_common_args(args)
     check_args(args)
     return args
 
@@ -178,7 +181,7 @@ def build_subspace(args, model, ctx):
     try:
         load_checkpoint(model, files[0], args)  # fails fast on another architecture or class count
         started = time.time()
-        progress = utils.progress_bar(not args.quiet and ctx.is_main)
+        progress = loop.progress_bar(not args.quiet and ctx.is_main)
         if args.basis == "reference":
             space = twa.Subspace.reference_from_checkpoints(model, files, device=ctx.device,
                                                             progress=progress)
@@ -210,10 +213,10 @@ def measure(model, loaders, args, ctx, recompute=True):
     """Test metrics, and held-out metrics when there is a held-out part, after recomputing the
     BatchNorm statistics on the training part (for an average of models)."""
     if recompute:
-        utils.recompute_bn(model, loaders.train)
-    result = utils.evaluate(model, loaders.test, args.amp, ctx)
+        loop.recompute_bn(model, loaders.train)
+    result = loop.evaluate(model, loaders.test, args.amp, ctx)
     if loaders.held_out_eval is not None:
-        result["held_out"] = utils.evaluate(model, loaders.held_out_eval, args.amp, ctx)
+        result["held_out"] = loop.evaluate(model, loaders.held_out_eval, args.amp, ctx)
     return result
 
 
@@ -255,10 +258,10 @@ def make_optimizer(args, params):
 def main(argv=None):
     args = parse_args(argv)
     state_path = os.path.join(args.output_dir, STATE)
-    resume = utils.load_torch(state_path) if args.resume else None
-    recorded = args.split or os.path.join(args.save_dir, utils.SPLIT_FILE)
+    resume = runfiles.load_torch(state_path) if args.resume else None
+    recorded = args.split or os.path.join(args.save_dir, cli.SPLIT_FILE)
     recorded = recorded if os.path.isfile(recorded) else None
-    ctx, loaders, model = utils.setup_run(args, "twa", recorded, os.path.join(args.log_dir, SPLIT_RECORD))
+    ctx, loaders, model = cli.setup_run(args, "twa", recorded, os.path.join(args.log_dir, SPLIT_RECORD))
     if args.val_split and not recorded:
         log.warning("no recorded split: holding out a new %g%% of the training images, which the "
                     "checkpoints may have been trained on", args.val_split)
@@ -303,7 +306,7 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
     if start:
         start(trainer)
     optimizer = make_optimizer(args, trainer.parameters())
-    metrics = utils.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "twa",
+    metrics = runfiles.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "twa",
                             resume["metrics"] if resume else (), enabled=ctx.is_main)
     progress = {"epoch": 0, "batch": 0, "totals": None, "elapsed": 0.0}
     if resume:
@@ -320,13 +323,13 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
         if not ctx.is_main:
             return
         buffers = {k: v for k, v in model.state_dict().items() if k not in dict(model.named_parameters())}
-        utils.save_torch({"trained": trainer.trained.detach(), "buffers": buffers,
+        runfiles.save_torch({"trained": trainer.trained.detach(), "buffers": buffers,
                           "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                           "progress": progress, "metrics": metrics.rows, "args": vars(args),
                           "inputs": inputs}, state_path)
 
     def update(lr):
-        utils.set_lr(optimizer, lr)
+        loop.set_lr(optimizer, lr)
         trainer.step(optimizer)
 
     # TWA-v trains the coefficients on the held-out part, TWA-t on the training part
@@ -334,7 +337,7 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
     log.info("training the coefficients on the %s (%s)", "held-out part" if args.val_split else
              "training images", "TWA-v" if args.val_split else "TWA-t")
     train_started = time.time()
-    utils.run_epochs(args, ctx, model, forward, (coefficient_data, loaders.test), update, progress,
+    loop.run_epochs(args, ctx, model, forward, (coefficient_data, loaders.test), update, progress,
                      metrics, save_state)
     # the final BatchNorm pass sees one fixed epoch's crops, also when a resumed run has no epoch left
     loaders.train.set_epoch(args.epochs)
@@ -351,16 +354,16 @@ def write_results(args, model, space, trainer, results):
     names = [path if args.checkpoints else os.path.basename(path) for path in space.names]
     blocks = [{"parameters": span.names, "entries": span.size, "alpha": a.tolist()}
               for span, a in zip(space.spans, alpha)]
-    utils.save_torch(model.state_dict(), os.path.join(args.output_dir, "twa.pt"))
-    utils.save_json({"checkpoints": names, "alpha": alpha[0].tolist() if len(blocks) == 1 else None,
+    runfiles.save_torch(model.state_dict(), os.path.join(args.output_dir, "twa.pt"))
+    runfiles.save_json({"checkpoints": names, "alpha": alpha[0].tolist() if len(blocks) == 1 else None,
                      "blocks": blocks, "uniform": 1.0 / len(names),
                      "trained": args.coefficients,
                      "coordinates": trainer.coordinates.detach().cpu().double().tolist()},
                     os.path.join(args.output_dir, "coefficients.json"))
-    utils.save_json({**results, "mode": "TWA-v" if args.val_split else "TWA-t", "args": vars(args),
-                     "git": utils.git_revision()}, os.path.join(args.log_dir, "twa_results.json"))
+    runfiles.save_json({**results, "mode": "TWA-v" if args.val_split else "TWA-t", "args": vars(args),
+                     "git": runfiles.git_revision()}, os.path.join(args.log_dir, "twa_results.json"))
     log.info("wrote twa.pt and coefficients.json to %s", args.output_dir)
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

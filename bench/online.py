@@ -20,7 +20,7 @@ import time
 import common
 
 sys.path.insert(0, common.ROOT)
-import utils  # noqa: E402
+import runfiles  # noqa: E402
 
 # name: (arch, training images, SGD epochs, checkpoints per epoch, TWA epochs, batch size)
 SETTINGS = {"resnet20": ("resnet20", 10000, 3, 2, 2, 128), "vgg16bn": ("VGG16BN", 2000, 1, 4, 1, 64)}
@@ -93,7 +93,7 @@ def main():
     header = ["setting", "route", "wall s", "peak RSS MB", "disk MB", "TWA acc"]
     common.print_table(header, rows)
     path = os.path.join(common.ROOT, "bench", "results", f"online-{args.device}.txt")
-    utils.save_text(" | ".join(header) + "\n" + "\n".join(" | ".join(r) for r in rows) + "\n", path)
+    runfiles.save_text(" | ".join(header) + "\n" + "\n".join(" | ".join(r) for r in rows) + "\n", path)
     print(f"wrote {path}")
 
 

@@ -27,7 +27,7 @@ import common
 
 ROOT = common.ROOT
 sys.path.insert(0, ROOT)
-import utils  # noqa: E402
+import runfiles  # noqa: E402
 
 CHECKPOINTS_PER_EPOCH = 4
 TAIL_LRS = (0.05, 0.10)
@@ -69,7 +69,7 @@ class Pipeline:
         self.data_dir = common.cifar10_dir(args.data_dir)
         self.run_dir = os.path.join(args.out, f"{args.name}-seed{args.seed}")
         self.commands = []
-        self.git = utils.git_revision()  # of the code that runs (later commits may follow)
+        self.git = runfiles.git_revision()  # of the code that runs (later commits may follow)
 
     def common_flags(self):
         flags = ["--datasets", "ImageFolder", "--data-dir", self.data_dir, "--arch", self.args.arch,
@@ -84,7 +84,7 @@ class Pipeline:
         """A train_sgd.py run in <run_dir>/<name>, resumed if it was interrupted."""
         folder = os.path.join(self.run_dir, name)
         state = os.path.join(folder, "state.pt")
-        if os.path.exists(state) and utils.load_torch(state)["progress"]["epoch"] >= epochs:
+        if os.path.exists(state) and runfiles.load_torch(state)["progress"]["epoch"] >= epochs:
             return folder
         resume = ["--resume"] if os.path.exists(state) else []
         if not resume and os.path.exists(os.path.join(folder, "0.pt")):
@@ -105,7 +105,7 @@ class Pipeline:
                 "--wd", hyper["wd"], "--schedule", hyper["schedule"], "--pbits", pbits])
         out = json.load(open(results))
         alpha = json.load(open(os.path.join(folder, "coefficients.json")))
-        curve = [r["test_acc"] for r in utils.read_jsonl(os.path.join(folder, "metrics.jsonl"))
+        curve = [r["test_acc"] for r in runfiles.read_jsonl(os.path.join(folder, "metrics.jsonl"))
                  if r.get("stage") == "twa"]
         return {"name": name, "checkpoints": f"{start}..{end - 1} step {stride}", "pbits": pbits,
                 "n": len(alpha["alpha"]), "twa_epochs": epochs, "lr": hyper["lr"], "wd": hyper["wd"],
@@ -117,7 +117,7 @@ class Pipeline:
 
 
 def sgd_curve(folder):
-    rows = [r for r in utils.read_jsonl(os.path.join(folder, "metrics.jsonl")) if r["stage"] == "sgd"]
+    rows = [r for r in runfiles.read_jsonl(os.path.join(folder, "metrics.jsonl")) if r["stage"] == "sgd"]
     return {"test_acc": [r["test_acc"] for r in rows], "test_loss": [r["test_loss"] for r in rows],
             "train_loss": [r["train_loss"] for r in rows], "seconds": [r["time"] for r in rows]}
 
@@ -140,7 +140,7 @@ def main():
 
     def save():  # after every step, so a job stopped half-way still leaves what it measured
         report.update(commands=pipe.commands, wall_seconds=time.time() - started)
-        utils.save_json(report, path)
+        runfiles.save_json(report, path)
 
     sgd = pipe.sgd("sgd", e, ["--lr", 0.1, "--wd", 5e-4, "--schedule", "step", "--save-every", per])
     report["sgd"] = sgd_curve(sgd)

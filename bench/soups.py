@@ -27,7 +27,7 @@ import common
 
 ROOT = common.ROOT
 sys.path.insert(0, ROOT)
-import utils  # noqa: E402
+import runfiles  # noqa: E402
 
 VAL_SPLIT = 10
 FINETUNES = [(0.01, 1), (0.02, 2), (0.02, 3), (0.05, 4), (0.05, 5), (0.1, 6)]  # (lr, seed)
@@ -93,12 +93,12 @@ def diverse(args, run, sgd, run_dir, commands, started):
               "greedy_members": soup["greedy"]["members"],
               "alpha": {name: json.load(open(os.path.join(run_dir, name, "coefficients.json")))["alpha"]
                         for name in runs},
-              "commands": commands, "git": utils.git_revision(), "wall_seconds": time.time() - started}
+              "commands": commands, "git": runfiles.git_revision(), "wall_seconds": time.time() - started}
     print_report(report, rows, os.path.join(args.results, f"soups-diverse-seed{args.seed}.json"))
 
 
 def print_report(report, rows, path):
-    utils.save_json(report, path)
+    runfiles.save_json(report, path)
     print("| method | held-out acc | test acc |\n|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['held_out']['accuracy']:.2f} | {row['accuracy']:.2f} |")
@@ -146,8 +146,8 @@ def main():
               "greedy_members": soup["greedy"]["members"],
               "alpha": {name: json.load(open(os.path.join(run_dir, name, "coefficients.json")))["alpha"]
                         for name in ("twa-t", "twa-v")},
-              "base_test_acc": utils.read_jsonl(os.path.join(base, "metrics.jsonl"))[-1]["test_acc"],
-              "commands": commands, "git": utils.git_revision(), "wall_seconds": time.time() - started}
+              "base_test_acc": runfiles.read_jsonl(os.path.join(base, "metrics.jsonl"))[-1]["test_acc"],
+              "commands": commands, "git": runfiles.git_revision(), "wall_seconds": time.time() - started}
     print_report(report, rows, os.path.join(args.results, f"soups-seed{args.seed}.json"))
 
 

@@ -24,7 +24,7 @@ import common
 
 ROOT = common.ROOT
 sys.path.insert(0, ROOT)
-import utils  # noqa: E402
+import runfiles  # noqa: E402
 
 PER_EPOCH = 2
 TAIL = {"wd": 5e-5, "schedule": "step"}
@@ -76,7 +76,7 @@ class Pipeline:
         self.path = os.path.join(args.results, f"tail-swa-seed{args.seed}.json")
         self.report = {"seed": args.seed, "epochs": args.epochs, "swa_start": args.swa_start,
                        "checkpoints_per_epoch": PER_EPOCH, "runs": {}, "commands": self.commands,
-                       "git": utils.git_revision(), "complete": False}
+                       "git": runfiles.git_revision(), "complete": False}
 
     def run(self, script, flags):
         common.run_script(script, ["--datasets", "ImageFolder", "--data-dir", self.data_dir, "--arch",
@@ -91,7 +91,7 @@ class Pipeline:
                                       "--schedule", "swa", "--swa-start", self.args.swa_start,
                                       "--swa-lr", swa_lr, "--save-every", PER_EPOCH, "--val-split", 10,
                                       "--save-dir", folder, "--log-dir", folder, *resume])
-        rows = utils.read_jsonl(os.path.join(folder, "metrics.jsonl"))
+        rows = runfiles.read_jsonl(os.path.join(folder, "metrics.jsonl"))
         return folder, [r["test_acc"] for r in rows if r["stage"] == "sgd"]
 
     def twa(self, checkpoints, name, first, end, flags):
@@ -110,7 +110,7 @@ class Pipeline:
                 "rank": out["basis"]["rank"], "flags": list(map(str, flags))}
 
     def save(self):
-        utils.save_json(self.report, self.path)
+        runfiles.save_json(self.report, self.path)
 
 
 def main():

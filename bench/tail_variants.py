@@ -16,7 +16,7 @@ import common
 
 ROOT = common.ROOT
 sys.path.insert(0, ROOT)
-import utils  # noqa: E402
+import runfiles  # noqa: E402
 
 # (name, train_start: "last" tail checkpoint or "mean", lr): bench/reproduce.py uses ("last", 2.0)
 VARIANTS = [("last-lr2", "last", 2.0), ("mean-lr2", "mean", 2.0), ("mean-lr0.5", "mean", 0.5)]
@@ -66,12 +66,12 @@ def main():
         out = json.load(open(results))
         rows.append({"name": name, "start": start, "lr": lr, "swa_acc": out["swa"]["accuracy"],
                      "twa_acc": out["twa"]["accuracy"]})
-    sgd = [r["test_acc"] for r in utils.read_jsonl(os.path.join(tail, "metrics.jsonl"))]
+    sgd = [r["test_acc"] for r in runfiles.read_jsonl(os.path.join(tail, "metrics.jsonl"))]
     report = {"seed": args.seed, "init": args.init, "tail_lr": args.tail_lr, "tail_epochs": e,
               "tail_sgd_test_acc": sgd, "variants": rows, "commands": commands,
-              "git": utils.git_revision()}
+              "git": runfiles.git_revision()}
     path = os.path.join(args.results, f"tail-variants-seed{args.seed}.json")
-    utils.save_json(report, path)
+    runfiles.save_json(report, path)
     print(f"SGD tail end {sgd[-1]:.2f}, SWA {rows[0]['swa_acc']:.2f}")
     for row in rows:
         print(f"TWA from {row['start']}, lr {row['lr']}: {row['twa_acc']:.2f} "

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import common  # noqa: F401  (puts the project on the path)
 import data
-import utils
+import cli
 
 WARMUP = 3
 
@@ -62,7 +62,7 @@ def time_steps(model, optimizer, batches, steps, device):
 
 def main():
     args = parse_args()
-    device = utils.pick_device(args.device)
+    device = cli.pick_device(args.device)
     torch.manual_seed(0)
     root = common.cifar10_dir(args.data_dir)
     memory, _, classes, *_ = data.build_loaders(common.data_args(root, args.batch_size), device)
@@ -77,7 +77,7 @@ def main():
     }
     rows, epoch_rows = [], []
     for arch in args.archs:
-        model = utils.build_model(arch, "ImageFolder", classes, device, args.channels_last)
+        model = cli.build_model(arch, "ImageFolder", classes, device, args.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         model.train()
         seconds = {name: [] for name in paths}

@@ -11,7 +11,7 @@ import torch
 
 import train_sgd
 import train_twa
-import utils
+import cli
 from conftest import ROOT, write_image_folder
 from test_twa import RunsCode
 
@@ -165,7 +165,7 @@ def test_twa_interrupted_and_resumed_equals_uninterrupted(sgd_run, tmp_path):
 
 def expect_usage_error(main, argv, capsys, message):
     with pytest.raises(SystemExit) as exit_info:
-        utils.run_main(main, [*map(str, argv), "--quiet"])
+        cli.run_main(main, [*map(str, argv), "--quiet"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err

@@ -11,14 +11,15 @@ from torch import nn
 
 import data
 import twa
-import utils
+import loop
+import runfiles
 from test_cli import common, run
 from test_twa import flat, mlp, random_walk, train_steps
 
 
 def test_swa_schedule_matches_the_reference_formula():
     # VGG16BN on CIFAR-100 in the reference: 300 epochs, swa_start 161, lr 0.1 -> swa_lr 0.05
-    lrs = [utils.lr_at("swa", 0.1, e, 300, e / 300, swa_start=161, swa_lr=0.05) for e in range(300)]
+    lrs = [loop.lr_at("swa", 0.1, e, 300, e / 300, swa_start=161, swa_lr=0.05) for e in range(300)]
     assert lrs[:81] == [0.1] * 81  # t = epoch / 161 <= 0.5
     assert lrs[145:] == [pytest.approx(0.05)] * 155  # t > 0.9
     t = 100 / 161
@@ -31,7 +32,7 @@ def test_sgd_script_trains_with_the_swa_schedule(tiny_data, tmp_path):
     save = tmp_path / "swa"
     run("train_sgd.py", *common(tiny_data, save, "--epochs", 5, "--schedule", "swa", "--swa-start", 3,
                                 "--swa-lr", 0.02))
-    rows = utils.read_jsonl(save / "metrics.jsonl")
+    rows = runfiles.read_jsonl(save / "metrics.jsonl")
     expected = [0.1, 0.1, 0.1 * (1 - 0.8 * (2 / 3 - 0.5) / 0.4), 0.02, 0.02]
     assert [r["lr"] for r in rows] == pytest.approx(expected)
     bad = run("train_sgd.py", *common(tiny_data, tmp_path / "bad", "--schedule", "swa"), check=False)
@@ -160,7 +161,7 @@ def test_sgd_on_alpha_is_sgd_on_coordinates_preconditioned_by_d_t_d():
     walk = random_walk(mlp(), 5, step=0.05)
     lr = 0.1
     out = train_alpha_and_coordinates(walk, torch.optim.SGD, 1, lr=lr)
-    (w_alpha, t_alpha), (w_coord, t_coord) = out["alpha"], out["coordinates"]
+    (_, t_alpha), (_, t_coord) = out["alpha"], out["coordinates"]
     space, (unit, _) = t_coord.space, t_alpha.directions[0]
     step_coord = t_coord.coordinates.detach() - space.mean_coords  # -lr P g
     step_alpha = t_alpha.coordinates - space.mean_coords  # -lr D^T D P g
@@ -246,8 +247,8 @@ def test_a_model_scored_on_the_other_normalisation_loses_accuracy(tmp_path):
             nn.functional.cross_entropy(model(images), labels).backward()
             opt.step()
             opt.zero_grad()
-    matched = utils.evaluate(model, by_dataset.test)["accuracy"]
-    mismatched = utils.evaluate(model, by_reference.test)["accuracy"]
+    matched = loop.evaluate(model, by_dataset.test)["accuracy"]
+    mismatched = loop.evaluate(model, by_reference.test)["accuracy"]
     assert matched >= 95 and mismatched <= matched - 20
 
 

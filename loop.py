@@ -1,0 +1,204 @@
+"""The training loop both scripts share: learning-rate schedules, the epoch loop with its stop
+requests and progress, evaluation and the BatchNorm recompute. Knows nothing of TWA."""
+import contextlib
+import logging
+import math
+import signal
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
+from tqdm import tqdm
+
+import distributed
+
+log = logging.getLogger("twa")
+
+
+def step_milestones(epochs):
+    """Epochs at which the step schedule divides the rate by 10 (50% and 75% of training)."""
+    return int(epochs * 0.5), int(epochs * 0.75 + 0.9)
+
+
+def lr_at(schedule, base_lr, epoch, epochs, fraction, swa_start=None, swa_lr=None):
+    """The learning rate in `epoch` at `fraction` (in [0, 1)) of all training steps: a pure function,
+    so that resuming needs only counters. step and swa: per epoch; linear and cosine: per step."""
+    if schedule == "constant":
+        return base_lr
+    if schedule == "swa":
+        return base_lr * swa_factor(epoch / swa_start, swa_lr / base_lr)
+    if schedule == "step":
+        return base_lr * 0.1 ** sum(epoch >= m for m in step_milestones(epochs))
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * fraction))
+    if schedule == "linear":
+        return base_lr * (1 - fraction)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def swa_factor(t, ratio):
+    """The SWA schedule (Izmailov et al. 2018; the reference's swa/ scripts) at t = epoch / swa_start:
+    the full rate for the first half, a linear decay to `ratio` of it by 90%, then `ratio` for good."""
+    if t <= 0.5:
+        return 1.0
+    if t <= 0.9:
+        return 1.0 - (1.0 - ratio) * (t - 0.5) / 0.4
+    return ratio
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def autocast(device, enabled):
+    """bfloat16 autocast when enabled, else a no-op context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(model, loader, amp=False, ctx=None):
+    """{'loss', 'accuracy' (percent)} of `model` over `loader` (each rank's share, summed)."""
+    model.eval()
+    device = next(model.parameters()).device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+    for images, labels in loader:
+        with autocast(device, amp):
+            logits = model(images)
+        sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
+        sums[1] += (logits.argmax(1) == labels).sum()
+        sums[2] += len(labels)
+    loss, correct, count = distributed.sum_(sums, ctx).tolist() if ctx else sums.tolist()
+    return {"loss": loss / count, "accuracy": 100.0 * correct / count}
+
+
+def recompute_bn(model, loader):
+    """Reset BatchNorm statistics and recompute them as a cumulative average over `loader`."""
+    update_bn(loader, model)
+
+
+def progress_bar(enabled):
+    """A progress(iterable, description) wrapper: tqdm on a terminal, else the iterable itself."""
+    if not enabled or not sys.stdout.isatty():
+        return lambda items, desc=None, **kw: items
+    return lambda items, desc=None, **kw: tqdm(items, desc=desc, leave=False, dynamic_ncols=True, **kw)
+
+
+class StopRequest:
+    """While active (a context manager), SIGINT/SIGTERM set a flag that the training loop checks, so
+    that it saves a resumable state and exits; a second signal stops at once."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __bool__(self):
+        return self.signal is not None
+
+
+def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, save_state,
+               on_step=lambda batch: False, until=None):
+    """Train epochs progress["epoch"] .. args.epochs - 1 (or until - 1: the schedule still spans
+    args.epochs) and evaluate after each. update(lr) applies
+    one optimizer step; on_step(batch) may save a checkpoint and says whether the resume state must
+    be saved as well. SIGINT/SIGTERM (on any rank) save the state at the next step and exit with
+    code 143."""
+    train_loader, test_loader = loaders
+    steps = len(train_loader)
+    bar = progress_bar(not args.quiet and ctx.is_main)
+    last = until or args.epochs
+    epochs = bar(range(progress["epoch"], last), desc=metrics.stage, initial=progress["epoch"],
+                 total=last)
+    with StopRequest() as stop:
+        for epoch in epochs:
+            started, spent_before = time.time(), progress["elapsed"]
+            train_loader.set_epoch(epoch)
+
+            def lr_for_batch(batch):
+                fraction = (epoch * steps + batch) / (args.epochs * steps)
+                warmup = getattr(args, "warmup_epochs", 0) * steps  # steps of linear warm-up
+                scale = min(1.0, (epoch * steps + batch + 1) / warmup) if warmup else 1.0
+                return scale * lr_at(args.schedule, args.lr, epoch, args.epochs, fraction,
+                                     getattr(args, "swa_start", None), getattr(args, "swa_lr", None))
+
+            def after_step(batch, totals):
+                stopping = distributed.any_(bool(stop), ctx)
+                if on_step(batch) and batch + 1 < steps or stopping:
+                    progress.update(batch=batch + 1, totals=totals(),
+                                    elapsed=spent_before + time.time() - started)
+                    save_state()
+                return stopping
+
+            totals = train_epoch(model, forward, train_loader, epoch, lr_for_batch, update, args, ctx,
+                                 progress["batch"], progress["totals"], after_step)
+            if totals is None:
+                log.info("stopped by %s in epoch %d at step %d; state saved, continue with --resume",
+                         stop.signal or "another rank", epoch, progress["batch"])
+                raise SystemExit(128 + signal.SIGTERM)
+            elapsed = spent_before + time.time() - started
+            test = evaluate(model, test_loader, args.amp, ctx)
+            metrics.append({"epoch": epoch + 1, "lr": lr_for_batch(steps - 1),
+                            "train_loss": totals["loss"] / totals["count"],
+                            "train_acc": 100 * totals["correct"] / totals["count"],
+                            "test_loss": test["loss"], "test_acc": test["accuracy"], "time": elapsed})
+            log.info("%s epoch %d/%d: test loss %.4f acc %.2f (%.0f s)", metrics.stage, epoch + 1,
+                     args.epochs, test["loss"], test["accuracy"], elapsed)
+            progress.update(epoch=epoch + 1, batch=0, totals=None, elapsed=0.0)
+            save_state()
+
+
+def train_epoch(model, forward, loader, epoch, lr_for_batch, update, args, ctx, start_batch=0,
+                totals=None, after_step=lambda batch, totals: False):
+    """One epoch from batch `start_batch` on: forward, backward, update(lr) per step. Loss and
+    accuracy are summed on the device (no per-step host sync), over all ranks at each log line,
+    and checked to be finite there. Returns the epoch's totals, or None when
+    after_step(batch, totals) asks to stop."""
+    model.train()
+    device = next(model.parameters()).device
+    base = totals or {"loss": 0.0, "correct": 0, "count": 0}
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count of this rank
+
+    def merged():
+        loss, correct, count = distributed.sum_(sums.clone(), ctx).tolist()
+        return {"loss": base["loss"] + loss, "correct": base["correct"] + int(correct),
+                "count": base["count"] + int(count)}
+
+    batches = progress_bar(not args.quiet and ctx.is_main)(
+        loader.batches(start_batch), desc=f"epoch {epoch}", total=len(loader) - start_batch)
+    for batch, (images, labels) in enumerate(batches, start=start_batch):
+        lr = lr_for_batch(batch)
+        with autocast(device, args.amp):
+            logits = forward(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+        loss.backward()
+        update(lr)
+        sums[0] += loss.detach() * len(labels)
+        sums[1] += (logits.argmax(1) == labels).sum()
+        sums[2] += len(labels)
+        if (batch + 1) % args.print_freq == 0 or batch + 1 == len(loader):
+            now = merged()
+            if not math.isfinite(now["loss"]):
+                raise FloatingPointError(f"non-finite loss in epoch {epoch} by step {batch + 1}; the "
+                                         "last saved state is kept")
+            log.info("epoch %d [%d/%d] lr %.4g loss %.4f acc %.2f", epoch, batch + 1, len(loader), lr,
+                     now["loss"] / now["count"], 100 * now["correct"] / now["count"])
+        if after_step(batch, merged):
+            return None
+    return merged()
