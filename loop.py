@@ -167,8 +167,9 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
 def train_epoch(model, forward, loader, epoch, lr_for_batch, update, args, ctx, start_batch=0,
                 totals=None, after_step=lambda batch, totals: False):
     """One epoch from batch `start_batch` on: forward, backward, update(lr) per step. Loss and
-    accuracy are summed on the device (no per-step host sync), over all ranks at each log line,
-    and checked to be finite there. Returns the epoch's totals, or None when
+    accuracy are summed on the device and read (over all ranks) only at each log line, where they are
+    checked to be finite. Not sync-free: under torchrun after_step agrees on the stop flag every
+    step (an all-reduce and a read of one number). Returns the epoch's totals, or None when
     after_step(batch, totals) asks to stop."""
     model.train()
     device = next(model.parameters()).device
