@@ -15,6 +15,7 @@ import torchvision
 import data
 import distributed
 import models
+import twa
 from runfiles import UsageError, git_revision, save_json
 
 log = logging.getLogger("twa")
@@ -101,6 +102,28 @@ def build_model(arch, datasets, num_classes, device, channels_last=False):
         raise UsageError(f"unknown --arch {arch!r}; choose one of: {', '.join(names)}")
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def load_weights(model, path, args):
+    """Load a checkpoint file (parameters and buffers) into the model, or stop with one line that
+    says plainly why it does not fit."""
+    try:
+        state = twa.load_state_dict(path)
+    except twa.CheckpointError as err:
+        raise UsageError(str(err)) from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and tuple(getattr(state[k], "shape", ())) !=
+                tuple(expected[k].shape)]
+    if missing or unexpected or reshaped:
+        first = (f"'{reshaped[0]}' has shape {tuple(getattr(state[reshaped[0]], 'shape', ()))}, "
+                 f"the model {tuple(expected[reshaped[0]].shape)}" if reshaped else
+                 f"missing {missing[:1]}, unexpected {unexpected[:1]}")
+        raise UsageError(f"{path} does not match --arch {args.arch} on {args.datasets}: "
+                         f"{len(missing)} missing, {len(unexpected)} unexpected, "
+                         f"{len(reshaped)} reshaped entries ({first})")
+    model.load_state_dict(state)
 
 
 def setup_logging(log_dir, log_name, enabled=True):

@@ -109,13 +109,6 @@ def save_points(batches, per_epoch):
     return {round((j + 1) * batches / per_epoch) - 1 for j in range(per_epoch)}
 
 
-def load_weights(model, path):
-    try:
-        model.load_state_dict(twa.load_state_dict(path))
-    except (twa.CheckpointError, RuntimeError) as err:
-        raise UsageError(f"--init {path}: {str(err).splitlines()[0]}") from None
-
-
 def main(argv=None):
     args = parse_args(argv)
     state_path = os.path.join(args.save_dir, STATE)
@@ -143,7 +136,7 @@ def main(argv=None):
                  progress["checkpoint"])
     else:
         if args.init:
-            load_weights(model, args.init)
+            cli.load_weights(model, args.init, args)
         if ctx.is_main and args.save_every:
             runfiles.save_torch(model.state_dict(), os.path.join(args.save_dir, "0.pt"))
         if recorder:

@@ -160,26 +160,10 @@ def head_epoch(args):
     return None
 
 
-def load_checkpoint(model, path, args):
-    """Load a checkpoint (parameters and buffers) into the model, or say plainly why it does not fit."""
-    state, expected = twa.load_state_dict(path), model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or reshaped:
-        first = (f"'{reshaped[0]}' has shape {tuple(state[reshaped[0]].shape)}, the model "
-                 f"{tuple(expected[reshaped[0]].shape)}" if reshaped else
-                 f"missing {missing[:1]}, unexpected {unexpected[:1]}")
-        raise twa.CheckpointError(f"{path} does not match --arch {args.arch} on {args.datasets}: "
-                                  f"{len(missing)} missing, {len(unexpected)} unexpected, "
-                                  f"{len(reshaped)} reshaped entries ({first})")
-    model.load_state_dict(state)
-
-
 def build_subspace(args, model, ctx):
     files = checkpoint_files(args)
     try:
-        load_checkpoint(model, files[0], args)  # fails fast on another architecture or class count
+        cli.load_weights(model, files[0], args)  # fails fast on another architecture or class count
         started = time.time()
         progress = loop.progress_bar(not args.quiet and ctx.is_main)
         if args.basis == "reference":
@@ -226,10 +210,7 @@ def compare_soups(args, model, loaders, ctx, uniform):
     files = checkpoint_files(args)
     ingredients = []
     for path in files:
-        try:
-            load_checkpoint(model, path, args)
-        except twa.CheckpointError as err:
-            raise UsageError(str(err)) from None
+        cli.load_weights(model, path, args)
         ingredients.append({"checkpoint": path, **measure(model, loaders, args, ctx, recompute=False)})
         log.info("ingredient %s: held-out acc %.2f, test acc %.2f", path,
                  ingredients[-1]["held_out"]["accuracy"], ingredients[-1]["accuracy"])
@@ -284,7 +265,7 @@ def main(argv=None):
         return soups
 
     def start_at_checkpoint(trainer):
-        load_checkpoint(model, checkpoint_path(args, args.train_start), args)  # and its buffers
+        cli.load_weights(model, checkpoint_path(args, args.train_start), args)  # and its buffers
         trainer.move_to(checkpoint_indices(args).index(args.train_start))
 
     report = {"basis": basis_report, "start_epoch": head_epoch(args)}
