@@ -16,7 +16,7 @@ import cli
 import distributed
 import loop
 import runfiles
-import train_twa
+import stage
 import twa
 from cli import log
 from runfiles import UsageError
@@ -217,14 +217,14 @@ def train_recorded_subspace(args, ctx, loaders, model, recorder):
                         "processes": ctx.world}, "start_epoch": args.twa_at}
     log.info("subspace of %d recorded weights: rank %d, max|PP^T-I| %.1e, %.1f MB", len(space.names),
              space.rank, report["basis"]["orthogonality_error"], space.nbytes() / 1e6)
-    state_path = os.path.join(args.save_dir, train_twa.STATE)
+    state_path = os.path.join(args.save_dir, stage.STATE)
     inputs = {"recorded": list(space.names), "pbits": args.pbits, "layer_size": args.layer_size,
               "coefficients": args.coefficients, "val_split": args.val_split,
               "batch_size": args.batch_size}
     resume = runfiles.load_torch(state_path) if args.resume and os.path.exists(state_path) else None
     if resume and resume.get("inputs") != inputs:
         raise UsageError(f"{state_path} was saved for other settings; start without --resume")
-    train_twa.train_in_subspace(settings, ctx, loaders, model, space, report, state_path, inputs,
+    stage.train_in_subspace(settings, ctx, loaders, model, space, report, state_path, inputs,
                                 resume)
 
 

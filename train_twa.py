@@ -18,18 +18,17 @@ import json
 import os
 import time
 
-import torch
-
 import cli
 import distributed
 import loop
 import runfiles
 import soup
+import stage
 import twa
 from cli import log
 from runfiles import UsageError
 
-STATE = "twa_state.pt"
+STATE = stage.STATE
 NOT_CHECKPOINTS = ("state.pt", STATE, "twa.pt")  # what the scripts write beside checkpoints; globs skip them
 SPLIT_RECORD = "twa_split.json"  # the split a TWA run used, in its log folder (never read back)
 
@@ -193,17 +192,6 @@ def build_subspace(args, model, ctx):
     return space, report
 
 
-def measure(model, loaders, args, ctx, recompute=True):
-    """Test metrics, and held-out metrics when there is a held-out part, after recomputing the
-    BatchNorm statistics on the training part (for an average of models)."""
-    if recompute:
-        loop.recompute_bn(model, loaders.train)
-    result = loop.evaluate(model, loaders.test, args.amp, ctx)
-    if loaders.held_out_eval is not None:
-        result["held_out"] = loop.evaluate(model, loaders.held_out_eval, args.amp, ctx)
-    return result
-
-
 def compare_soups(args, model, loaders, ctx, uniform):
     """Soup mode's baselines: every model alone, the best of them on the held-out part, the uniform
     soup (= SWA, measured already) and the greedy soup."""
@@ -211,7 +199,8 @@ def compare_soups(args, model, loaders, ctx, uniform):
     ingredients = []
     for path in files:
         cli.load_weights(model, path, args)
-        ingredients.append({"checkpoint": path, **measure(model, loaders, args, ctx, recompute=False)})
+        scores = stage.measure(model, loaders, args, ctx, recompute=False)
+        ingredients.append({"checkpoint": path, **scores})
         log.info("ingredient %s: held-out acc %.2f, test acc %.2f", path,
                  ingredients[-1]["held_out"]["accuracy"], ingredients[-1]["accuracy"])
     ranked = sorted(range(len(files)), key=lambda i: -ingredients[i]["held_out"]["accuracy"])
@@ -219,7 +208,7 @@ def compare_soups(args, model, loaders, ctx, uniform):
 
     def score(members):
         model.load_state_dict(soup.average_state_dicts([files[i] for i in members]))
-        soups[tuple(members)] = measure(model, loaders, args, ctx)
+        soups[tuple(members)] = stage.measure(model, loaders, args, ctx)
         return soups[tuple(members)]["held_out"]["accuracy"]
     members, _ = soup.greedy_soup(ranked, score)
     greedy = soups[tuple(members)]  # as scored: BatchNorm recomputed, also for a soup of one
@@ -228,12 +217,6 @@ def compare_soups(args, model, loaders, ctx, uniform):
              best["accuracy"], uniform["accuracy"], len(members), greedy["accuracy"])
     return {"ingredients": ingredients, "best_single": best, "uniform": uniform,
             "greedy": {**greedy, "members": [files[i] for i in members]}}
-
-
-def make_optimizer(args, params):
-    if args.opt == "AdamW":
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
 def main(argv=None):
@@ -269,81 +252,10 @@ def main(argv=None):
         trainer.move_to(checkpoint_indices(args).index(args.train_start))
 
     report = {"basis": basis_report, "start_epoch": head_epoch(args)}
-    train_in_subspace(args, ctx, loaders, model, space, report, state_path, inputs,
+    stage.train_in_subspace(args, ctx, loaders, model, space, report, state_path, inputs,
                       resume, soups_beside if args.checkpoints else None,
                       start_at_checkpoint if args.train_start >= 0 else None)
     distributed.shutdown(ctx)
-
-
-def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inputs, resume=None,
-                      soups_beside=None, start=None):
-    """SWA (the mean, BatchNorm recomputed), then TWA for args.epochs from the mean or start(trainer),
-    resumable through state_path; writes twa.pt, coefficients.json and twa_results.json."""
-    trainer = twa.TWA(model, space, train=args.coefficients)  # the model now holds the mean: SWA
-    loaders.train.set_epoch(0)  # the same crops for SWA's BatchNorm pass, after SGD in this process too
-    swa = measure(model, loaders, args, ctx)
-    log.info("SWA: test loss %.4f acc %.2f", swa["loss"], swa["accuracy"])
-    soups = soups_beside(swa) if soups_beside else None
-    if start:
-        start(trainer)
-    optimizer = make_optimizer(args, trainer.parameters())
-    metrics = runfiles.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "twa",
-                            resume["metrics"] if resume else (), enabled=ctx.is_main)
-    progress = {"epoch": 0, "batch": 0, "totals": None, "elapsed": 0.0}
-    if resume:
-        trainer.move_to(resume["trained"])
-        model.load_state_dict(resume["buffers"], strict=False)
-        optimizer.load_state_dict(resume["optimizer"])
-        torch.set_rng_state(resume["rng"])
-        progress = resume["progress"]
-        log.info("resumed at epoch %d, batch %d", progress["epoch"], progress["batch"])
-    forward = distributed.wrap(model, ctx)
-    forward = torch.compile(forward) if args.compile else forward
-
-    def save_state():
-        if not ctx.is_main:
-            return
-        buffers = {k: v for k, v in model.state_dict().items() if k not in dict(model.named_parameters())}
-        runfiles.save_torch({"trained": trainer.trained.detach(), "buffers": buffers,
-                          "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                          "progress": progress, "metrics": metrics.rows, "args": vars(args),
-                          "inputs": inputs}, state_path)
-
-    def update(lr):
-        loop.set_lr(optimizer, lr)
-        trainer.step(optimizer)
-
-    # TWA-v trains the coefficients on the held-out part, TWA-t on the training part
-    coefficient_data = loaders.held_out if args.val_split else loaders.train
-    log.info("training the coefficients on the %s (%s)", "held-out part" if args.val_split else
-             "training images", "TWA-v" if args.val_split else "TWA-t")
-    train_started = time.time()
-    loop.run_epochs(args, ctx, model, forward, (coefficient_data, loaders.test), update, progress,
-                     metrics, save_state)
-    # the final BatchNorm pass sees one fixed epoch's crops, also when a resumed run has no epoch left
-    loaders.train.set_epoch(args.epochs)
-    final = measure(model, loaders, args, ctx)
-    log.info("TWA after BN update: test loss %.4f acc %.2f (SWA %.2f)", final["loss"],
-             final["accuracy"], swa["accuracy"])
-    if ctx.is_main:
-        write_results(args, model, space, trainer, {"swa": swa, "twa": final, "soup": soups, **report,
-                      "train_seconds": time.time() - train_started})
-
-
-def write_results(args, model, space, trainer, results):
-    alpha = space.checkpoint_coefficients(trainer.coordinates)
-    names = [path if args.checkpoints else os.path.basename(path) for path in space.names]
-    blocks = [{"parameters": span.names, "entries": span.size, "alpha": a.tolist()}
-              for span, a in zip(space.spans, alpha)]
-    runfiles.save_torch(model.state_dict(), os.path.join(args.output_dir, "twa.pt"))
-    runfiles.save_json({"checkpoints": names, "alpha": alpha[0].tolist() if len(blocks) == 1 else None,
-                     "blocks": blocks, "uniform": 1.0 / len(names),
-                     "trained": args.coefficients,
-                     "coordinates": trainer.coordinates.detach().cpu().double().tolist()},
-                    os.path.join(args.output_dir, "coefficients.json"))
-    runfiles.save_json({**results, "mode": "TWA-v" if args.val_split else "TWA-t", "args": vars(args),
-                     "git": runfiles.git_revision()}, os.path.join(args.log_dir, "twa_results.json"))
-    log.info("wrote twa.pt and coefficients.json to %s", args.output_dir)
 
 
 if __name__ == "__main__":
