@@ -2,28 +2,26 @@
 
 Small images (CIFAR-10/100, ImageFolder trees of images up to 64 px): decoded once into a uint8 tensor
 (cached beside the data), kept on the device, and cropped, flipped and normalised a whole batch at a
-time there (`TensorLoader`). Large images (ImageNet) and `--loader torchvision`: torchvision datasets,
-transforms and a DataLoader with worker processes (`EpochLoader`). Both shuffle with a generator seeded
-by (seed, epoch), so an epoch's order is a pure function of the two and resuming needs only counters.
+time there (loaders.TensorLoader). Large images (ImageNet) and `--loader torchvision`: torchvision
+datasets, transforms and a DataLoader with worker processes (loaders.EpochLoader).
 """
 import hashlib
 import logging
-import math
 import os
 from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
+
+from loaders import PAD, EpochLoader, TensorImages, TensorLoader
 
 log = logging.getLogger("twa")
 DATASETS = ("CIFAR10", "CIFAR100", "ImageNet", "ImageFolder")
 LOADERS = ("memory", "torchvision")
 SMALL_IMAGE = 64  # images up to this size are kept decoded in memory
-PAD = 4           # random-crop padding for small images
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The reference code's CIFAR constants, used for CIFAR-100 too; its checkpoints expect these inputs
 REFERENCE_MEAN, REFERENCE_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -33,118 +31,6 @@ EVAL_BATCH = 512
 
 class DataError(ValueError):
     """A data folder or dataset that cannot be used."""
-
-
-def epoch_generator(seed, epoch):
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The in-memory loader for small images
-# ---------------------------------------------------------------------------------------------------
-
-class BatchOrder:
-    """What both loaders share: a (seed, epoch)-shuffled order of n examples cut into global batches
-    of batch_size, of which rank r takes every world_size-th example (as DistributedSampler)."""
-
-    def __init__(self, n, batch_size, shuffle, seed, rank, world_size):
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.rank, self.world_size, self.epoch = rank, world_size, 0
-
-    def __len__(self):
-        return math.ceil(self.n / self.batch_size)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __iter__(self):
-        return self.batches()
-
-    def order(self, gen):
-        return torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
-
-    def shares(self, order, start=0):
-        """This rank's indices of each global batch from batch number `start` on."""
-        return [order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world_size]
-                for b in range(start, len(self))]
-
-
-class TensorLoader(BatchOrder):
-    """Batches from uint8 images (N, C, H, W) and labels held on the device; with `augment`, each batch
-    gets a random crop after zero-padding by PAD pixels and a random horizontal flip."""
-
-    def __init__(self, images, labels, batch_size, mean, std, augment=False, shuffle=False, seed=0,
-                 channels_last=False, rank=0, world_size=1):
-        super().__init__(len(labels), batch_size, shuffle, seed, rank, world_size)
-        self.images, self.labels, self.augment = images, labels, augment
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        device = images.device
-        self.shift = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-        self.scale = 1 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
-
-    def batches(self, start=0):
-        """The epoch's batches from batch number `start` on (for resuming inside an epoch)."""
-        gen = epoch_generator(self.seed, self.epoch)
-        order = self.order(gen)
-        shifts = torch.randint(0, 2 * PAD + 1, (self.n, 2), generator=gen)
-        flips = torch.rand(self.n, generator=gen) < 0.5
-        device = self.images.device
-        order, shifts, flips = order.to(device), shifts.to(device), flips.to(device)
-        for idx in self.shares(order, start):
-            images = self.images[idx]
-            if self.augment:
-                images = crop_and_flip(images, shifts[idx], flips[idx])
-            images = (images.float() - self.shift).mul_(self.scale)
-            yield images.contiguous(memory_format=self.memory_format), self.labels[idx]
-
-
-def crop_and_flip(images, shifts, flips):
-    """Per-image random crop of the zero-padded batch at (dy, dx) = shifts, then flip where `flips`."""
-    b, _, h, w = images.shape
-    padded = F.pad(images, (PAD, PAD, PAD, PAD))
-    rows = (shifts[:, 0, None] + torch.arange(h, device=images.device))[:, :, None]  # b, h, 1
-    cols = (shifts[:, 1, None] + torch.arange(w, device=images.device))[:, None, :]  # b, 1, w
-    cols = torch.where(flips[:, None, None], cols.flip(-1), cols)
-    batch = torch.arange(b, device=images.device)[:, None, None]
-    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # gathered as (b, h, w, c)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The torchvision loader
-# ---------------------------------------------------------------------------------------------------
-
-class EpochLoader(BatchOrder):
-    """torchvision's DataLoader with worker processes over the shared batch order; batches are moved
-    to `device`."""
-
-    def __init__(self, dataset, batch_size, device, shuffle=False, workers=4, seed=0,
-                 channels_last=False, rank=0, world_size=1):
-        super().__init__(len(dataset), batch_size, shuffle, seed, rank, world_size)
-        self.dataset, self.device, self.workers = dataset, device, workers
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    def batches(self, start=0):
-        order = self.order(epoch_generator(self.seed, self.epoch))
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=[idx.tolist() for idx in self.shares(order, start)],
-            num_workers=self.workers, pin_memory=self.device.type == "cuda", persistent_workers=False)
-        for images, labels in loader:
-            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            yield images, labels.to(self.device, non_blocking=True)
-
-
-class TensorImages(torch.utils.data.Dataset):
-    """uint8 (N, C, H, W) images as a Dataset of (transformed PIL image, label) for EpochLoader."""
-
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        image = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
-        return self.transform(image), int(self.labels[i])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import common  # noqa: F401  (puts the project on the path)
-import data
 import cli
+import data
+import loaders
 
 WARMUP = 3
 
@@ -37,7 +38,7 @@ def parse_args():
 
 def compute_only_batches(loader, steps):
     """Batches prepared beforehand by the in-memory loader without augmentation."""
-    plain = data.TensorLoader(loader.images, loader.labels, loader.batch_size, (0, 0, 0), (1, 1, 1))
+    plain = loaders.TensorLoader(loader.images, loader.labels, loader.batch_size, (0, 0, 0), (1, 1, 1))
     plain.shift, plain.scale = loader.shift, loader.scale
     batches = list(itertools.islice(plain.batches(), steps + WARMUP))
     return lambda: iter(batches)

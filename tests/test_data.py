@@ -7,15 +7,16 @@ import torch
 import torch.nn.functional as F
 
 import data
+import loaders
 
 
 def test_crop_and_flip_matches_per_image_slicing():
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 8, 10), generator=gen, dtype=torch.uint8)
-    shifts = torch.randint(0, 2 * data.PAD + 1, (6, 2), generator=gen)
+    shifts = torch.randint(0, 2 * loaders.PAD + 1, (6, 2), generator=gen)
     flips = torch.tensor([True, False, True, False, False, True])
-    out = data.crop_and_flip(images, shifts, flips)
-    padded = F.pad(images, (data.PAD,) * 4)
+    out = loaders.crop_and_flip(images, shifts, flips)
+    padded = F.pad(images, (loaders.PAD,) * 4)
     for i in range(6):
         dy, dx = shifts[i].tolist()
         expected = padded[i, :, dy:dy + 8, dx:dx + 10]
@@ -27,7 +28,7 @@ def loader(n=50, batch=8, **kw):
     gen = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (n, 3, 4, 4), generator=gen, dtype=torch.uint8)
     labels = torch.arange(n)  # the label names the example
-    return data.TensorLoader(images, labels, batch, (0.5,) * 3, (0.25,) * 3, augment=True,
+    return loaders.TensorLoader(images, labels, batch, (0.5,) * 3, (0.25,) * 3, augment=True,
                              shuffle=True, seed=3, **kw)
 
 
