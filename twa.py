@@ -398,9 +398,10 @@ class Span:
     def __init__(self, basis, columns, checkpoint_coords, mean_coords, to_alpha, names=(), size=None):
         self.basis, self.columns, self.names = basis, columns, list(names)
         self.size = basis.dim if size is None else size  # entries of the block over all processes
-        self.checkpoint_coords = checkpoint_coords
-        self.mean_coords = mean_coords
-        self.to_alpha = to_alpha
+        # on the basis' device, so that a training step never copies between host and device
+        self.checkpoint_coords = checkpoint_coords.to(basis.device)
+        self.mean_coords = mean_coords.to(basis.device)
+        self.to_alpha = to_alpha.to(basis.device)
 
     @property
     def rank(self):
@@ -497,7 +498,8 @@ class Subspace:
         return self.offsets[-1]
 
     def _concat(self, pieces):
-        return torch.cat([p.reshape(-1) for p in pieces]) if self.spans else torch.zeros(0)
+        return torch.cat([p.reshape(-1) for p in pieces]) if self.spans else \
+            torch.zeros(0, dtype=torch.float64, device=self.device)
 
     def _pieces(self, c):
         """c split into the spans' coordinates."""
@@ -625,11 +627,11 @@ class Subspace:
         centred = part - self.mean
         products = self._concat(span.basis.matvec(centred[span.columns], exact=True)
                                 for span in self.spans)
-        return self.shard.sum_(products).cpu() + self.mean_coords
+        return self.shard.sum_(products) + self.mean_coords
 
     def weights(self, c, out):
         """out = mean + P^T (c - P mean): the weights at coordinates c (this shard's entries)."""
-        step = c.detach().to(torch.float64).cpu() - self.mean_coords
+        step = c.detach().to(device=self.device, dtype=torch.float64) - self.mean_coords
         out.copy_(self.mean)
         for span, piece in zip(self.spans, self._pieces(step)):
             span.basis.rmatvec(piece, out[span.columns], accumulate=True)
@@ -658,9 +660,9 @@ class Subspace:
 
     def checkpoint_coefficients(self, c):
         """alpha (blocks x n) with sum_i alpha_bi w_i = the weights at coordinates c in block b."""
-        step = c.detach().double().cpu() - self.mean_coords
+        step = c.detach().to(device=self.device, dtype=torch.float64) - self.mean_coords
         return torch.stack([1.0 / len(self.names) + span.to_alpha @ piece
-                            for span, piece in zip(self.spans, self._pieces(step))])
+                            for span, piece in zip(self.spans, self._pieces(step))]).cpu()
 
     def orthogonality_error(self):
         """max |P P^T - I| over the blocks, computed in float64 (NaN if the basis holds a NaN)."""

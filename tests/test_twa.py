@@ -311,3 +311,27 @@ def test_training_checkpoint_loads_its_model_or_says_what_it_holds(tmp_path):
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "other.pt")
     with pytest.raises(twa.CheckpointError, match=r"no tensors.*'epoch', 'optimizer'"):
         twa.load_state_dict(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("train,bits,layer_size", [("coordinates", 32, None), ("alpha", 8, 0)])
+def test_a_training_step_copies_nothing_to_the_host(monkeypatch, train, bits, layer_size):
+    """On a GPU each of these would be a device-to-host sync; on the CPU they are traps."""
+    model = mlp()
+    space = twa.Subspace.from_checkpoints(model, random_walk(model, 6, step=0.05), bits=bits,
+                                          layer_size=layer_size)
+    trainer = twa.TWA(model, space, train=train)
+    opt = torch.optim.SGD(trainer.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    calls = []
+
+    def trap(name):
+        original = getattr(torch.Tensor, name)
+
+        def recorded(self, *args, **kwargs):
+            calls.append(name)
+            return original(self, *args, **kwargs)
+        return recorded
+    train_steps(model, 1, lambda: trainer.step(opt))  # the optimizer's lazy state, outside the trap
+    for name in ("cpu", "item", "tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, trap(name))
+    train_steps(model, 3, lambda: trainer.step(opt))
+    assert calls == []
