@@ -3,6 +3,7 @@ and the setup of a run (processes, logging, device, seeds, data, model, held-out
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -49,7 +50,10 @@ def pick_device(name):
     """'auto' means cuda when available, else cpu; an unavailable cuda is a usage error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine")
     return device
@@ -200,6 +204,10 @@ def check_common_args(args):
     for name in ("batch_size", "epochs", "print_freq"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    for flag, value in (("--lr", args.lr), ("--momentum", args.momentum), ("--wd", args.weight_decay),
+                        ("--tol", getattr(args, "tol", 0.0))):
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, not {value}")
     if args.lr <= 0 or args.momentum < 0 or args.weight_decay < 0 or args.workers < 0:
         raise UsageError("--lr must be positive and --momentum, --wd and --workers non-negative")
     if args.datasets != "CIFAR10" and args.datasets != "CIFAR100" and not os.path.isdir(args.data_dir):

@@ -48,6 +48,15 @@ def swa_factor(t, ratio):
     return ratio
 
 
+def check_finite(tensors, what):
+    """Raise FloatingPointError (exit 1, the last saved state kept) unless every value is finite: run
+    before anything is saved, so that no checkpoint or resume state ever holds a NaN or an Inf."""
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all()
+    if not bool(finite):  # one device-to-host read per save, not per step
+        raise FloatingPointError(f"non-finite values in {what}; nothing was saved, the last saved "
+                                 "state is kept")
+
+
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr

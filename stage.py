@@ -43,6 +43,7 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
     forward = torch.compile(forward) if args.compile else forward
 
     def save_state():
+        loop.check_finite([trainer.trained.detach(), *model.state_dict().values()], "TWA's state")
         if not ctx.is_main:
             return
         buffers = {k: v for k, v in model.state_dict().items() if k not in dict(model.named_parameters())}

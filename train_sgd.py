@@ -74,7 +74,7 @@ def parse_args(argv=None):
         raise UsageError(f"--save-every must be positive, not {args.save_every}")
     if args.schedule == "swa" and not (args.swa_start and 0 < args.swa_start <= args.epochs):
         raise UsageError(f"--schedule swa needs --swa-start in (0, --epochs], not {args.swa_start}")
-    if not args.swa_lr > 0:
+    if not 0 < args.swa_lr < float("inf"):
         raise UsageError(f"--swa-lr must be positive, not {args.swa_lr}")
     return args
 
@@ -90,7 +90,7 @@ def check_online_args(args):
     if args.layer_size is not None and args.layer_size < 0:
         raise UsageError(f"--layer-size must be non-negative, not {args.layer_size}")
     args.twa_lr = args.twa_lr if args.twa_lr is not None else {"SGD": 2.0, "AdamW": 0.01}[args.twa_opt]
-    if not args.twa_lr > 0 or not args.twa_wd >= 0:
+    if not 0 < args.twa_lr < float("inf") or not 0 <= args.twa_wd < float("inf"):
         raise UsageError("--twa-lr must be positive and --twa-wd non-negative")
 
 
@@ -137,6 +137,7 @@ def main(argv=None):
     else:
         if args.init:
             cli.load_weights(model, args.init, args)
+        loop.check_finite(model.state_dict().values(), "the initial weights")
         if ctx.is_main and args.save_every:
             runfiles.save_torch(model.state_dict(), os.path.join(args.save_dir, "0.pt"))
         if recorder:
@@ -145,6 +146,7 @@ def main(argv=None):
     forward = torch.compile(forward) if args.compile else forward
 
     def save_state():
+        loop.check_finite(model.state_dict().values(), "the model")
         if ctx.is_main:
             runfiles.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "rng": torch.get_rng_state(), "progress": progress,
@@ -162,6 +164,7 @@ def main(argv=None):
         if batch not in points:
             return False
         progress["checkpoint"] += 1
+        loop.check_finite(model.state_dict().values(), f"checkpoint {progress['checkpoint']}")
         if ctx.is_main:
             path = os.path.join(args.save_dir, f"{progress['checkpoint']}.pt")
             runfiles.save_torch(model.state_dict(), path)

@@ -247,3 +247,19 @@ def test_help_explains_every_flag():
         for flag in ("--datasets", "--arch", "--epochs", "--lr", "--wd", "--save-dir", "--resume",
                      "--device", "--randomseed", "--workers", "--print-freq", "--log-name"):
             assert flag in out, (script, flag)
+
+
+def test_non_finite_values_are_refused_up_front_and_never_saved(tiny_data, tmp_path):
+    for flag in ("--momentum", "--lr", "--wd"):
+        bad = run("train_sgd.py", *common(tiny_data, tmp_path / "nan", flag, "nan"), check=False)
+        assert bad.returncode == 2 and "finite" in bad.stderr, (flag, bad.stderr[-300:])
+    bogus = run("train_sgd.py", *common(tiny_data, tmp_path / "dev", "--device", "bogus"), check=False)
+    assert bogus.returncode == 2 and "not a device" in bogus.stderr
+    blown = run("train_sgd.py", *common(tiny_data, tmp_path / "blow", "--epochs", 2, "--lr", 1e4,
+                                        "--schedule", "constant", "--save-every", 6), check=False)
+    assert blown.returncode == 1
+    for name in os.listdir(tmp_path / "blow"):
+        if name.endswith(".pt"):
+            state = torch.load(tmp_path / "blow" / name, weights_only=True)
+            tensors = state["model"].values() if name == "state.pt" else state.values()
+            assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()), name
