@@ -17,7 +17,7 @@ import data
 import distributed
 import models
 import twa
-from runfiles import UsageError, git_revision, save_json
+from runfiles import FolderLock, UsageError, git_revision, save_json
 
 log = logging.getLogger("twa")
 SPLIT_FILE = "split.json"  # the held-out indices of --val-split, beside the checkpoints
@@ -216,12 +216,15 @@ def check_common_args(args):
     args.normalize = args.normalize or data.default_normalization(args.datasets)
 
 
-def setup_run(args, stage, recorded_split=None, record_split_to=None):
+def setup_run(args, stage, recorded_split=None, record_split_to=None, folders=()):
     """Processes, logging, device, seeds, data and model; rank 0 writes the resolved args and the
     command line. The held-out part of the training set is the split recorded in `recorded_split`
     (a split.json) if given, else a new one when --val-split asks for it; rank 0 records it in
-    `record_split_to`. Returns (distributed context, data.Loaders, model)."""
+    `record_split_to`. Rank 0 locks `folders` and the log folder for the run's lifetime. Returns
+    (distributed context, data.Loaders, model)."""
     ctx = distributed.init(pick_device(args.device))
+    if ctx.is_main:
+        ctx.folders = FolderLock([*folders, args.log_dir])
     setup_logging(args.log_dir, args.log_name, enabled=ctx.is_main)
     torch.set_num_threads(pick_threads(args.threads))
     seed_everything(args.randomseed, args.deterministic)

@@ -21,6 +21,7 @@ class Context:
     rank: int
     world: int
     device: torch.device
+    folders: object = None  # rank 0's lock on the run's folders, held while the run lives
 
     @property
     def is_main(self):

@@ -1,8 +1,11 @@
 """The run folder: files written atomically, loaded safely, the per-epoch metrics rows, the git
 revision that results carry. Knows nothing of models or training."""
+import fcntl
 import json
 import os
+import socket
 import subprocess
+import sys
 import tempfile
 
 import torch
@@ -10,6 +13,35 @@ import torch
 
 class UsageError(Exception):
     """Bad input found before any long work: reported as one line, exit code 2."""
+
+
+class FolderLock:
+    """An exclusive lock on a run's folders for the life of the process (flock on <folder>/.twa-lock,
+    released by the kernel also on kill -9): a second run into the same folder stops with one line
+    naming the holder instead of mixing its files with the first's. A folder that cannot be created
+    or written is found here too, before any long work."""
+
+    def __init__(self, folders):
+        self.files = []
+        for folder in sorted({os.path.abspath(f) for f in folders}):
+            try:
+                os.makedirs(folder, exist_ok=True)
+                handle = open(os.path.join(folder, ".twa-lock"), "a+")
+            except OSError as err:
+                raise UsageError(f"cannot write to {folder}: {err.strerror}") from None
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise UsageError(f"{folder} is in use by another run ({holder}); wait for it to "
+                                 "end or use another folder") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}\n")
+            handle.flush()
+            self.files.append(handle)
 
 
 def atomic_write(path, write):

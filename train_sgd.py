@@ -118,7 +118,7 @@ def main(argv=None):
         raise UsageError(f"{args.save_dir} already holds checkpoints; use --resume or another --save-dir")
     split = os.path.join(args.save_dir, cli.SPLIT_FILE)  # --val-split's held-out part, for train_twa
     ctx, loaders, model = cli.setup_run(args, "sgd", split if args.resume and os.path.exists(split)
-                                          else None, split)
+                                        else None, split, folders=[args.save_dir])
     train_loader, test_loader = loaders.train, loaders.test
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)

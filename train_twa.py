@@ -225,7 +225,8 @@ def main(argv=None):
     resume = runfiles.load_torch(state_path) if args.resume else None
     recorded = args.split or os.path.join(args.save_dir, cli.SPLIT_FILE)
     recorded = recorded if os.path.isfile(recorded) else None
-    ctx, loaders, model = cli.setup_run(args, "twa", recorded, os.path.join(args.log_dir, SPLIT_RECORD))
+    ctx, loaders, model = cli.setup_run(args, "twa", recorded, os.path.join(args.log_dir, SPLIT_RECORD),
+                                        folders=[args.output_dir])
     if args.val_split and not recorded:
         log.warning("no recorded split: holding out a new %g%% of the training images, which the "
                     "checkpoints may have been trained on", args.val_split)
