@@ -108,6 +108,23 @@ def build_model(arch, datasets, num_classes, device, channels_last=False):
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
+def check_resume(resume, args, flags, state_path):
+    """Refuse, before any long work, a resume state of another script or run: the first of `flags`
+    whose value differs from the one it was saved with is named, and impossible counters too."""
+    saved = resume.get("args") if isinstance(resume, dict) else None
+    progress = resume.get("progress") if isinstance(resume, dict) else None
+    if not isinstance(saved, dict) or not isinstance(progress, dict):
+        raise UsageError(f"{state_path} is not a resume state of this script")
+    for flag in flags:
+        if saved.get(flag) != getattr(args, flag):
+            raise UsageError(f"{state_path} was saved with --{flag.replace('_', '-')} "
+                             f"{saved.get(flag)}, not {getattr(args, flag)}; resume with the same "
+                             "flags, or start without --resume in another folder")
+    counters = [progress.get(key) for key in ("epoch", "batch")]
+    if not all(isinstance(v, int) and v >= 0 for v in counters) or counters[0] > args.epochs:
+        raise UsageError(f"{state_path} holds impossible counters {progress}")
+
+
 def load_weights(model, path, args):
     """Load a checkpoint file (parameters and buffers) into the model, or stop with one line that
     says plainly why it does not fit."""

@@ -22,6 +22,12 @@ from cli import log
 from runfiles import UsageError
 
 STATE = "state.pt"
+# the flags that shape a run: --resume refuses a state saved with other values
+SHAPING = ("datasets", "arch", "train_subset", "val_split", "split_seed", "batch_size", "momentum",
+           "randomseed", "epochs", "lr", "weight_decay", "schedule", "swa_start", "swa_lr",
+           "save_every", "init", "label_smoothing", "normalize", "deterministic", "twa_at",
+           "record_every", "twa_epochs", "twa_lr", "twa_wd", "twa_schedule", "twa_opt",
+           "coefficients", "pbits", "layer_size", "tol")
 
 
 def parse_args(argv=None):
@@ -113,6 +119,8 @@ def main(argv=None):
     args = parse_args(argv)
     state_path = os.path.join(args.save_dir, STATE)
     resume = runfiles.load_torch(state_path) if args.resume else None
+    if resume is not None:
+        cli.check_resume(resume, args, SHAPING, state_path)
     if not args.resume and any(os.path.exists(os.path.join(args.save_dir, name))
                                for name in ("0.pt", STATE)):
         raise UsageError(f"{args.save_dir} already holds checkpoints; use --resume or another --save-dir")

@@ -30,6 +30,12 @@ from runfiles import UsageError
 
 STATE = stage.STATE
 NOT_CHECKPOINTS = ("state.pt", STATE, "twa.pt")  # what the scripts write beside checkpoints; globs skip them
+# the flags that shape a TWA run: --resume refuses a state saved with other values
+SHAPING = ("datasets", "arch", "train_subset", "val_split", "split_seed", "batch_size", "opt",
+           "momentum", "randomseed", "epochs", "lr", "weight_decay", "schedule", "warmup_epochs",
+           "params_start", "params_end", "params_stride", "train_start", "extract", "n_components",
+           "pbits", "layer_size", "tol", "basis", "coefficients", "label_smoothing", "normalize",
+           "deterministic")
 SPLIT_RECORD = "twa_split.json"  # the split a TWA run used, in its log folder (never read back)
 
 
@@ -223,6 +229,8 @@ def main(argv=None):
     args = parse_args(argv)
     state_path = os.path.join(args.output_dir, STATE)
     resume = runfiles.load_torch(state_path) if args.resume else None
+    if resume is not None:
+        cli.check_resume(resume, args, SHAPING, state_path)
     recorded = args.split or os.path.join(args.save_dir, cli.SPLIT_FILE)
     recorded = recorded if os.path.isfile(recorded) else None
     ctx, loaders, model = cli.setup_run(args, "twa", recorded, os.path.join(args.log_dir, SPLIT_RECORD),
@@ -233,13 +241,10 @@ def main(argv=None):
     if args.checkpoints and loaders.held_out is None:
         raise UsageError("soup mode ranks the models on held-out images: give --val-split R, or "
                          "--split FILE from train_sgd.py --val-split")
-    inputs = {"checkpoints": checkpoint_files(args), "layer_size": args.layer_size,
-              "pbits": args.pbits, "extract": args.extract, "n_components": args.n_components,
-              "val_split": args.val_split, "batch_size": args.batch_size, "basis": args.basis,
-              "coefficients": args.coefficients}
+    inputs = {"checkpoints": checkpoint_files(args)}
     if resume and resume.get("inputs") != inputs:
-        raise UsageError(f"{state_path} was saved for other checkpoints or settings; start without "
-                         "--resume or use another --output-dir")
+        raise UsageError(f"{state_path} was saved for other checkpoints; start without --resume or "
+                         "use another --output-dir")
     space, basis_report = build_subspace(args, model, ctx)
 
     def soups_beside(swa):  # soup mode's baselines, then the model is back at the SWA point

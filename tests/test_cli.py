@@ -276,3 +276,28 @@ def test_a_second_run_into_a_busy_folder_stops_naming_the_first(tiny_data, tmp_p
     (tmp_path / "a-file").write_text("")  # a folder that cannot be made, even by root
     denied = run("train_sgd.py", *common(tiny_data, tmp_path / "a-file" / "run"), check=False)
     assert denied.returncode == 2 and "cannot write to" in denied.stderr
+
+
+def test_resume_names_the_first_changed_flag_before_any_work(sgd_run, tiny_data, tmp_path):
+    run("train_sgd.py", *common(tiny_data, tmp_path / "a", "--epochs", 1))
+    for flag, value in (("-b", 4), ("--lr", 0.2), ("--randomseed", 7), ("--arch", "resnet32")):
+        proc = run("train_sgd.py", *common(tiny_data, tmp_path / "a", "--epochs", 1, flag, value,
+                                           "--resume"), check=False)
+        assert proc.returncode == 2 and "was saved with --" in proc.stderr, (flag, proc.stderr[-300:])
+    state = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
+    state["progress"]["epoch"] = -3
+    torch.save(state, tmp_path / "a" / "state.pt")
+    proc = run("train_sgd.py", *common(tiny_data, tmp_path / "a", "--epochs", 1, "--resume"),
+               check=False)
+    assert proc.returncode == 2 and "impossible counters" in proc.stderr
+    torch.save([1, 2], tmp_path / "a" / "state.pt")
+    proc = run("train_sgd.py", *common(tiny_data, tmp_path / "a", "--epochs", 1, "--resume"),
+               check=False)
+    assert proc.returncode == 2 and "not a resume state" in proc.stderr
+    twa_out = tmp_path / "twa"
+    run("train_twa.py", *common(_data_of(sgd_run), sgd_run, "--params_end", 5, "--epochs", 1,
+                                "--output-dir", twa_out, "--log-dir", twa_out))
+    proc = run("train_twa.py", *common(_data_of(sgd_run), sgd_run, "--params_end", 5, "--epochs", 1,
+                                       "--output-dir", twa_out, "--log-dir", twa_out, "--opt",
+                                       "AdamW", "--resume"), check=False)
+    assert proc.returncode == 2 and "--opt SGD, not AdamW" in proc.stderr

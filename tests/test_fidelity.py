@@ -272,4 +272,4 @@ def test_twa_cli_reports_both_bases_and_trains_alpha(tiny_data, tmp_path):
     assert bad.returncode == 2 and "--basis reference" in bad.stderr
     resumed = run("train_twa.py", *common(tiny_data, save, "--params_end", 5, "--epochs", 1,
                                           "--output-dir", tmp_path / "alpha", "--resume"), check=False)
-    assert resumed.returncode == 2 and "other checkpoints or settings" in resumed.stderr
+    assert resumed.returncode == 2 and "was saved with --coefficients alpha, not coordinates" in resumed.stderr
