@@ -8,6 +8,7 @@ import time
 
 import torch
 
+import cli
 import distributed
 import loop
 import runfiles
@@ -21,6 +22,8 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
                       soups_beside=None, start=None):
     """SWA (the mean, BatchNorm recomputed), then TWA for args.epochs from the mean or start(trainer),
     resumable through state_path; writes twa.pt, coefficients.json and twa_results.json."""
+    # the same random draws (dropout) whether the subspace came from files or from this process's SGD
+    cli.seed_everything(args.randomseed, args.deterministic)
     trainer = twa.TWA(model, space, train=args.coefficients)  # the model now holds the mean: SWA
     loaders.train.set_epoch(0)  # the same crops for SWA's BatchNorm pass, after SGD in this process too
     swa = measure(model, loaders, args, ctx)

@@ -218,7 +218,6 @@ def train_recorded_subspace(args, ctx, loaders, model, recorder):
     """SWA and TWA over the recorded weights, as train_twa.py does over files; resumable through
     <save-dir>/twa_state.pt."""
     settings = twa_settings(args)
-    cli.seed_everything(args.randomseed, args.deterministic)  # draw what train_twa.py would draw
     started = time.time()
     space = recorder.subspace()
     report = {"basis": {"checkpoints": len(space.names), "rank": space.rank,
