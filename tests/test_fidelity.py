@@ -271,5 +271,6 @@ def test_twa_cli_reports_both_bases_and_trains_alpha(tiny_data, tmp_path):
                                       "--layer-size", 0), check=False)
     assert bad.returncode == 2 and "--basis reference" in bad.stderr
     resumed = run("train_twa.py", *common(tiny_data, save, "--params_end", 5, "--epochs", 1,
-                                          "--output-dir", tmp_path / "alpha", "--resume"), check=False)
+                                          "--output-dir", tmp_path / "alpha", "--opt", "AdamW",
+                                          "--resume"), check=False)
     assert resumed.returncode == 2 and "was saved with --coefficients alpha, not coordinates" in resumed.stderr
