@@ -10,6 +10,10 @@
    4 epochs, the reference's one-pass basis against ours at lr 2 and 0.5, PCA with 5 components,
    TWA-v (coefficients trained on the held-out part) with SGD and with AdamW on coordinates or alpha.
 3. For the first swa_lr, HEAD: the same basis ablation on the checkpoints of epochs 0..swa_start-1.
+4. With --low-lr-tail: the first run's last checkpoint continued at lr 0.001 for 2 epochs, 4
+   checkpoints per epoch (nearly parallel, as after a step schedule's last decay): SWA, and TWA from
+   the last checkpoint with each basis (LOW_LR_TAIL). There the one-pass basis is far from
+   orthonormal, unlike in the SWA-schedule tails above.
 
 The scripts run as a user runs them, in <out>/tail-swa-seed<k>/. A step whose outputs exist is skipped
 and an interrupted SGD run is resumed. Every number goes to results/tail-swa-seed<k>.json, rewritten
@@ -42,6 +46,10 @@ VARIANTS = {
     "v-adamw-alpha": (["--opt", "AdamW", "--lr", 0.01, "--wd", 0, "--schedule", "cosine",
                        "--epochs", 2, "--val-split", 10, "--coefficients", "alpha"], "first"),
 }
+LOW_LR_TAIL = {
+    "low-lr-orth-lr2-e2": ["--lr", 2, "--epochs", 2],
+    "low-lr-ref-lr2-e2": ["--lr", 2, "--epochs", 2, "--basis", "reference"],
+}
 HEAD = {
     "head-orth-lr2-e2": ["--lr", 2, "--epochs", 2, "--wd", 1e-5, "--train_start", -1],
     "head-ref-lr2-e2": ["--lr", 2, "--epochs", 2, "--wd", 1e-5, "--train_start", -1,
@@ -62,6 +70,9 @@ def parse_args():
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "runs"), help="run folders")
     parser.add_argument("--results", default=os.path.join(ROOT, "results"), help="where the JSON goes")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--low-lr-tail", action="store_true", help="also step 4")
+    parser.add_argument("--skip-variants", action="store_true",
+                        help="only the SGD runs and step 4 (the variants' results are read if present)")
     args = parser.parse_args()
     if not 0 < args.swa_start < args.epochs:
         parser.error("--swa-start must lie in (0, --epochs)")
@@ -94,9 +105,21 @@ class Pipeline:
         rows = runfiles.read_jsonl(os.path.join(folder, "metrics.jsonl"))
         return folder, [r["test_acc"] for r in rows if r["stage"] == "sgd"]
 
-    def twa(self, checkpoints, name, first, end, flags):
+    def low_lr_tail(self, start):
+        """The run continued from `start` at lr 0.001, 4 checkpoints per epoch for 2 epochs."""
+        folder = os.path.join(self.run_dir, "low-lr-tail")
+        if not os.path.exists(os.path.join(folder, "8.pt")):
+            resume = ["--resume"] if os.path.exists(os.path.join(folder, "state.pt")) else []
+            self.run("train_sgd.py", ["--epochs", 2, "--lr", 0.001, "--wd", 5e-4, "--schedule",
+                                      "constant", "--save-every", 4, "--val-split", 10, "--init", start,
+                                      "--save-dir", folder, "--log-dir", folder, *resume])
+        return folder
+
+    def twa(self, checkpoints, name, first, end, flags, skip=False):
         folder = os.path.join(self.run_dir, name)
         results = os.path.join(folder, "twa_results.json")
+        if skip and not os.path.exists(results):
+            return None
         if not os.path.exists(results):
             self.run("train_twa.py", ["--save-dir", checkpoints, "--output-dir", folder, "--log-dir",
                                       folder, "--params_start", first, "--params_end", end, *flags])
@@ -126,12 +149,20 @@ def main():
             if which == "all" or number == 0:
                 variant = [*tail_flags(flags), "--train_start", end - 1]
                 run["tail"][name] = pipe.twa(checkpoints, f"swalr{swa_lr:g}-{name}", first, end,
-                                             variant)
+                                             variant, skip=args.skip_variants)
                 pipe.save()
         for name, flags in HEAD.items():
             if number == 0:
                 run["head"][name] = pipe.twa(checkpoints, f"swalr{swa_lr:g}-{name}", 0, head_end,
-                                             ["--schedule", "step", *flags])
+                                             ["--schedule", "step", *flags], skip=args.skip_variants)
+                pipe.save()
+        if number == 0 and args.low_lr_tail:
+            low = pipe.low_lr_tail(os.path.join(checkpoints, f"{end - 1}.pt"))
+            run["low_lr_tail"] = {"sgd_test_acc": [r["test_acc"] for r in runfiles.read_jsonl(
+                os.path.join(low, "metrics.jsonl"))]}
+            for name, flags in LOW_LR_TAIL.items():
+                run["low_lr_tail"][name] = pipe.twa(low, f"swalr{swa_lr:g}-{name}", 0, 9,
+                                                    [*tail_flags(flags), "--train_start", 8])
                 pipe.save()
     pipe.report["complete"] = True
     pipe.save()
