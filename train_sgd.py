@@ -108,10 +108,11 @@ def twa_settings(args):
                                  "output_dir": args.save_dir, "train_start": -1})
 
 
-def save_points(batches, per_epoch):
-    """Batch indices after which a checkpoint is saved: per_epoch of them, evenly spread."""
+def save_points(batches, per_epoch, flag="--save-every"):
+    """Batch indices after which a checkpoint is saved (or weights recorded): per_epoch of them,
+    evenly spread."""
     if per_epoch > batches:
-        raise UsageError(f"--save-every {per_epoch} exceeds the {batches} batches of an epoch")
+        raise UsageError(f"{flag} {per_epoch} exceeds the {batches} batches of an epoch")
     return {round((j + 1) * batches / per_epoch) - 1 for j in range(per_epoch)}
 
 
@@ -162,12 +163,13 @@ def main(argv=None):
                               "recorder": recorder.state_dict() if recorder else None}, state_path)
 
     points = save_points(len(train_loader), args.save_every)
-    recording = save_points(len(train_loader), args.record_every) if recorder else set()
+    recording = save_points(len(train_loader), args.record_every, "--record-every") if recorder else set()
 
     def on_step(batch):
         """Record the weights and save a checkpoint file where asked; True when a file was saved
         (the resume state must then be saved too, to keep the numbering)."""
         if batch in recording:
+            loop.check_finite(model.state_dict().values(), "the weights to record")
             recorder.add(model)
         if batch not in points:
             return False
