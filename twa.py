@@ -517,18 +517,8 @@ class Subspace:
         of the mean and the earlier checkpoints (within a block) adds no direction there and is left
         out with a warning. progress(iterable, description) may wrap the passes (e.g. tqdm). Under
         torch.distributed every process of `group` keeps one column shard (see Sharding)."""
-        params = trainable_parameters(model)
-        device = torch.device(device) if device is not None else params[0][1].device
-        sources = list(checkpoints)
-        if not sources:
-            raise ValueError("no checkpoints given")
-        for source in sources:
-            if not isinstance(source, Mapping):
-                check_readable(source)  # fail before any long work, naming the file
-        names = [_describe(s, i) for i, s in enumerate(sources)]
-        wrap = progress or (lambda items, desc: items)
-        shard = Sharding(sum(p.numel() for _, p in params), group)
-        mean = _mean_of(sources, params, device, wrap, shard)
+        params, device, sources, names, wrap, shard, mean = _first_pass(model, checkpoints, device,
+                                                                        progress, group)
         builders = span_builders(parameter_blocks(params, layer_size), len(sources), shard, bits,
                                  device)
         w = mean.clone()
@@ -556,14 +546,9 @@ class Subspace:
         and the weights are mean + P^T (c - mean of L's rows). SGD on c with gradient P g and weight
         decay on c is then the reference's SGD on w with gradient P^T P g and weight decay on w, step
         for step (both stay in the row space of P; they differ only by float rounding)."""
-        params = trainable_parameters(model)
-        device = torch.device(device) if device is not None else params[0][1].device
-        sources = list(checkpoints)
-        names = [_describe(s, i) for i, s in enumerate(sources)]
-        wrap = progress or (lambda items, desc: items)
-        dim = sum(p.numel() for _, p in params)
-        shard = Sharding(dim, group)
-        mean = _mean_of(sources, params, device, wrap, shard)
+        params, device, sources, names, wrap, shard, mean = _first_pass(model, checkpoints, device,
+                                                                        progress, group)
+        dim = shard.dim
         basis = Basis(len(sources), shard.size, 32, device)
         lower = torch.zeros(len(sources), len(sources), dtype=torch.float64)  # L
         w = torch.empty(shard.size, device=device)
@@ -707,6 +692,24 @@ def _warn_dropped(builders, describe, n):
         log.warning("%d of %d block directions add nothing new and are left out of the basis (the "
                     "first: %s in the block of %s)", sum(len(b.dropped) for b in hit),
                     len(builders) * n, describe(hit[0].dropped[0][0]), hit[0].names[0])
+
+
+def _first_pass(model, checkpoints, device, progress, group):
+    """What both bases start from: the trainable parameters, the device, the checkpoints (each
+    checked readable before any long work) with their names, the progress wrapper, this process's
+    column shard and its part of the checkpoints' mean (the first streamed pass)."""
+    params = trainable_parameters(model)
+    device = torch.device(device) if device is not None else params[0][1].device
+    sources = list(checkpoints)
+    if not sources:
+        raise ValueError("no checkpoints given")
+    for source in sources:
+        if not isinstance(source, Mapping):
+            check_readable(source)  # fail before any long work, naming the file
+    names = [_describe(s, i) for i, s in enumerate(sources)]
+    wrap = progress or (lambda items, desc: items)
+    shard = Sharding(sum(p.numel() for _, p in params), group)
+    return params, device, sources, names, wrap, shard, _mean_of(sources, params, device, wrap, shard)
 
 
 def _mean_of(sources, params, device, wrap, shard):
