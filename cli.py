@@ -17,7 +17,7 @@ import data
 import distributed
 import models
 import twa
-from runfiles import FolderLock, UsageError, git_revision, save_json
+from runfiles import FolderLock, UsageError, WriteFailed, git_revision, save_json
 
 log = logging.getLogger("twa")
 SPLIT_FILE = "split.json"  # the held-out indices of --val-split, beside the checkpoints
@@ -41,7 +41,7 @@ def run_main(main, argv=None):
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except FloatingPointError as err:  # a diverged run: the last saved state is kept
+    except (FloatingPointError, WriteFailed) as err:  # the last saved state is kept
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

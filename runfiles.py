@@ -15,6 +15,10 @@ class UsageError(Exception):
     """Bad input found before any long work: reported as one line, exit code 2."""
 
 
+class WriteFailed(OSError):
+    """A file could not be written (disk full, file-size limit, ...); the previous file is intact."""
+
+
 class FolderLock:
     """An exclusive lock on a run's folders for the life of the process (flock on <folder>/.twa-lock,
     released by the kernel also on kill -9): a second run into the same folder stops with one line
@@ -57,6 +61,10 @@ def atomic_write(path, write):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a short write as RuntimeError
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise WriteFailed(f"cannot write {path} ({first}); the previous file, if any, is "
+                          "intact") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -301,3 +301,16 @@ def test_resume_names_the_first_changed_flag_before_any_work(sgd_run, tiny_data,
                                        "--output-dir", twa_out, "--log-dir", twa_out, "--opt",
                                        "AdamW", "--resume"), check=False)
     assert proc.returncode == 2 and "--opt SGD, not AdamW" in proc.stderr
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_torn_file(tiny_data, tmp_path):
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_sgd.py"),
+                           *map(str, common(tiny_data, tmp_path / "full", "--epochs", 3, "--twa-at", 2,
+                                            "--record-every", 2)), "--quiet"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: cannot write"), proc.stderr[-500:]
+    assert not [n for n in os.listdir(tmp_path / "full") if n.endswith((".pt", ".tmp"))]
