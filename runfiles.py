@@ -39,6 +39,8 @@ class FolderLock:
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 handle.close()
+                if holder.startswith(f"pid {os.getpid()} "):  # an earlier main() of this process
+                    continue
                 raise UsageError(f"{folder} is in use by another run ({holder}); wait for it to "
                                  "end or use another folder") from None
             handle.seek(0)
