@@ -39,6 +39,10 @@ class BatchOrder:
     def order(self, gen):
         return torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
 
+    def global_size(self, batch):
+        """The number of examples in global batch `batch`, over all ranks."""
+        return min(self.batch_size, self.n - batch * self.batch_size)
+
     def shares(self, order, start=0):
         """This rank's indices of each global batch from batch number `start` on."""
         return [order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world_size]
@@ -101,12 +105,20 @@ class EpochLoader(BatchOrder):
 
     def batches(self, start=0):
         order = self.order(epoch_generator(self.seed, self.epoch))
+        shares = [idx.tolist() for idx in self.shares(order, start)]
+        # only the last global batch can leave a rank nothing (batch_size >= world_size), and a
+        # DataLoader cannot collate an empty batch
+        empty = shares and not shares[-1]
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=[idx.tolist() for idx in self.shares(order, start)],
-            num_workers=self.workers, pin_memory=self.device.type == "cuda", persistent_workers=False)
+            self.dataset, batch_sampler=shares[:-1] if empty else shares, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False)
         for images, labels in loader:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             yield images, labels.to(self.device, non_blocking=True)
+        if empty:
+            image = self.dataset[0][0]
+            yield (image.new_zeros((0, *image.shape)).to(self.device, memory_format=self.memory_format),
+                   torch.zeros(0, dtype=torch.int64, device=self.device))
 
 
 class TensorImages(torch.utils.data.Dataset):
