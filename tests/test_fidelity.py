@@ -119,12 +119,17 @@ def test_reference_basis_trains_as_the_reference_weight_space_update(start):
     assert (rows.double().t() @ alpha - w_ours).norm() <= 1e-4 * w_ours.norm()
 
 
-def test_nan_checkpoint_gives_a_nan_basis_quality_not_zero():
+def test_nan_checkpoint_is_refused_naming_it_and_a_nan_basis_reports_nan_quality():
     model = mlp()
     walk = random_walk(model, 3)
-    walk[1] = {k: v.clone().fill_(float("nan")) for k, v in walk[1].items()}
-    quality = twa.Subspace.from_checkpoints(model, walk).basis_quality()
-    assert quality["orthogonality_error"] != quality["orthogonality_error"]  # NaN
+    bad = [dict(w) for w in walk]
+    bad[1]["2.bias"] = bad[1]["2.bias"].clone().fill_(float("inf"))
+    with pytest.raises(twa.CheckpointError, match=r"state_dict #1: '2.bias' holds NaN or Inf"):
+        twa.Subspace.from_checkpoints(model, bad)
+    space = twa.Subspace.from_checkpoints(model, walk)
+    space.spans[0].basis.data[1, 0] = float("nan")
+    quality = space.basis_quality()
+    assert quality["orthogonality_error"] != quality["orthogonality_error"]  # NaN, not max([0, nan])
 
 
 def train_alpha_and_coordinates(walk, optimizer, steps, order=None, **hyper):

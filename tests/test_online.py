@@ -89,7 +89,7 @@ def test_recorder_refuses_non_finite_weights_and_overflow():
     recorder = twa.SubspaceRecorder(model, 1)
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="recorded as #0: .0.weight. holds NaN or Inf"):
         recorder.add(model)
     with torch.no_grad():
         model[0].weight[0, 0] = 0.0
