@@ -1,6 +1,7 @@
 """The run folder: files written atomically, loaded safely, the per-epoch metrics rows, the git
 revision that results carry. Knows nothing of models or training."""
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -51,8 +52,9 @@ class FolderLock:
 
 
 def atomic_write(path, write):
-    """write(tmp_path) into a temp file beside `path`, flush it to disk, then rename it over `path`:
-    a crash leaves the old file or the new one, never a torn one."""
+    """write(tmp_path) into a temp file beside `path`, flush it to disk, rename it over `path`, and
+    flush the folder (which makes the rename itself durable): a crash or a power cut leaves the old
+    file or the new one, never a torn one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -63,6 +65,11 @@ def atomic_write(path, write):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(folder_fd)
+        finally:
+            os.close(folder_fd)
     except (OSError, RuntimeError) as err:  # torch.save reports a short write as RuntimeError
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise WriteFailed(f"cannot write {path} ({first}); the previous file, if any, is "
@@ -95,6 +102,75 @@ def load_torch(path):
         raise UsageError(f"file not found: {path}") from None
     except Exception as err:
         raise UsageError(f"cannot load {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Manifest:
+    """<folder>/checkpoints.json: each checkpoint file's size, SHA-256, epoch and step, written by
+    train_sgd.py with the file, so that a reader can tell a checkpoint that changed or rotted on disk
+    since (verify) from the one that was saved. Only an enabled (rank 0) instance writes; `keep`
+    continues the manifest already in the folder (a resumed run)."""
+
+    FILE = "checkpoints.json"
+
+    def __init__(self, folder, enabled=True, keep=False):
+        self.folder, self.enabled = folder, enabled
+        self.path = os.path.join(folder, self.FILE)
+        self.entries = read_manifest(self.path) if keep and enabled else {}
+
+    def save(self, state_dict, name, **where):
+        """Save a checkpoint atomically as <folder>/<name>, then its entry."""
+        entry = dict(where)
+
+        def write(tmp):
+            torch.save(state_dict, tmp)
+            entry.update(size=os.path.getsize(tmp), sha256=sha256_of(tmp))
+        atomic_write(os.path.join(self.folder, name), write)
+        self.entries[name] = entry
+        if self.enabled:
+            save_json(self.entries, self.path)
+
+
+def read_manifest(path):
+    """The entries of a checkpoints.json ({} when there is none)."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+        if not all(isinstance(e, dict) and isinstance(e["size"], int) and isinstance(e["sha256"], str)
+                   for e in entries.values()):
+            raise ValueError("an entry lacks its size or SHA-256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UsageError(f"cannot read the checkpoint manifest {path} ({err}); delete it to use the "
+                         "checkpoints unverified") from None
+    return entries
+
+
+def verify_checkpoints(paths):
+    """Stop with a UsageError naming the first of `paths` whose size or SHA-256 differs from its
+    entry in the checkpoints.json beside it; files without an entry are not checked. Returns how
+    many were verified."""
+    manifests, verified = {}, 0
+    for path in paths:
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder not in manifests:
+            manifests[folder] = read_manifest(os.path.join(folder, Manifest.FILE))
+        entry = manifests[folder].get(os.path.basename(path))
+        if entry is None:
+            continue
+        if os.path.getsize(path) != entry["size"] or sha256_of(path) != entry["sha256"]:
+            raise UsageError(f"{path} is not the file train_sgd.py saved (its size or SHA-256 differs "
+                             f"from {os.path.join(folder, Manifest.FILE)}): changed or corrupt on disk")
+        verified += 1
+    return verified
 
 
 def git_revision():
