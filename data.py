@@ -17,6 +17,7 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
 from loaders import PAD, EpochLoader, TensorImages, TensorLoader
+from runfiles import WriteFailed, save_torch
 
 log = logging.getLogger("twa")
 DATASETS = ("CIFAR10", "CIFAR100", "ImageNet", "ImageFolder")
@@ -49,15 +50,16 @@ def split_dirs(root):
 
 def image_folder(path):
     try:
-        folder = tv_datasets.ImageFolder(path)
+        folder = tv_datasets.ImageFolder(path, loader=_open_image)
     except (FileNotFoundError, RuntimeError) as err:  # no class folders, or no images in them
         raise DataError(f"no images found in {path}: {err}") from None
     return folder
 
 
-def decoded_image_folder(path, cache_dir=None):
+def decoded_image_folder(path, cache_dir=None, write_cache=True):
     """(images uint8 N x C x H x W, labels, classes) of an ImageFolder tree of equal-size images,
-    decoded once and cached as a .pt file keyed by the files' names, sizes and times."""
+    decoded once and cached as a .pt file keyed by the files' names, sizes and times (written
+    atomically, by one process when write_cache is true only for it)."""
     folder = image_folder(path)
     key = hashlib.sha1()
     for file, label in folder.samples:
@@ -76,16 +78,31 @@ def decoded_image_folder(path, cache_dir=None):
         raise DataError(f"images in {path} differ in size; use --loader torchvision")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(folder.targets, dtype=torch.int64)
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = f"{cache}.{os.getpid()}.tmp"  # written whole, then renamed: never a torn cache file
-    torch.save({"images": images, "labels": labels, "classes": folder.classes}, tmp)
-    os.replace(tmp, cache)
+    if write_cache:
+        try:
+            save_torch({"images": images, "labels": labels, "classes": folder.classes}, cache)
+        except WriteFailed as err:  # the cache only saves time
+            log.warning("decode cache not written: %s", err)
     return images, labels, folder.classes
 
 
 def _decode(file):
-    with Image.open(file) as image:
-        return np.asarray(image.convert("RGB"))
+    """An image file as an RGB array; a file that is not a whole image is a DataError naming it."""
+    try:
+        with Image.open(file) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for truncated or bad files
+        raise DataError(f"cannot decode image {file} ({err}); remove or replace it") from None
+
+
+def _open_image(file):
+    """ImageFolder's loader for the torchvision path: an RGB PIL image, or a DataError naming the
+    file (raised in a DataLoader worker, the run stops with that one line)."""
+    try:
+        with Image.open(file) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"cannot decode image {file} ({err}); remove or replace it") from None
 
 
 def _cache_dir(path):
@@ -123,14 +140,16 @@ def channel_stats(images):
     return tuple(flat.mean(1).tolist()), tuple(flat.std(1).tolist())
 
 
-def small_image_tensors(args):
-    """(train images, train labels, test images, test labels, classes) as uint8 tensors on the CPU."""
+def small_image_tensors(args, write_cache=True):
+    """(train images, train labels, test images, test labels, classes) as uint8 tensors on the CPU;
+    write_cache: whether this process writes the decode cache of an ImageFolder tree."""
     if args.datasets in ("CIFAR10", "CIFAR100"):
         train = torchvision_cifar(args.datasets, args.data_dir, True)
         test = torchvision_cifar(args.datasets, args.data_dir, False)
     else:
         train_dir, test_dir = split_dirs(args.data_dir)
-        train, test = decoded_image_folder(train_dir), decoded_image_folder(test_dir)
+        train = decoded_image_folder(train_dir, write_cache=write_cache)
+        test = decoded_image_folder(test_dir, write_cache=write_cache)
         if train[2] != test[2]:
             raise DataError(f"{train_dir} and {test_dir} have different class folders")
     images, labels = train[0], train[1]
@@ -194,7 +213,7 @@ def build_loaders(args, device, rank=0, world_size=1, split=None):
     split = split or (lambda n: None)
     if not is_small_image_dataset(args):
         return large_image_loaders(args, device, rank, world_size, split)
-    train_x, train_y, test_x, test_y, classes = small_image_tensors(args)
+    train_x, train_y, test_x, test_y, classes = small_image_tensors(args, write_cache=rank == 0)
     mean, std = input_normalization(args, train_x)
     held = split(len(train_y))
     keep = torch.ones(len(train_y), dtype=torch.bool)
