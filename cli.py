@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 
@@ -35,15 +36,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def run_main(main, argv=None):
-    """Run a script's main(argv); bad input ends it with one line on stderr and exit code 2."""
+    """Run a script's main(argv); bad input ends it with one line on stderr and exit code 2, a
+    failure during the run (non-finite values, a failed write, unreadable data) with one line and
+    exit code 1."""
     try:
         main(argv)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (FloatingPointError, WriteFailed) as err:  # the last saved state is kept
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        stop(err, 2)
+    except KeyboardInterrupt:  # SIGINT outside the epochs, which save a state and exit 143 alike
+        stop("interrupted; the last saved state is kept", 128 + signal.SIGTERM)
+    except (FloatingPointError, WriteFailed, data.DataError) as err:  # the last saved state is kept
+        stop(err, 1)
+
+
+def stop(err, code):
+    lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    message = lines[0]
+    if "Original Traceback" in str(err):  # raised in a DataLoader worker: "<type>: <message>" is last
+        message = lines[-1].split(": ", 1)[-1]
+    print(f"error: {message}", file=sys.stderr)
+    distributed.leave()
+    sys.exit(code)
 
 
 def pick_device(name):
@@ -86,13 +99,50 @@ def idle_fraction(seconds=0.2):
     return (idle1 - idle0) / (total1 - total0)
 
 
-def seed_everything(seed, deterministic=False):
-    """Seed python, numpy and torch (all devices); `deterministic` trades speed for bitwise repeats."""
+def seed_everything(seed, deterministic=False, rank=0):
+    """Seed python, numpy and torch (all devices); `deterministic` trades speed for bitwise repeats.
+    Ranks other than 0 get seeds of their own, so that their dropout masks differ; anything that
+    must agree across ranks (model initialisation) is drawn before with rank 0's seed, and the data
+    order has its own generators (loaders.epoch_generator)."""
+    seed = seed if rank == 0 else seed + 7919 * rank
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = not deterministic
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def rng_state(device):
+    """This process's random-number state: the CPU generator's, and the current GPU's on CUDA."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def all_rng_states(ctx):
+    """Every rank's rng_state, gathered (a list indexed by rank; one collective of a few KB)."""
+    mine = rng_state(ctx.device)
+    if ctx.world == 1:
+        return [mine]
+    states = [None] * ctx.world
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng(saved, ctx, state_path):
+    """Restore this rank's saved random state (a list by rank; older states hold one CPU state)."""
+    if torch.is_tensor(saved):
+        saved = [{"cpu": saved, "cuda": None}]
+    if len(saved) != ctx.world:
+        log.warning("%s was saved by %d processes, not %d: every process resumes with the random "
+                    "state of process 0 (only dropout masks differ from an uninterrupted run)",
+                    state_path, len(saved), ctx.world)
+    set_rng_state(saved[ctx.rank] if len(saved) == ctx.world else saved[0], ctx.device)
 
 
 def build_model(arch, datasets, num_classes, device, channels_last=False):
@@ -187,7 +237,10 @@ def add_common_args(parser):
     add("--log-name", default="log", help="log file name (<log-dir>/<log-name>.log)")
     add("-j", "--workers", type=int, default=min(4, os.cpu_count() or 1),
         help="DataLoader worker processes (torchvision loader only)")
-    add("-p", "--print-freq", type=int, default=50, help="log every N training steps")
+    add("-p", "--print-freq", type=int, default=50, help="log every N training steps (also where "
+        "the loss is checked to be finite and, under torchrun, a stop request agreed on)")
+    add("--eval-every", type=int, default=1, metavar="N", help="evaluate on the test set every N "
+        "epochs and after the last")
     add("--threads", type=int, default=0, help="CPU threads of torch (0: OMP_NUM_THREADS when set, "
         "else the cores that other jobs leave idle right now)")
     add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
@@ -202,6 +255,9 @@ def add_common_args(parser):
     add("--amp", action="store_true", help="bfloat16 autocast for forward passes")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
+    add("--dist-timeout", type=float, default=600, metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others in one exchange before the "
+        "run fails (a node that died or never started)")
     add("--resume", action="store_true", help="continue from the last complete state in --save-dir")
     add("--quiet", action="store_true", help="no progress bars")
 
@@ -218,7 +274,9 @@ def check_common_args(args):
         raise UsageError(f"--train-subset must be non-negative, not {args.train_subset}")
     if args.threads < 0:
         raise UsageError(f"--threads must be non-negative, not {args.threads}")
-    for name in ("batch_size", "epochs", "print_freq"):
+    if not 0 < args.dist_timeout < float("inf"):
+        raise UsageError(f"--dist-timeout must be a positive number of seconds, not {args.dist_timeout}")
+    for name in ("batch_size", "epochs", "print_freq", "eval_every"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
     for flag, value in (("--lr", args.lr), ("--momentum", args.momentum), ("--wd", args.weight_decay),
@@ -233,13 +291,20 @@ def check_common_args(args):
     args.normalize = args.normalize or data.default_normalization(args.datasets)
 
 
-def setup_run(args, stage, recorded_split=None, record_split_to=None, folders=()):
-    """Processes, logging, device, seeds, data and model; rank 0 writes the resolved args and the
-    command line. The held-out part of the training set is the split recorded in `recorded_split`
-    (a split.json) if given, else a new one when --val-split asks for it; rank 0 records it in
-    `record_split_to`. Rank 0 locks `folders` and the log folder for the run's lifetime. Returns
-    (distributed context, data.Loaders, model)."""
-    ctx = distributed.init(pick_device(args.device))
+def start_processes(args):
+    """Join torchrun's processes, if any, on the chosen device: the distributed context."""
+    return distributed.init(pick_device(args.device), args.dist_timeout)
+
+
+def setup_run(args, ctx, stage, recorded_split=None, record_split_to=None, folders=()):
+    """Logging, seeds, data and model; rank 0 writes the resolved args and the command line. The
+    held-out part of the training set is the split recorded in `recorded_split` (a split.json) if
+    given, else a new one when --val-split asks for it; rank 0 records it in `record_split_to`.
+    Rank 0 locks `folders` and the log folder for the run's lifetime. Holds no collective, so that
+    it can run inside distributed.agreement. Returns (data.Loaders, model)."""
+    if args.batch_size < ctx.world:
+        raise UsageError(f"-b {args.batch_size} is smaller than the {ctx.world} processes: every "
+                         "process needs a share of each batch")
     if ctx.is_main:
         ctx.folders = FolderLock([*folders, args.log_dir])
     setup_logging(args.log_dir, args.log_name, enabled=ctx.is_main)
@@ -265,12 +330,38 @@ def setup_run(args, stage, recorded_split=None, record_split_to=None, folders=()
         save_json(split, record_split_to)
     model = build_model(args.arch, args.datasets, loaders.classes, ctx.device, args.channels_last)
     model = distributed.synchronise_batchnorm(model, ctx)
+    seed_everything(args.randomseed, args.deterministic, ctx.rank)  # the same model, own dropout
     log.info("%d CPU threads per process", torch.get_num_threads())
     log.info("device %s x %d processes, %s on %s: %d train batches%s, %d classes, %d parameters",
              ctx.device, ctx.world, args.arch, args.datasets, len(loaders.train),
              f" ({len(split['held_out'])} images held out)" if split else "", loaders.classes,
              sum(p.numel() for p in model.parameters()))
-    return ctx, loaders, model
+    return loaders, model
+
+
+def check_ranks_agree(ctx, args, flags, loaders, **inputs):
+    """Stop every rank (exit 2) unless all agree on `flags`, the data's sizes and `inputs` (e.g. the
+    checkpoint files): a rank launched with another --train-subset would otherwise abort inside a
+    collective, or train on other batches."""
+    fields = {f"--{flag.replace('_', '-')}": getattr(args, flag, None) for flag in flags}
+    fields["the data (train, test, held-out examples and classes)"] = (
+        loaders.train.n, loaders.test.n, loaders.held_out.n if loaders.held_out else 0,
+        loaders.classes)
+    fields.update((name.replace("_", " "), value) for name, value in inputs.items())
+    distributed.check_same(ctx, fields)
+
+
+def check_split(split):
+    """Raise ValueError unless `split` has the fields and types that resolve_split writes."""
+    def ints(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if not (ints(split["examples"]) and ints(split["seed"]) and
+            isinstance(split["percent"], (int, float)) and isinstance(split["held_out"], list)):
+        raise ValueError("examples and seed must be integers, percent a number, held_out a list")
+    if not split["held_out"] or not all(map(ints, split["held_out"])):
+        raise ValueError("held_out must be a non-empty list of image indices")
+    if len(set(split["held_out"])) != len(split["held_out"]):
+        raise ValueError("held_out repeats an index")
 
 
 def resolve_split(args, n, recorded):
@@ -280,8 +371,8 @@ def resolve_split(args, n, recorded):
         try:
             with open(recorded) as f:
                 split = json.load(f)
-            split["examples"], split["percent"], split["seed"], split["held_out"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            check_split(split)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise UsageError(f"cannot read the split {recorded}: {err}") from None
         if split["examples"] != n:
             raise UsageError(f"{recorded} splits {split['examples']} training images; this data has {n}")

@@ -5,6 +5,9 @@ the same code. Each rank trains on its share of every global batch (the loaders 
 DistributedDataParallel averages the gradients, BatchNorm statistics are those of the global batch
 (SyncBatchNorm on GPUs, CrossProcessBatchNorm below on CPUs), and only rank 0 writes files and logs.
 """
+import contextlib
+import datetime
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -14,6 +17,8 @@ import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
+
+from runfiles import UsageError
 
 
 @dataclass
@@ -28,20 +33,72 @@ class Context:
         return self.rank == 0
 
 
-def init(device):
-    """Join the process group that torchrun describes in the environment (if any)."""
+def init(device, timeout=None):
+    """Join the process group that torchrun describes in the environment (if any); a collective
+    that waits more than `timeout` seconds for a rank (one that never came, or died) fails."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Context(0, 1, device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout) if timeout else None)
     return Context(dist.get_rank(), world, device)
 
 
+@contextlib.contextmanager
+def agreement(ctx):
+    """Run checks that may fail on some ranks only (a file missing on one node, its data, its
+    disk) so that all ranks stop together: an exception on any rank makes every other rank raise a
+    UsageError naming it, instead of waiting in the next collective until the timeout. The block
+    must hold no collective of its own."""
+    try:
+        yield
+    except Exception:
+        _first_failed(ctx, failed=True)
+        raise
+    failed = _first_failed(ctx, failed=False)
+    if failed is not None:
+        raise UsageError(f"process {failed} of {ctx.world} stopped on bad input (its error is in "
+                         "its output); every process stops with it")
+
+
+def _first_failed(ctx, failed):
+    """The lowest rank that failed, on every rank (None when none did)."""
+    if ctx.world == 1:
+        return 0 if failed else None
+    vote = torch.tensor([ctx.rank if failed else ctx.world], device=ctx.device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+    return None if vote.item() == ctx.world else vote.item()
+
+
+def check_same(ctx, fields):
+    """Stop every rank with a UsageError naming the first of `fields` (name -> value, compared by
+    repr) whose value is not the same on all ranks: ranks that disagree on flags or data would
+    otherwise fail deep inside a collective, or silently train on mismatched batches."""
+    if ctx.world == 1:
+        return
+    digests = [int.from_bytes(hashlib.sha256(repr(v).encode()).digest()[:7], "big")
+               for v in fields.values()]  # 56 bits: exact in int64 on every backend
+    low = torch.tensor(digests, dtype=torch.int64, device=ctx.device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    for name, a, b in zip(fields, low.tolist(), high.tolist()):
+        if a != b:
+            raise UsageError(f"the {ctx.world} processes disagree on {name} (process {ctx.rank} "
+                             f"has {fields[name]!r}); launch every node with the same flags and data")
+
+
 def shutdown(ctx):
-    if ctx.world > 1 and dist.is_initialized():
+    if ctx.world > 1:
+        leave()
+
+
+def leave():
+    """Leave the process group, if this process joined one (also on the way out after an error)."""
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

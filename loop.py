@@ -148,7 +148,10 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
                                      getattr(args, "swa_start", None), getattr(args, "swa_lr", None))
 
             def after_step(batch, totals):
-                stopping = distributed.any_(bool(stop), ctx)
+                # under torchrun the ranks agree on a stop request every -p steps (an all-reduce
+                # and a read of one number), not every step; alone, the flag is read as it is
+                agree = ctx.world == 1 or (batch + 1) % args.print_freq == 0 or batch + 1 == steps
+                stopping = agree and distributed.any_(bool(stop), ctx)
                 if on_step(batch) and batch + 1 < steps or stopping:
                     progress.update(batch=batch + 1, totals=totals(),
                                     elapsed=spent_before + time.time() - started)
@@ -162,13 +165,16 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
                          stop.signal or "another rank", epoch, progress["batch"])
                 raise SystemExit(128 + signal.SIGTERM)
             elapsed = spent_before + time.time() - started
-            test = evaluate(model, test_loader, args.amp, ctx)
+            test = {"loss": None, "accuracy": None}
+            if (epoch + 1) % getattr(args, "eval_every", 1) == 0 or epoch + 1 == last:
+                test = evaluate(model, test_loader, args.amp, ctx)
             metrics.append({"epoch": epoch + 1, "lr": lr_for_batch(steps - 1),
                             "train_loss": totals["loss"] / totals["count"],
                             "train_acc": 100 * totals["correct"] / totals["count"],
                             "test_loss": test["loss"], "test_acc": test["accuracy"], "time": elapsed})
-            log.info("%s epoch %d/%d: test loss %.4f acc %.2f (%.0f s)", metrics.stage, epoch + 1,
-                     args.epochs, test["loss"], test["accuracy"], elapsed)
+            log.info("%s epoch %d/%d: train loss %.4f%s (%.0f s)", metrics.stage, epoch + 1,
+                     args.epochs, totals["loss"] / totals["count"], "" if test["loss"] is None else
+                     f", test loss {test['loss']:.4f} acc {test['accuracy']:.2f}", elapsed)
             progress.update(epoch=epoch + 1, batch=0, totals=None, elapsed=0.0)
             save_state()
 
@@ -176,9 +182,8 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
 def train_epoch(model, forward, loader, epoch, lr_for_batch, update, args, ctx, start_batch=0,
                 totals=None, after_step=lambda batch, totals: False):
     """One epoch from batch `start_batch` on: forward, backward, update(lr) per step. Loss and
-    accuracy are summed on the device and read (over all ranks) only at each log line, where they are
-    checked to be finite. Not sync-free: under torchrun after_step agrees on the stop flag every
-    step (an all-reduce and a read of one number). Returns the epoch's totals, or None when
+    accuracy are summed on the device and read (over all ranks) only at each log line, every -p
+    steps, where they are checked to be finite. Returns the epoch's totals, or None when
     after_step(batch, totals) asks to stop."""
     model.train()
     device = next(model.parameters()).device
@@ -196,10 +201,13 @@ def train_epoch(model, forward, loader, epoch, lr_for_batch, update, args, ctx, 
         lr = lr_for_batch(batch)
         with autocast(device, args.amp):
             logits = forward(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
-        loss.backward()
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing,
+                               reduction="sum")
+        # this rank's sum over the global batch's count, times the world that DDP divides by: the
+        # one-process mean loss whatever the shares' sizes (an uneven last batch, an empty share)
+        (loss * (ctx.world / loader.global_size(batch))).backward()
         update(lr)
-        sums[0] += loss.detach() * len(labels)
+        sums[0] += loss.detach()
         sums[1] += (logits.argmax(1) == labels).sum()
         sums[2] += len(labels)
         if (batch + 1) % args.print_freq == 0 or batch + 1 == len(loader):

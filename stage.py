@@ -23,7 +23,7 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
     """SWA (the mean, BatchNorm recomputed), then TWA for args.epochs from the mean or start(trainer),
     resumable through state_path; writes twa.pt, coefficients.json and twa_results.json."""
     # the same random draws (dropout) whether the subspace came from files or from this process's SGD
-    cli.seed_everything(args.randomseed, args.deterministic)
+    cli.seed_everything(args.randomseed, args.deterministic, ctx.rank)
     trainer = twa.TWA(model, space, train=args.coefficients)  # the model now holds the mean: SWA
     loaders.train.set_epoch(0)  # the same crops for SWA's BatchNorm pass, after SGD in this process too
     swa = measure(model, loaders, args, ctx)
@@ -39,7 +39,7 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
         trainer.move_to(resume["trained"])
         model.load_state_dict(resume["buffers"], strict=False)
         optimizer.load_state_dict(resume["optimizer"])
-        torch.set_rng_state(resume["rng"])
+        cli.restore_rng(resume["rng"], ctx, state_path)
         progress = resume["progress"]
         log.info("resumed at epoch %d, batch %d", progress["epoch"], progress["batch"])
     forward = distributed.wrap(model, ctx)
@@ -47,13 +47,14 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
 
     def save_state():
         loop.check_finite([trainer.trained.detach(), *model.state_dict().values()], "TWA's state")
+        rng = cli.all_rng_states(ctx)
         if not ctx.is_main:
             return
         buffers = {k: v for k, v in model.state_dict().items() if k not in dict(model.named_parameters())}
         runfiles.save_torch({"trained": trainer.trained.detach(), "buffers": buffers,
-                          "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                          "progress": progress, "metrics": metrics.rows, "args": vars(args),
-                          "inputs": inputs}, state_path)
+                             "optimizer": optimizer.state_dict(), "rng": rng, "progress": progress,
+                             "metrics": metrics.rows, "args": vars(args), "inputs": inputs},
+                            state_path)
 
     def update(lr):
         loop.set_lr(optimizer, lr)
@@ -71,9 +72,17 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
     final = measure(model, loaders, args, ctx)
     log.info("TWA after BN update: test loss %.4f acc %.2f (SWA %.2f)", final["loss"],
              final["accuracy"], swa["accuracy"])
+    alpha = space.checkpoint_coefficients(trainer.coordinates)
+    # only checkpoint files can be read again; the weights recorded in memory are gone
+    sources = inputs.get("checkpoints")
+    residual = space.combination_residual(model, sources, alpha) if sources else None
+    if residual:
+        log.info("sum_i alpha_i w_i misses the TWA weights by %.2g of their move from the mean",
+                 residual["relative"] or 0.0)
     if ctx.is_main:
-        write_results(args, model, space, trainer, {"swa": swa, "twa": final, "soup": soups, **report,
-                      "train_seconds": time.time() - train_started})
+        write_results(args, model, space, trainer, alpha, residual,
+                      {"swa": swa, "twa": final, "soup": soups, **report,
+                       "train_seconds": time.time() - train_started})
 
 
 def measure(model, loaders, args, ctx, recompute=True):
@@ -93,15 +102,14 @@ def make_optimizer(args, params):
     return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
-def write_results(args, model, space, trainer, results):
-    alpha = space.checkpoint_coefficients(trainer.coordinates)
+def write_results(args, model, space, trainer, alpha, residual, results):
     names = [path if args.checkpoints else os.path.basename(path) for path in space.names]
     blocks = [{"parameters": span.names, "entries": span.size, "alpha": a.tolist()}
               for span, a in zip(space.spans, alpha)]
     runfiles.save_torch(model.state_dict(), os.path.join(args.output_dir, "twa.pt"))
     runfiles.save_json({"checkpoints": names, "alpha": alpha[0].tolist() if len(blocks) == 1 else None,
                      "blocks": blocks, "uniform": 1.0 / len(names),
-                     "trained": args.coefficients,
+                     "trained": args.coefficients, "reconstruction": residual,
                      "coordinates": trainer.coordinates.detach().cpu().double().tolist()},
                     os.path.join(args.output_dir, "coefficients.json"))
     runfiles.save_json({**results, "mode": "TWA-v" if args.val_split else "TWA-t", "args": vars(args),

@@ -118,37 +118,42 @@ def save_points(batches, per_epoch, flag="--save-every"):
 
 def main(argv=None):
     args = parse_args(argv)
+    ctx = cli.start_processes(args)
     state_path = os.path.join(args.save_dir, STATE)
-    resume = runfiles.load_torch(state_path) if args.resume else None
-    if resume is not None:
-        cli.check_resume(resume, args, SHAPING, state_path)
-    if not args.resume and any(os.path.exists(os.path.join(args.save_dir, name))
-                               for name in ("0.pt", STATE)):
-        raise UsageError(f"{args.save_dir} already holds checkpoints; use --resume or another --save-dir")
-    split = os.path.join(args.save_dir, cli.SPLIT_FILE)  # --val-split's held-out part, for train_twa
-    ctx, loaders, model = cli.setup_run(args, "sgd", split if args.resume and os.path.exists(split)
-                                        else None, split, folders=[args.save_dir])
+    with distributed.agreement(ctx):  # what a node may lack or hold wrongly stops every process
+        resume = read_resume(args, state_path)
+        split = os.path.join(args.save_dir, cli.SPLIT_FILE)  # --val-split's held-out part
+        loaders, model = cli.setup_run(args, ctx, "sgd", split if resume and os.path.exists(split)
+                                       else None, split, folders=[args.save_dir])
+        if resume:
+            model.load_state_dict(resume["model"])
+        elif args.init:
+            cli.load_weights(model, args.init, args)
+    cli.check_ranks_agree(ctx, args, SHAPING, loaders)
     train_loader, test_loader = loaders.train, loaders.test
+    # checked before 0.pt is written
+    points = save_points(len(train_loader), args.save_every)
+    recording = save_points(len(train_loader), args.record_every, "--record-every") if args.twa_at \
+        else set()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     recorder = make_recorder(args, model, ctx)
     metrics = runfiles.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "sgd",
-                            resume["metrics"] if resume else (), enabled=ctx.is_main)
+                               resume["metrics"] if resume else (), enabled=ctx.is_main)
     progress = {"epoch": 0, "batch": 0, "checkpoint": 0, "totals": None, "elapsed": 0.0}
+    manifest = runfiles.Manifest(args.save_dir, enabled=ctx.is_main and bool(args.save_every),
+                                 keep=resume is not None)
     if resume:
-        model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        torch.set_rng_state(resume["rng"])
+        cli.restore_rng(resume["rng"], ctx, state_path)
         progress = resume["progress"]
         restore_recorder(recorder, resume, state_path)
         log.info("resumed at epoch %d, batch %d, checkpoint %d", progress["epoch"], progress["batch"],
                  progress["checkpoint"])
     else:
-        if args.init:
-            cli.load_weights(model, args.init, args)
         loop.check_finite(model.state_dict().values(), "the initial weights")
         if ctx.is_main and args.save_every:
-            runfiles.save_torch(model.state_dict(), os.path.join(args.save_dir, "0.pt"))
+            manifest.save(model.state_dict(), "0.pt", epochs=0.0, step=0)
         if recorder:
             recorder.add(model)
     forward = distributed.wrap(model, ctx)
@@ -156,14 +161,13 @@ def main(argv=None):
 
     def save_state():
         loop.check_finite(model.state_dict().values(), "the model")
+        rng = cli.all_rng_states(ctx)
         if ctx.is_main:
             runfiles.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "rng": torch.get_rng_state(), "progress": progress,
-                              "metrics": metrics.rows, "args": vars(args),
-                              "recorder": recorder.state_dict() if recorder else None}, state_path)
+                                 "rng": rng, "progress": progress, "metrics": metrics.rows,
+                                 "args": vars(args),
+                                 "recorder": recorder.state_dict() if recorder else None}, state_path)
 
-    points = save_points(len(train_loader), args.save_every)
-    recording = save_points(len(train_loader), args.record_every, "--record-every") if recorder else set()
 
     def on_step(batch):
         """Record the weights and save a checkpoint file where asked; True when a file was saved
@@ -176,8 +180,9 @@ def main(argv=None):
         progress["checkpoint"] += 1
         loop.check_finite(model.state_dict().values(), f"checkpoint {progress['checkpoint']}")
         if ctx.is_main:
-            path = os.path.join(args.save_dir, f"{progress['checkpoint']}.pt")
-            runfiles.save_torch(model.state_dict(), path)
+            step = progress["epoch"] * len(train_loader) + batch + 1  # optimizer steps so far
+            manifest.save(model.state_dict(), f"{progress['checkpoint']}.pt",
+                          epochs=step / len(train_loader), step=step)
         return True
 
     def update(lr):
@@ -192,6 +197,22 @@ def main(argv=None):
     if recorder:
         train_recorded_subspace(args, ctx, loaders, model, recorder)
     distributed.shutdown(ctx)
+
+
+def read_resume(args, state_path):
+    """The resume state when --resume (checked against the flags), else None. A folder killed
+    between its 0.pt and its first state holds no progress: --resume starts it afresh."""
+    if not args.resume:
+        if any(os.path.exists(os.path.join(args.save_dir, name)) for name in ("0.pt", STATE)):
+            raise UsageError(f"{args.save_dir} already holds checkpoints; use --resume or another "
+                             "--save-dir")
+        return None
+    if not os.path.exists(state_path) and os.path.exists(os.path.join(args.save_dir, "0.pt")):
+        log.warning("%s holds 0.pt but no %s: starting afresh", args.save_dir, STATE)
+        return None
+    resume = runfiles.load_torch(state_path)
+    cli.check_resume(resume, args, SHAPING, state_path)
+    return resume
 
 
 def make_recorder(args, model, ctx):

@@ -101,7 +101,16 @@ def check_args(args):
         raise UsageError(f"--layer-size must be non-negative, not {args.layer_size}")
     if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
         raise UsageError(f"--warmup-epochs must lie in [0, --epochs], not {args.warmup_epochs}")
+    if args.basis == "reference" and (args.layer_size is not None or args.pbits != 32 or
+                                      args.extract != "Schmidt" or args.coefficients != "coordinates"):
+        raise UsageError("--basis reference is the ICLR code's single float32 basis: it takes no "
+                         "--layer-size, --pbits, --extract PCA or --coefficients alpha")
     args.output_dir = args.output_dir or args.save_dir
+
+
+def check_inputs(args):
+    """The checks that read files (which one node of several may lack): the checkpoints exist, are
+    whole, and match checkpoints.json where train_sgd.py wrote one (how many did is returned)."""
     files = checkpoint_files(args)
     if args.train_start != -1 and args.train_start not in checkpoint_indices(args):
         where = (f"0..{len(files) - 1} (positions in --checkpoints)" if args.checkpoints else
@@ -109,10 +118,6 @@ def check_args(args):
         raise UsageError(f"--train_start {args.train_start} is outside {where}; use -1 for the mean")
     if args.extract == "PCA" and not (args.n_components and 1 <= args.n_components <= len(files)):
         raise UsageError(f"--extract PCA needs --n_components in [1, {len(files)}]")
-    if args.basis == "reference" and (args.layer_size is not None or args.pbits != 32 or
-                                      args.extract != "Schmidt" or args.coefficients != "coordinates"):
-        raise UsageError("--basis reference is the ICLR code's single float32 basis: it takes no "
-                         "--layer-size, --pbits, --extract PCA or --coefficients alpha")
     if args.split and not os.path.isfile(args.split):
         raise UsageError(f"--split {args.split} does not exist")
     for path in files:
@@ -122,6 +127,7 @@ def check_args(args):
             twa.check_readable(path)
         except twa.CheckpointError as err:
             raise UsageError(str(err)) from None
+    return runfiles.verify_checkpoints(files)
 
 
 def checkpoint_indices(args):
@@ -168,7 +174,6 @@ def head_epoch(args):
 def build_subspace(args, model, ctx):
     files = checkpoint_files(args)
     try:
-        cli.load_weights(model, files[0], args)  # fails fast on another architecture or class count
         started = time.time()
         progress = loop.progress_bar(not args.quiet and ctx.is_main)
         if args.basis == "reference":
@@ -227,24 +232,33 @@ def compare_soups(args, model, loaders, ctx, uniform):
 
 def main(argv=None):
     args = parse_args(argv)
+    ctx = cli.start_processes(args)
     state_path = os.path.join(args.output_dir, STATE)
-    resume = runfiles.load_torch(state_path) if args.resume else None
-    if resume is not None:
-        cli.check_resume(resume, args, SHAPING, state_path)
-    recorded = args.split or os.path.join(args.save_dir, cli.SPLIT_FILE)
-    recorded = recorded if os.path.isfile(recorded) else None
-    ctx, loaders, model = cli.setup_run(args, "twa", recorded, os.path.join(args.log_dir, SPLIT_RECORD),
-                                        folders=[args.output_dir])
+    with distributed.agreement(ctx):  # what a node may lack or hold wrongly stops every process
+        resume = runfiles.load_torch(state_path) if args.resume else None
+        if resume is not None:
+            cli.check_resume(resume, args, SHAPING, state_path)
+        recorded = args.split or os.path.join(args.save_dir, cli.SPLIT_FILE)
+        recorded = recorded if os.path.isfile(recorded) else None
+        verified = check_inputs(args)
+        loaders, model = cli.setup_run(args, ctx, "twa", recorded,
+                                       os.path.join(args.log_dir, SPLIT_RECORD), folders=[args.output_dir])
+        if args.checkpoints and loaders.held_out is None:
+            raise UsageError("soup mode ranks the models on held-out images: give --val-split R, or "
+                             "--split FILE from train_sgd.py --val-split")
+        inputs = {"checkpoints": checkpoint_files(args)}
+        if resume and resume.get("inputs") != inputs:
+            raise UsageError(f"{state_path} was saved for other checkpoints; start without --resume "
+                             "or use another --output-dir")
+        cli.load_weights(model, inputs["checkpoints"][0], args)  # another architecture fails here
+    cli.check_ranks_agree(ctx, args, SHAPING, loaders, checkpoint_files=[
+        (path, os.path.getsize(path)) for path in inputs["checkpoints"]])
+    if verified:
+        log.info("%d of %d checkpoints verified against their SHA-256 in %s", verified,
+                 len(inputs["checkpoints"]), runfiles.Manifest.FILE)
     if args.val_split and not recorded:
         log.warning("no recorded split: holding out a new %g%% of the training images, which the "
                     "checkpoints may have been trained on", args.val_split)
-    if args.checkpoints and loaders.held_out is None:
-        raise UsageError("soup mode ranks the models on held-out images: give --val-split R, or "
-                         "--split FILE from train_sgd.py --val-split")
-    inputs = {"checkpoints": checkpoint_files(args)}
-    if resume and resume.get("inputs") != inputs:
-        raise UsageError(f"{state_path} was saved for other checkpoints; start without --resume or "
-                         "use another --output-dir")
     space, basis_report = build_subspace(args, model, ctx)
 
     def soups_beside(swa):  # soup mode's baselines, then the model is back at the SWA point
