@@ -39,14 +39,23 @@ def run_main(main, argv=None):
     """Run a script's main(argv); bad input ends it with one line on stderr and exit code 2, a
     failure during the run (non-finite values, a failed write, unreadable data) with one line and
     exit code 1."""
+    # SIGTERM outside the epochs (which save a state and exit 143 themselves) ends the run as
+    # SIGINT does there: one line and exit code 143
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         main(argv)
     except UsageError as err:
         stop(err, 2)
-    except KeyboardInterrupt:  # SIGINT outside the epochs, which save a state and exit 143 alike
+    except KeyboardInterrupt:
         stop("interrupted; the last saved state is kept", 128 + signal.SIGTERM)
     except (FloatingPointError, WriteFailed, data.DataError) as err:  # the last saved state is kept
         stop(err, 1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def stop(err, code):

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
@@ -118,10 +117,13 @@ def any_(flag, ctx):
 
 
 def wrap(model, ctx):
-    """The model for training forward passes: DistributedDataParallel when there are several."""
+    """The model for SGD's training forward passes: DistributedDataParallel when there are several.
+    Its buffers are not broadcast from rank 0 before every forward: BatchNorm is synchronised
+    (synchronise_batchnorm), so every rank updates its statistics identically."""
     if ctx.world == 1:
         return model
-    return DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+                                   forward_sync_buffers=False)
 
 
 def synchronise_batchnorm(model, ctx):
@@ -157,7 +159,7 @@ class CrossProcessBatchNorm(_BatchNorm):
         dims = [0, *range(2, x.dim())]
         wide = x.double()
         count = torch.full((1,), x.numel() / x.shape[1], dtype=torch.float64, device=x.device)
-        stats = dist_fn.all_reduce(torch.cat((wide.sum(dims), wide.square().sum(dims), count)))
+        stats = SumOverProcesses.apply(torch.cat((wide.sum(dims), wide.square().sum(dims), count)))
         c, n = x.shape[1], stats[-1]
         mean, var = stats[:c] / n, stats[c:2 * c] / n - (stats[:c] / n).square()
         if self.track_running_stats:
@@ -174,3 +176,20 @@ class CrossProcessBatchNorm(_BatchNorm):
         factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
+
+
+class SumOverProcesses(torch.autograd.Function):
+    """A sum over the processes that gradients flow back through (the gradient of each process's
+    input is the sum of the output's gradients)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad

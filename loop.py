@@ -161,9 +161,7 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
             totals = train_epoch(model, forward, train_loader, epoch, lr_for_batch, update, args, ctx,
                                  progress["batch"], progress["totals"], after_step)
             if totals is None:
-                log.info("stopped by %s in epoch %d at step %d; state saved, continue with --resume",
-                         stop.signal or "another rank", epoch, progress["batch"])
-                raise SystemExit(128 + signal.SIGTERM)
+                stopped(stop, f"in epoch {epoch} at step {progress['batch']}")
             elapsed = spent_before + time.time() - started
             test = {"loss": None, "accuracy": None}
             if (epoch + 1) % getattr(args, "eval_every", 1) == 0 or epoch + 1 == last:
@@ -177,6 +175,14 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
                      f", test loss {test['loss']:.4f} acc {test['accuracy']:.2f}", elapsed)
             progress.update(epoch=epoch + 1, batch=0, totals=None, elapsed=0.0)
             save_state()
+            if distributed.any_(bool(stop), ctx):  # a request during the evaluation
+                stopped(stop, f"after epoch {epoch + 1}")
+
+
+def stopped(stop, where):
+    log.info("stopped by %s %s; state saved, continue with --resume", stop.signal or "another rank",
+             where)
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 def train_epoch(model, forward, loader, epoch, lr_for_batch, update, args, ctx, start_batch=0,

@@ -200,7 +200,20 @@ class Metrics:
 
 
 def read_jsonl(path):
+    """The rows of a JSON-lines file ([] when there is none); a line that is not a JSON object is a
+    UsageError naming the file and the line."""
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as err:
+                raise UsageError(f"{path} line {number} is not JSON ({err}); fix or delete "
+                                 "the file") from None
+            if not isinstance(rows[-1], dict):
+                raise UsageError(f"{path} line {number} is not a JSON object")
+    return rows

@@ -42,8 +42,8 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
         cli.restore_rng(resume["rng"], ctx, state_path)
         progress = resume["progress"]
         log.info("resumed at epoch %d, batch %d", progress["epoch"], progress["batch"])
-    forward = distributed.wrap(model, ctx)
-    forward = torch.compile(forward) if args.compile else forward
+    # no DistributedDataParallel: TWA.step reduce-scatters the gradients itself
+    forward = torch.compile(model) if args.compile else model
 
     def save_state():
         loop.check_finite([trainer.trained.detach(), *model.state_dict().values()], "TWA's state")

@@ -129,6 +129,8 @@ def main(argv=None):
             model.load_state_dict(resume["model"])
         elif args.init:
             cli.load_weights(model, args.init, args)
+        metrics = runfiles.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "sgd",
+                                   resume["metrics"] if resume else (), enabled=ctx.is_main)
     cli.check_ranks_agree(ctx, args, SHAPING, loaders)
     train_loader, test_loader = loaders.train, loaders.test
     # checked before 0.pt is written
@@ -138,8 +140,6 @@ def main(argv=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     recorder = make_recorder(args, model, ctx)
-    metrics = runfiles.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "sgd",
-                               resume["metrics"] if resume else (), enabled=ctx.is_main)
     progress = {"epoch": 0, "batch": 0, "checkpoint": 0, "totals": None, "elapsed": 0.0}
     manifest = runfiles.Manifest(args.save_dir, enabled=ctx.is_main and bool(args.save_every),
                                  keep=resume is not None)

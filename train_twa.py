@@ -251,6 +251,7 @@ def main(argv=None):
             raise UsageError(f"{state_path} was saved for other checkpoints; start without --resume "
                              "or use another --output-dir")
         cli.load_weights(model, inputs["checkpoints"][0], args)  # another architecture fails here
+        runfiles.read_jsonl(os.path.join(args.log_dir, "metrics.jsonl"))  # appended to at the end
     cli.check_ranks_agree(ctx, args, SHAPING, loaders, checkpoint_files=[
         (path, os.path.getsize(path)) for path in inputs["checkpoints"]])
     if verified:

@@ -197,7 +197,13 @@ class Sharding:
     def gather_(self, full, part):
         """full[:D] = the concatenated shards; `full` holds world x per_rank entries, `part`
         (this process's) per_rank (its tail past hi - lo is ignored)."""
-        dist.all_gather_into_tensor(full, part, group=self.group)
+        dist.all_gather_single(full, part, group=self.group)
+
+    def scatter_sum_(self, part, full):
+        """part = this process's shard of `full` summed over the processes (the reverse of gather_:
+        `full` holds world x per_rank entries, `part` per_rank)."""
+        dist.reduce_scatter_single(part, full, group=self.group)
+        return part
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -848,14 +854,14 @@ class SubspaceRecorder:
 # ---------------------------------------------------------------------------------------------------
 
 def flatten_parameters_(params, size=None):
-    """Make the parameters and their gradients views into two flat tensors (no copies per step);
-    the weights' tensor has `size` >= D entries (room for an all-gather of equal shards)."""
+    """Make the parameters and their gradients views into two flat tensors (no copies per step)
+    of `size` >= D entries (room for collectives over equal shards)."""
     first = params[0]
     if any(p.dtype != first.dtype or p.device != first.device for p in params):
         raise ValueError("TWA needs all trainable parameters in one dtype on one device")
     dim = sum(p.numel() for p in params)
     weights = torch.zeros(size or dim, dtype=first.dtype, device=first.device)
-    grads = torch.zeros(dim, dtype=first.dtype, device=first.device)
+    grads = torch.zeros(size or dim, dtype=first.dtype, device=first.device)
     offset = 0
     for p in params:
         weights[offset:offset + p.numel()] = p.detach().reshape(-1)
@@ -871,8 +877,11 @@ class TWA:
 
     Give `parameters()` to any torch optimizer; after each backward pass call `step(optimizer)`.
     With P orthonormal, SGD on c (momentum, weight decay) is exactly the paper's projected SGD on w.
-    Under torch.distributed (a sharded subspace) every process computes the same c from the summed
-    shard products and the weights are all-gathered from the shards.
+    Under torch.distributed (a sharded subspace) the model needs no DistributedDataParallel: each
+    step reduce-scatters the gradients (every process gets its shard, averaged over the processes),
+    sums the k-sized shard products P g, and all-gathers the new weights from the shards, which is
+    about the traffic of DDP's one all-reduce. (Under DDP it stays right: the averaged gradients
+    are the same on every process, and so is their average.)
 
     train="alpha" trains the averaging coefficients instead, as the journal code does: per block,
     w = mean + sum_i beta_i (w_i - mean) / |w_i - mean|, so c = P mean + D^T beta with D the unit
@@ -891,9 +900,10 @@ class TWA:
             raise ValueError(f"the model has {dim} trainable parameters, the subspace {shard.dim}")
         self.flat_weights, self.flat_grads = flatten_parameters_(self.params,
                                                                  shard.per_rank * shard.world)
-        # the shard's weights are computed here, then gathered into flat_weights
-        self.shard_weights = self.flat_weights[:dim] if shard.world == 1 else \
-            torch.zeros(shard.per_rank, dtype=self.flat_weights.dtype, device=space.device)
+        # the shard's weights are computed here, then gathered into flat_weights; its gradient
+        # is reduce-scattered here from flat_grads
+        self.shard_weights, self.shard_grads = (self.flat_weights[:dim], None) if shard.world == 1 \
+            else torch.zeros(2, shard.per_rank, dtype=self.flat_weights.dtype, device=space.device)
         self.views = [p.grad for p in self.params]
         self.directions = space.deviation_directions() if train == "alpha" else None
         size = space.rank if train == "coordinates" else len(space.names) * len(space.spans)
@@ -917,7 +927,11 @@ class TWA:
         """dL/dc = P g; one optimizer step on c (or beta); then the weights become mean + P^T (c - P mean)."""
         self._collect_gradients()
         shard = self.space.shard
-        grad = self.space.gradient(self.flat_grads[shard.lo:shard.hi]).to(self.trained.device)
+        if shard.world == 1:
+            g = self.flat_grads
+        else:  # this process's shard of the gradient averaged over the processes
+            g = shard.scatter_sum_(self.shard_grads, self.flat_grads).div_(shard.world)
+        grad = self.space.gradient(g[:shard.size]).to(self.trained.device)
         if self.directions is not None:  # chain rule through c = P mean + D^T beta
             grad = torch.cat([unit @ piece for (unit, _), piece in
                               zip(self.directions, self.space._pieces(grad))])

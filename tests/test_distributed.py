@@ -19,6 +19,7 @@ def launch(script, processes, *args):
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FutureWarning" not in proc.stderr, proc.stderr[-3000:]  # no deprecated collective
 
 
 def flags(data, save_dir):
