@@ -49,6 +49,18 @@ class FolderLock:
             handle.write(f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}\n")
             handle.flush()
             self.files.append(handle)
+            remove_stale_temp_files(folder)
+
+
+def remove_stale_temp_files(folder):
+    """Delete the temp files of atomic_write that a killed run (kill -9, power loss) left behind;
+    safe only under the folder's lock, when no other run can be writing one."""
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(".tmp"):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
 
 
 def atomic_write(path, write):

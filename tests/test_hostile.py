@@ -294,3 +294,10 @@ def test_project_refuses_a_sharded_basis_and_gradient_takes_any_dtype():
     space.shard.world = 2  # as under torchrun: each process holds a part of every row
     with pytest.raises(RuntimeError, match="project_ needs the whole basis"):
         space.project_(g)
+
+
+def test_the_next_run_in_a_folder_removes_the_temp_files_of_a_killed_one(tmp_path):
+    (tmp_path / ".3.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # what kill -9 leaves
+    (tmp_path / "notes.tmp").write_text("not ours")
+    runfiles.FolderLock([tmp_path])
+    assert sorted(os.listdir(tmp_path)) == [".twa-lock", "notes.tmp"]
