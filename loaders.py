@@ -69,13 +69,20 @@ class TensorLoader(BatchOrder):
         shifts = torch.randint(0, 2 * PAD + 1, (self.n, 2), generator=gen)
         flips = torch.rand(self.n, generator=gen) < 0.5
         device = self.images.device
-        order, shifts, flips = order.to(device), shifts.to(device), flips.to(device)
+        # pinned and asynchronous on a GPU: the epoch starts without waiting for the device
+        order, shifts, flips = (to_device(t, device) for t in (order, shifts, flips))
         for idx in self.shares(order, start):
             images = self.images[idx]
             if self.augment:
                 images = crop_and_flip(images, shifts[idx], flips[idx])
             images = (images.float() - self.shift).mul_(self.scale)
             yield images.contiguous(memory_format=self.memory_format), self.labels[idx]
+
+
+def to_device(tensor, device):
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def crop_and_flip(images, shifts, flips):

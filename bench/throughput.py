@@ -6,7 +6,7 @@ loader (uint8 on the device, crop + flip + normalise per batch), and torchvision
 default workers. Rounds are interleaved so that machine noise hits every path alike; the medians and
 their ratios are printed.
 
-    python bench/throughput.py [--archs resnet20 VGG16BN] [--steps 30] [--rounds 3]
+    python bench/throughput.py [--archs resnet20 VGG16BN] [--steps 30] [--rounds 3] [--amp] [--compile]
 """
 import argparse
 import itertools
@@ -19,6 +19,7 @@ import common  # noqa: F401  (puts the project on the path)
 import cli
 import data
 import loaders
+import loop
 
 WARMUP = 3
 
@@ -33,6 +34,8 @@ def parse_args():
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 ImageFolder tree (default: cache)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--channels-last", action="store_true", help="also use channels-last")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast in the forward pass")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     return parser.parse_args()
 
 
@@ -44,14 +47,16 @@ def compute_only_batches(loader, steps):
     return lambda: iter(batches)
 
 
-def time_steps(model, optimizer, batches, steps, device):
+def time_steps(model, optimizer, batches, steps, device, amp=False):
     """(seconds to the first batch, seconds for `steps` training steps after WARMUP untimed ones)."""
     started = time.perf_counter()
     iterator = itertools.chain([next(iter_batches := batches())], iter_batches)
     first = time.perf_counter() - started
 
     def step(images, labels):
-        F.cross_entropy(model(images), labels).backward()
+        with loop.autocast(device, amp):
+            logits = model(images)
+        F.cross_entropy(logits.float(), labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -81,11 +86,12 @@ def main():
         model = cli.build_model(arch, "ImageFolder", classes, device, args.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         model.train()
+        forward = torch.compile(model) if args.compile else model
         seconds = {name: [] for name in paths}
         startup = {name: [] for name in paths}
         for _ in range(args.rounds):
             for name, batches in paths.items():
-                first, timed = time_steps(model, optimizer, batches, args.steps, device)
+                first, timed = time_steps(forward, optimizer, batches, args.steps, device, args.amp)
                 startup[name].append(first)
                 seconds[name].append(timed)
         rate = {name: args.steps * args.batch_size / common.median(s) for name, s in seconds.items()}
@@ -97,7 +103,8 @@ def main():
         epoch_rows.append([arch, *(f"{common.median(startup[n]):.2f} / {epoch[n]:.0f}" for n in paths),
                            f"{epoch[list(paths)[2]] / epoch['in-memory loader']:.2f}"])
     print(f"images/s, median of {args.rounds} interleaved rounds of {args.steps} steps, batch "
-          f"{args.batch_size}, device {device}, torch threads {torch.get_num_threads()}")
+          f"{args.batch_size}, device {device}, torch threads {torch.get_num_threads()}, "
+          f"amp {args.amp}, compile {args.compile}, channels-last {args.channels_last}")
     common.print_table(["arch", *paths, "memory/compute", "memory/torchvision",
                         "memory/torchvision-4"], rows)
     print(f"\nseconds to the first batch / estimated epoch seconds ({len(memory)} steps)")

@@ -1,0 +1,120 @@
+"""The training steps on the device the scripts would pick: a GPU when there is one (bench/gpu.sh
+selects these with -m cuda), else the CPU. On a GPU, torch's sync debug mode turns any
+device-to-host synchronisation into an error; on the CPU, the calls that would synchronise are
+trapped instead."""
+import contextlib
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import cli
+import loaders
+import loop
+import twa
+from test_twa import random_walk
+
+pytestmark = pytest.mark.cuda
+DEVICE = cli.pick_device("auto")
+
+
+@contextlib.contextmanager
+def no_host_sync(monkeypatch):
+    """Raise on a device-to-host synchronisation (GPU), or record the calls that would cause one
+    (CPU); yields the list of recorded calls."""
+    calls = []
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield calls
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return
+    with monkeypatch.context() as patch:
+        for name in ("cpu", "item", "tolist", "numpy"):
+            original = getattr(torch.Tensor, name)
+
+            def recorded(self, *args, _name=name, _original=original, **kwargs):
+                calls.append(_name)
+                return _original(self, *args, **kwargs)
+            patch.setattr(torch.Tensor, name, recorded)
+        yield calls
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+                         nn.Linear(8, 4)).to(DEVICE)
+
+
+def batches(n=6, size=16):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n * size, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 4, (n * size,), generator=gen)
+    return loaders.TensorLoader(images.to(DEVICE), labels.to(DEVICE), size, (0.5,) * 3, (0.25,) * 3,
+                                augment=True, shuffle=True)
+
+
+@pytest.mark.parametrize("bits", [32, 16, 8])
+def test_sgd_and_twa_epochs_read_nothing_back_between_log_points(monkeypatch, bits):
+    """Six steps with the log (and its one read of the summed loss) at the sixth only: the steps
+    themselves, SGD or TWA at any storage precision, never wait for the device."""
+    model = small_cnn()
+    space = twa.Subspace.from_checkpoints(model, random_walk(model, 5, step=0.05), bits=bits,
+                                          device=DEVICE)
+    trainer = twa.TWA(model, space)
+    twa_opt = torch.optim.SGD(trainer.parameters(), lr=0.1, momentum=0.9)
+    sgd_model = small_cnn()
+    sgd_opt = torch.optim.SGD(sgd_model.parameters(), lr=0.1, momentum=0.9)
+
+    def sgd_update(lr):
+        loop.set_lr(sgd_opt, lr)
+        sgd_opt.step()
+        sgd_opt.zero_grad(set_to_none=True)
+
+    def twa_update(lr):
+        loop.set_lr(twa_opt, lr)
+        trainer.step(twa_opt)
+    loader = batches()
+    args = types.SimpleNamespace(amp=False, label_smoothing=0.0, print_freq=100, quiet=True)
+    ctx = types.SimpleNamespace(world=1, rank=0, device=DEVICE, is_main=True)
+    for net, update in ((sgd_model, sgd_update), (model, twa_update)):
+        # one epoch first: the optimizers' lazy state; then every step but the log's read is traced
+        loop.train_epoch(net, net, loader, 0, lambda b: 0.05, update, args, ctx)
+        reads = []
+        with no_host_sync(monkeypatch) as calls:
+            loop.train_epoch(net, net, loader, 1, lambda b: 0.05, update, args, ctx,
+                             after_step=lambda batch, totals: reads.append(len(calls)) and False)
+        assert reads == [0] * (len(loader) - 1) + [reads[-1]] and reads[-1] <= 1, reads
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_a_low_bit_basis_projects_on_the_device_as_on_the_cpu(bits):
+    model = small_cnn().cpu()
+    walk = random_walk(model, 6, step=0.05)
+    here = twa.Subspace.from_checkpoints(model, walk, bits=bits, device=DEVICE)
+    cpu = twa.Subspace.from_checkpoints(model, walk, bits=bits, device="cpu")
+    g = torch.randn(here.shard.dim)
+    assert torch.allclose(here.gradient(g.to(DEVICE)).cpu(), cpu.gradient(g), rtol=1e-4, atol=1e-6)
+    c = cpu.mean_coords + 0.1 * torch.randn(cpu.rank, dtype=torch.float64)
+    out_here = here.weights(c.to(DEVICE), torch.empty(here.shard.dim, device=DEVICE))
+    out_cpu = cpu.weights(c, torch.empty(cpu.shard.dim))
+    assert torch.allclose(out_here.cpu(), out_cpu, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_resumes_exactly_from_the_saved_random_state():
+    """What --resume restores (cli.rng_state: the CPU generator and, on a GPU, its own) gives the
+    same dropout masks as a run that never stopped."""
+    model = small_cnn().train()
+    x = torch.randn(16, 3, 8, 8, device=DEVICE)
+    ctx = types.SimpleNamespace(world=1, rank=0, device=DEVICE)
+    cli.seed_everything(5)
+    model(x)
+    saved = cli.all_rng_states(ctx)
+    expected = model(x)
+    model(x)  # the run goes on, then resumes from the saved state
+    cli.restore_rng(saved, ctx, "state.pt")
+    assert torch.equal(model(x), expected)
