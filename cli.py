@@ -353,9 +353,9 @@ def check_ranks_agree(ctx, args, flags, loaders, **inputs):
     checkpoint files): a rank launched with another --train-subset would otherwise abort inside a
     collective, or train on other batches."""
     fields = {f"--{flag.replace('_', '-')}": getattr(args, flag, None) for flag in flags}
-    fields["the data (train, test, held-out examples and classes)"] = (
-        loaders.train.n, loaders.test.n, loaders.held_out.n if loaders.held_out else 0,
-        loaders.classes)
+    fields["the data (sizes and labels of the training, test and held-out parts)"] = (
+        loaders.classes, *(label_digest(loader) for loader in
+                           (loaders.train, loaders.test, loaders.held_out) if loader is not None))
     fields.update((name.replace("_", " "), value) for name, value in inputs.items())
     distributed.check_same(ctx, fields)
 
@@ -371,6 +371,17 @@ def check_split(split):
         raise ValueError("held_out must be a non-empty list of image indices")
     if len(set(split["held_out"])) != len(split["held_out"]):
         raise ValueError("held_out repeats an index")
+
+
+def label_digest(loader):
+    """(examples, a position-weighted sum of the labels) of a loader: equal for the same examples
+    in the same order, different for another subset, split or order (in-memory loader; the
+    torchvision loader keeps no labels at hand, so only its size counts)."""
+    labels = getattr(loader, "labels", None)
+    if labels is None:
+        return loader.n, None
+    weights = torch.arange(1, len(labels) + 1, device=labels.device)
+    return loader.n, int((labels * weights).sum())
 
 
 def resolve_split(args, n, recorded):
