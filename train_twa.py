@@ -72,7 +72,7 @@ def parse_args(argv=None):
         help="Schmidt: the full span; PCA: mean + the top --n_components principal directions")
     add("--n_components", type=int, default=None, help="directions kept by --extract PCA")
     add("--pbits", type=int, default=32, choices=(32, 16, 8, 4),
-        help="storage of the basis: float32, bfloat16, or 8/4-bit affine quantisation")
+        help="storage of the basis: float32, float16 (scaled), or 8/4-bit affine quantisation")
     add("--output-dir", default=None, help="folder for twa.pt, coefficients.json and the resume "
         "state (default: --save-dir)")
     add("--basis", default="orthonormal", choices=("orthonormal", "reference"),
