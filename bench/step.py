@@ -5,58 +5,70 @@
    precision at D = 15M, n = 101 (VGG16BN size), against the floor 2 x bytes(P) / bandwidth: a
    step must read P twice.
 3. A whole training step (forward, backward, update) with TWA against plain SGD for ResNet-20 with
-   n = 31 and VGG16BN with n = 101, on one batch of random images, interleaved rounds.
+   n = 31 and VGG16BN with n = 101, on one batch of random images, interleaved rounds; with
+   --gpu-cases instead ResNet-20 with n = 61 and torchvision's ResNet-18 on ImageNet-sized random
+   images with n = 301, each at 32 and 8 bits.
 
-    python bench/step.py [--quick] [--rounds 5]
+    python bench/step.py [--quick] [--rounds 5] [--threads N] [--projection-only] [--device cuda]
+                         [--gpu-cases]
 """
 import argparse
 
 import torch
 import torch.nn.functional as F
+import torchvision
 
-import common
+import common  # first: puts the project on the path
+import cli
 import models
 import twa
+
+# (arch, n, image size, classes, storage bits) of the training-step table
+CASES = [("resnet20", 31, 32, 10, 32), ("VGG16BN", 101, 32, 10, 32)]
+GPU_CASES = [(arch, n, size, classes, bits) for arch, n, size, classes in
+             (("resnet20", 61, 32, 10), ("resnet18", 301, 224, 1000)) for bits in (32, 8)]
 
 BITS = (32, 16, 8, 4)
 
 
-def random_subspace(dim, n, bits, seed=0):
+def random_subspace(dim, n, bits, device, seed=0):
     """A Subspace whose basis holds random rows (timing does not depend on their values)."""
-    gen = torch.Generator().manual_seed(seed)
-    basis = twa.Basis(n, dim, bits)
+    gen = torch.Generator(device).manual_seed(seed)
+    basis = twa.Basis(n, dim, bits, device)
     if bits >= 16:
         for i in range(n):
-            basis.data[i] = torch.randn(dim, generator=gen) / dim ** 0.5
+            basis.store(i, 0, dim, torch.randn(dim, generator=gen, device=device) / dim ** 0.5)
     else:
         basis.data.random_(0, 256, generator=gen)
         basis.scale.fill_(1e-4)
         basis.low.fill_(-1e-4 * 127)
     basis.rows = n
-    span = twa.Span(basis, slice(0, dim), torch.zeros(n, n, dtype=torch.float64),
-                    torch.zeros(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64))
-    return twa.Subspace([span], torch.randn(dim, generator=gen), [f"{i}.pt" for i in range(n)])
+    zeros = dict(dtype=torch.float64, device=device)
+    span = twa.Span(basis, slice(0, dim), torch.zeros(n, n, **zeros), torch.zeros(n, **zeros),
+                    torch.zeros(n, n, **zeros))
+    return twa.Subspace([span], torch.randn(dim, generator=gen, device=device),
+                        [f"{i}.pt" for i in range(n)])
 
 
-def bandwidth(rounds):
-    src = torch.randn(1 << 28)  # 1 GiB
+def bandwidth(rounds, device):
+    src = torch.randn(1 << 28, device=device)  # 1 GiB
     dst = torch.empty_like(src)
-    seconds = min(common.timed(lambda: dst.copy_(src), torch.device("cpu")) for _ in range(rounds))
+    seconds = min(common.timed(lambda: dst.copy_(src), device) for _ in range(rounds))
     return 2 * src.nbytes / seconds
 
 
-def projection_table(dim, n, rounds, bytes_per_second):
+def projection_table(dim, n, rounds, bytes_per_second, device):
     rows = []
-    g, out = torch.randn(dim), torch.empty(dim)
+    g, out = torch.randn(dim, device=device), torch.empty(dim, device=device)
     for bits in BITS:
-        space = random_subspace(dim, n, bits)
-        c = torch.zeros(n, dtype=torch.float64)
+        space = random_subspace(dim, n, bits, device)
+        c = torch.zeros(n, dtype=torch.float64, device=device)
 
         def project():
             c.copy_(space.gradient(g))
             space.weights(c, out)
         project()
-        seconds = common.median([common.timed(project, torch.device("cpu")) for _ in range(rounds)])
+        seconds = common.median([common.timed(project, device) for _ in range(rounds)])
         floor = 2 * space.nbytes() / bytes_per_second
         rows.append([bits, f"{space.nbytes() / 2**20:.0f}", f"{seconds * 1e3:.1f}",
                      f"{floor * 1e3:.1f}", f"{seconds / floor:.2f}"])
@@ -65,16 +77,23 @@ def projection_table(dim, n, rounds, bytes_per_second):
     common.print_table(["bits", "P MiB", "ms", "floor ms", "x floor"], rows)
 
 
-def step_table(cases, rounds, batch):
+def build(arch, classes, device):
+    model = models.build_model(arch, classes) if arch in models.ARCHS else \
+        torchvision.models.get_model(arch, num_classes=classes)
+    return model.to(device)
+
+
+def step_table(cases, rounds, batch, device):
     rows = []
-    for arch, n in cases:
+    for arch, n, size, classes, bits in cases:
         torch.manual_seed(0)
-        images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-        plain_model = models.build_model(arch, 10)
+        images = torch.randn(batch, 3, size, size, device=device)
+        labels = torch.randint(0, classes, (batch,), device=device)
+        plain_model = build(arch, classes, device)
         plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        twa_model = models.build_model(arch, 10)
+        twa_model = build(arch, classes, device)
         dim = sum(p.numel() for p in twa_model.parameters())
-        trainer = twa.TWA(twa_model, random_subspace(dim, n, 32))
+        trainer = twa.TWA(twa_model, random_subspace(dim, n, bits, device))
         twa_opt = torch.optim.SGD(trainer.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-5)
 
         def plain_step():
@@ -88,13 +107,14 @@ def step_table(cases, rounds, batch):
         times = {"plain": [], "twa": []}
         plain_step(), twa_step()  # warm up
         for _ in range(rounds):
-            times["plain"].append(common.timed(plain_step, torch.device("cpu")))
-            times["twa"].append(common.timed(twa_step, torch.device("cpu")))
+            times["plain"].append(common.timed(plain_step, device))
+            times["twa"].append(common.timed(twa_step, device))
         plain, ours = common.median(times["plain"]), common.median(times["twa"])
-        rows.append([arch, n, f"{dim / 1e6:.2f}M", f"{plain * 1e3:.0f}", f"{ours * 1e3:.0f}",
+        rows.append([arch, n, bits, f"{dim / 1e6:.2f}M", f"{plain * 1e3:.1f}", f"{ours * 1e3:.1f}",
                      f"{ours / plain:.3f}"])
-    print(f"\ntraining step, batch {batch}, median of {rounds} interleaved rounds")
-    common.print_table(["arch", "n", "D", "SGD ms", "TWA ms", "TWA / SGD"], rows)
+        trainer = plain_model = twa_model = None  # free this case before the next
+    print(f"\ntraining step, batch {batch}, median of {rounds} interleaved rounds, device {device}")
+    common.print_table(["arch", "n", "bits", "D", "SGD ms", "TWA ms", "TWA / SGD"], rows)
 
 
 def main():
@@ -103,12 +123,24 @@ def main():
     parser.add_argument("--rounds", type=int, default=5, help="repeats per measurement")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size of the step table")
     parser.add_argument("--quick", action="store_true", help="D = 1.5M and ResNet-20 only")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--projection-only", action="store_true", help="skip the training steps")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--gpu-cases", action="store_true", help="the GPU check's training steps: "
+                        "ResNet-20 n = 61 and ResNet-18 (224 px) n = 301, at 32 and 8 bits")
     args = parser.parse_args()
-    print(f"torch threads {torch.get_num_threads()}")
-    bytes_per_second = bandwidth(args.rounds)
-    projection_table(1_500_000 if args.quick else 15_000_000, 101, args.rounds, bytes_per_second)
-    cases = [("resnet20", 31)] if args.quick else [("resnet20", 31), ("VGG16BN", 101)]
-    step_table(cases, args.rounds, args.batch_size)
+    device = cli.pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"device {device}, torch {torch.__version__}, torch threads {torch.get_num_threads()}"
+          + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+    bytes_per_second = bandwidth(args.rounds, device)
+    projection_table(1_500_000 if args.quick else 15_000_000, 101, args.rounds, bytes_per_second,
+                     device)
+    if args.projection_only:
+        return
+    cases = GPU_CASES if args.gpu_cases else CASES[:1] if args.quick else CASES
+    step_table(cases, args.rounds, args.batch_size, device)
 
 
 if __name__ == "__main__":
