@@ -131,6 +131,8 @@ def main(argv=None):
             cli.load_weights(model, args.init, args)
         metrics = runfiles.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "sgd",
                                    resume["metrics"] if resume else (), enabled=ctx.is_main)
+        manifest = runfiles.Manifest(args.save_dir, enabled=ctx.is_main and bool(args.save_every),
+                                     keep=resume is not None)
     cli.check_ranks_agree(ctx, args, SHAPING, loaders)
     train_loader, test_loader = loaders.train, loaders.test
     # checked before 0.pt is written
@@ -141,8 +143,6 @@ def main(argv=None):
                                 weight_decay=args.weight_decay)
     recorder = make_recorder(args, model, ctx)
     progress = {"epoch": 0, "batch": 0, "checkpoint": 0, "totals": None, "elapsed": 0.0}
-    manifest = runfiles.Manifest(args.save_dir, enabled=ctx.is_main and bool(args.save_every),
-                                 keep=resume is not None)
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
         cli.restore_rng(resume["rng"], ctx, state_path)

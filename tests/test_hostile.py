@@ -64,8 +64,8 @@ def test_resume_of_a_folder_killed_after_its_first_checkpoint_starts_afresh(sgd_
     os.makedirs(stuck)
     shutil.copy(sgd_run / "0.pt", stuck / "0.pt")
     run("train_sgd.py", *common(tiny_data, stuck, "--epochs", "2", "--save-every", "2", "--resume"))
-    for i in range(5):
-        assert relative_difference(torch.load(stuck / f"{i}.pt"), torch.load(sgd_run / f"{i}.pt")) == 0
+    for i in range(5):  # a fresh run's checkpoints, up to the float order of another thread count
+        assert relative_difference(torch.load(stuck / f"{i}.pt"), torch.load(sgd_run / f"{i}.pt")) < 1e-5
 
 
 # -- 6 and 7: nodes that lack a file or disagree stop together, promptly ---------------------------
