@@ -23,6 +23,8 @@ from runfiles import FolderLock, UsageError, WriteFailed, git_revision, save_jso
 log = logging.getLogger("twa")
 SPLIT_FILE = "split.json"  # the held-out indices of --val-split, beside the checkpoints
 CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)  # ImageNet-style --arch names
+# flags that do not shape the weights but decide which collectives run when: ranks must agree
+SCHEDULING = ("print_freq", "eval_every", "resume", "amp", "loader")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -147,11 +149,14 @@ def restore_rng(saved, ctx, state_path):
     """Restore this rank's saved random state (a list by rank; older states hold one CPU state)."""
     if torch.is_tensor(saved):
         saved = [{"cpu": saved, "cuda": None}]
-    if len(saved) != ctx.world:
-        log.warning("%s was saved by %d processes, not %d: every process resumes with the random "
-                    "state of process 0 (only dropout masks differ from an uninterrupted run)",
-                    state_path, len(saved), ctx.world)
-    set_rng_state(saved[ctx.rank] if len(saved) == ctx.world else saved[0], ctx.device)
+    if len(saved) == ctx.world:
+        set_rng_state(saved[ctx.rank], ctx.device)
+        return
+    log.warning("%s was saved by %d processes, not %d: the random states go on from process 0's "
+                "(dropout masks differ from an uninterrupted run)", state_path, len(saved), ctx.world)
+    set_rng_state(saved[0], ctx.device)
+    if ctx.rank:  # a stream of its own, drawn from process 0's
+        torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,))) + 7919 * ctx.rank)
 
 
 def build_model(arch, datasets, num_classes, device, channels_last=False):
@@ -352,7 +357,8 @@ def check_ranks_agree(ctx, args, flags, loaders, **inputs):
     """Stop every rank (exit 2) unless all agree on `flags`, the data's sizes and `inputs` (e.g. the
     checkpoint files): a rank launched with another --train-subset would otherwise abort inside a
     collective, or train on other batches."""
-    fields = {f"--{flag.replace('_', '-')}": getattr(args, flag, None) for flag in flags}
+    fields = {f"--{flag.replace('_', '-')}": getattr(args, flag, None)
+              for flag in (*flags, *SCHEDULING)}
     fields["the data (sizes and labels of the training, test and held-out parts)"] = (
         loaders.classes, *(label_digest(loader) for loader in
                            (loaders.train, loaders.test, loaders.held_out) if loader is not None))

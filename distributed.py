@@ -8,6 +8,7 @@ DistributedDataParallel averages the gradients, BatchNorm statistics are those o
 import contextlib
 import datetime
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -54,7 +55,7 @@ def agreement(ctx):
     must hold no collective of its own."""
     try:
         yield
-    except Exception:
+    except BaseException:  # also SIGINT/SIGTERM on one rank: the others need not wait it out
         _first_failed(ctx, failed=True)
         raise
     failed = _first_failed(ctx, failed=False)
@@ -122,8 +123,10 @@ def wrap(model, ctx):
     (synchronise_batchnorm), so every rank updates its statistics identically."""
     if ctx.world == 1:
         return model
+    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+        inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False}
     return DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
-                                   forward_sync_buffers=False)
+                                   **no_buffer_sync)
 
 
 def synchronise_batchnorm(model, ctx):

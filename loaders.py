@@ -119,13 +119,15 @@ class EpochLoader(BatchOrder):
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=shares[:-1] if empty else shares, num_workers=self.workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False)
+        shape = None
         for images, labels in loader:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            shape = images.shape[1:]
             yield images, labels.to(self.device, non_blocking=True)
         if empty:
-            image = self.dataset[0][0]
-            yield (image.new_zeros((0, *image.shape)).to(self.device, memory_format=self.memory_format),
-                   torch.zeros(0, dtype=torch.int64, device=self.device))
+            shape = shape or self.dataset[0][0].shape  # a rank with no image at all this epoch
+            yield (torch.zeros((0, *shape), device=self.device).contiguous(
+                memory_format=self.memory_format), torch.zeros(0, dtype=torch.int64, device=self.device))
 
 
 class TensorImages(torch.utils.data.Dataset):

@@ -175,7 +175,7 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
                      f", test loss {test['loss']:.4f} acc {test['accuracy']:.2f}", elapsed)
             progress.update(epoch=epoch + 1, batch=0, totals=None, elapsed=0.0)
             save_state()
-            if distributed.any_(bool(stop), ctx):  # a request during the evaluation
+            if epoch + 1 < last and distributed.any_(bool(stop), ctx):  # one during the evaluation
                 stopped(stop, f"after epoch {epoch + 1}")
 
 

@@ -1,5 +1,6 @@
 """The run folder: files written atomically, loaded safely, the per-epoch metrics rows, the git
 revision that results carry. Knows nothing of models or training."""
+import errno
 import fcntl
 import hashlib
 import json
@@ -77,11 +78,6 @@ def atomic_write(path, write):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        folder_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(folder_fd)
-        finally:
-            os.close(folder_fd)
     except (OSError, RuntimeError) as err:  # torch.save reports a short write as RuntimeError
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise WriteFailed(f"cannot write {path} ({first}); the previous file, if any, is "
@@ -89,6 +85,23 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    flush_folder(folder)
+
+
+def flush_folder(folder):
+    """fsync a folder, which makes a rename in it durable; file systems that cannot (some network
+    and FUSE ones answer EINVAL) keep the rename as durable as they make it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise WriteFailed(f"cannot flush the folder {folder} ({err.strerror})") from None
+    finally:
+        os.close(fd)
 
 
 def save_torch(obj, path):

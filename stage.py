@@ -9,7 +9,6 @@ import time
 import torch
 
 import cli
-import distributed
 import loop
 import runfiles
 import twa
@@ -76,9 +75,9 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
     # only checkpoint files can be read again; the weights recorded in memory are gone
     sources = inputs.get("checkpoints")
     residual = space.combination_residual(model, sources, alpha) if sources else None
-    if residual:
+    if residual and residual["relative"] is not None:
         log.info("sum_i alpha_i w_i misses the TWA weights by %.2g of their move from the mean",
-                 residual["relative"] or 0.0)
+                 residual["relative"])
     if ctx.is_main:
         write_results(args, model, space, trainer, alpha, residual,
                       {"swa": swa, "twa": final, "soup": soups, **report,

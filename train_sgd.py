@@ -133,7 +133,7 @@ def main(argv=None):
                                    resume["metrics"] if resume else (), enabled=ctx.is_main)
         manifest = runfiles.Manifest(args.save_dir, enabled=ctx.is_main and bool(args.save_every),
                                      keep=resume is not None)
-    cli.check_ranks_agree(ctx, args, SHAPING, loaders)
+    cli.check_ranks_agree(ctx, args, SHAPING, loaders, resume_progress=resume and resume["progress"])
     train_loader, test_loader = loaders.train, loaders.test
     # checked before 0.pt is written
     points = save_points(len(train_loader), args.save_every)
@@ -201,13 +201,17 @@ def main(argv=None):
 
 def read_resume(args, state_path):
     """The resume state when --resume (checked against the flags), else None. A folder killed
-    between its 0.pt and its first state holds no progress: --resume starts it afresh."""
+    between its 0.pt and its first state (nothing past 0.pt) holds no progress: --resume starts
+    it afresh."""
     if not args.resume:
         if any(os.path.exists(os.path.join(args.save_dir, name)) for name in ("0.pt", STATE)):
             raise UsageError(f"{args.save_dir} already holds checkpoints; use --resume or another "
                              "--save-dir")
         return None
     if not os.path.exists(state_path) and os.path.exists(os.path.join(args.save_dir, "0.pt")):
+        if os.path.exists(os.path.join(args.save_dir, "1.pt")):
+            raise UsageError(f"{args.save_dir} holds checkpoints past 0.pt but no {STATE}: it cannot "
+                             "be resumed, and starting afresh would overwrite them")
         log.warning("%s holds 0.pt but no %s: starting afresh", args.save_dir, STATE)
         return None
     resume = runfiles.load_torch(state_path)

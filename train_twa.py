@@ -252,8 +252,9 @@ def main(argv=None):
                              "or use another --output-dir")
         cli.load_weights(model, inputs["checkpoints"][0], args)  # another architecture fails here
         runfiles.read_jsonl(os.path.join(args.log_dir, "metrics.jsonl"))  # appended to at the end
-    cli.check_ranks_agree(ctx, args, SHAPING, loaders, checkpoint_files=[
-        (path, os.path.getsize(path)) for path in inputs["checkpoints"]])
+    cli.check_ranks_agree(ctx, args, SHAPING, loaders, resume_progress=resume and resume["progress"],
+                          checkpoint_files=[(path, os.path.getsize(path))
+                                            for path in inputs["checkpoints"]])
     if verified:
         log.info("%d of %d checkpoints verified against their SHA-256 in %s", verified,
                  len(inputs["checkpoints"]), runfiles.Manifest.FILE)

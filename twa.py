@@ -157,6 +157,11 @@ def flatten_checkpoint(state, params, source="state_dict", out=None, columns=Non
 # Sharding over processes
 # ---------------------------------------------------------------------------------------------------
 
+# the current names of the single-tensor collectives, and those of torch releases before them
+_all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or \
+    getattr(dist, "reduce_scatter_tensor", None)
+
 class Sharding:
     """The columns [lo, hi) of the D-dimensional weight vectors that this process keeps.
 
@@ -200,12 +205,12 @@ class Sharding:
     def gather_(self, full, part):
         """full[:D] = the concatenated shards; `full` holds world x per_rank entries, `part`
         (this process's) per_rank (its tail past hi - lo is ignored)."""
-        dist.all_gather_single(full, part, group=self.group)
+        _all_gather(full, part, group=self.group)
 
     def scatter_sum_(self, part, full):
         """part = this process's shard of `full` summed over the processes (the reverse of gather_:
         `full` holds world x per_rank entries, `part` per_rank)."""
-        dist.reduce_scatter_single(part, full, group=self.group)
+        _reduce_scatter(part, full, group=self.group)
         return part
 
 
@@ -233,7 +238,8 @@ class Basis:
         self.bits, self.dim, self.rows, self.device = bits, dim, 0, torch.device(device)
         # per row: the squared norm of what storing it rounded away (0 in float32)
         self.rounding = torch.zeros(capacity, dtype=torch.float64, device=device)
-        self.gain = 2.0 ** round(math.log2(max(dim, 1)) / 2) if bits == 16 else 1.0
+        # float16's largest value is 65504: at most 2^15, so that entries up to 1 never overflow
+        self.gain = 2.0 ** min(round(math.log2(max(dim, 1)) / 2), 15) if bits == 16 else 1.0
         if bits >= 16:
             dtype = torch.float32 if bits == 32 else torch.float16
             self.data = torch.zeros(capacity, dim, dtype=dtype, device=device)
@@ -256,11 +262,27 @@ class Basis:
     def load_state_dict(self, state):
         if state["bits"] != self.bits:
             raise ValueError(f"the stored basis has {state['bits']} bits, not {self.bits}")
-        for name, tensor in {**self._tensors(), "rounding": self.rounding}.items():
+        for name, tensor in self._tensors().items():
             tensor.copy_(state[name])
         if state["data"].dtype == torch.bfloat16:  # saved when 16 bits meant bfloat16, whose values
             self.data.copy_(state["data"].float() * self.gain)  # float16 x gain holds (bar subnormals)
+        # states saved before the rounding was recorded: its expected value for their format
+        self.rounding.copy_(state["rounding"] if "rounding" in state else
+                            self._expected_rounding(state["data"]))
         self.rows = state["rows"]
+
+    def _expected_rounding(self, data):
+        """Per row, the expected squared norm that storing rounded away (a rounding error uniform
+        over one step has variance step^2 / 12): the steps are the quantisation scales at 8 and 4
+        bits, and at 16 bits the spacing of the stored format's values around each entry."""
+        if self.bits == 32:
+            return torch.zeros_like(self.rounding)
+        if self.bits < 16:
+            return (self.scale.double().square() * QUANT_GROUP / 12).sum(1)
+        values = data.double().abs() / (self.gain if data.dtype == torch.float16 else 1.0)
+        mantissa = 10 if data.dtype == torch.float16 else 7
+        step = torch.where(values > 0, 2.0 ** (torch.floor(torch.log2(values)) - mantissa), 0.0)
+        return (step.square() / 12).sum(1)
 
     def blocks(self):
         size = BLOCK if self.device.type == "cpu" else DEVICE_BLOCK

@@ -93,7 +93,7 @@ def test_nodes_that_disagree_on_the_data_stop_naming_the_flag(tiny_data, tmp_pat
                                                    "--train-subset", 40)])
     for rc, err, _ in results:
         assert rc == 2 and "the 2 processes disagree on --train-subset" in err, err[-500:]
-    assert not (tmp_path / "run" / "1.pt").exists()
+    assert not (tmp_path / "run" / "0.pt").exists()  # stopped before the first file
 
 
 # -- 9: data that cannot be decoded ---------------------------------------------------------------
@@ -215,7 +215,8 @@ def test_a_duplicated_checkpoint_adds_no_direction_at_any_precision(bits, within
     walk.insert(4, dict(walk[2]))
     space = twa.Subspace.from_checkpoints(model, walk, bits=bits)
     assert space.rank == 8  # 8 distinct checkpoints, one of them twice
-    coordinates = space.mean_coords + 0.5 * torch.randn(space.rank, dtype=torch.float64)
+    step = torch.randn(space.rank, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    coordinates = space.mean_coords + 0.5 * step
     trainer = twa.TWA(model, space)
     trainer.move_to(coordinates)
     alpha = space.checkpoint_coefficients(trainer.coordinates)
@@ -276,11 +277,14 @@ def test_sigint_before_training_is_one_line_and_exit_143(tiny_data, tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_sgd.py"),
                              *map(str, common(tiny_data, tmp_path, "--epochs", 1)), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # the first log line comes before the data and the model: interrupt there
+    # the first log line comes before the data and the model: interrupt there (on a loaded
+    # machine the epochs may have begun, which save a state and say so in the log instead)
     proc.stdout.readline()
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and err == "error: interrupted; the last saved state is kept\n", err
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err == "error: interrupted; the last saved state is kept\n" or \
+        (err == "" and "stopped by SIGINT" in out), err
 
 
 # -- 16: the library's guards --------------------------------------------------------------------
@@ -301,3 +305,27 @@ def test_the_next_run_in_a_folder_removes_the_temp_files_of_a_killed_one(tmp_pat
     (tmp_path / "notes.tmp").write_text("not ours")
     runfiles.FolderLock([tmp_path])
     assert sorted(os.listdir(tmp_path)) == [".twa-lock", "notes.tmp"]
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_a_recorder_state_saved_before_the_rounding_was_recorded_still_resumes(bits):
+    """States of earlier versions hold no per-row rounding (and 16 bits in bfloat16): they load,
+    with the rounding expected for their format (within 10% of the measured one at 8 and 4 bits)."""
+    model = mlp()
+    recorder = twa.SubspaceRecorder(model, 8, bits=bits)
+    for state in random_walk(model, 6, step=0.05):
+        model.load_state_dict(state)
+        recorder.add(model)
+    saved = recorder.state_dict()
+    measured = saved["builders"][0].pop("rounding")[:6].sqrt()
+    if bits == 16:
+        gain = recorder.builders[0].basis.gain
+        saved["builders"][0]["data"] = (saved["builders"][0]["data"].float() / gain).bfloat16()
+    again = twa.SubspaceRecorder(model, 8, bits=bits)
+    again.load_state_dict(saved)
+    expected = again.builders[0].basis.rounding[:6].sqrt()
+    if bits == 16:  # bfloat16 rounds about 8 times more than the float16 it was converted to
+        assert torch.all((expected > 5 * measured) & (expected < 12 * measured))
+    else:
+        assert torch.allclose(expected, measured, rtol=0.1)
+    assert again.subspace().rank == recorder.subspace().rank
