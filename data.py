@@ -27,7 +27,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The reference code's CIFAR constants, used for CIFAR-100 too; its checkpoints expect these inputs
 REFERENCE_MEAN, REFERENCE_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 NORMALIZATIONS = ("dataset", "reference")
-EVAL_BATCH = 512
+# evaluation batch: on the CPU, 512 ran ResNet-20's evaluation at 1.3x the training forward's time
+# per image and 128-256 at 0.5x (bench/evaluation.py); GPUs are not slower at 256
+EVAL_BATCH = 256
 
 
 class DataError(ValueError):

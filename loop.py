@@ -69,7 +69,7 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model, loader, amp=False, ctx=None):
     """{'loss', 'accuracy' (percent)} of `model` over `loader` (each rank's share, summed)."""
     model.eval()

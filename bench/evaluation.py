@@ -5,7 +5,7 @@ Images per second on the real CIFAR-10 test set (or its first --images) for ResN
   batches prepared beforehand: the compute that evaluation should not exceed per image;
 - loop.evaluate as the scripts run it (eval mode, the in-memory test loader, loss and accuracy
   summed on the device), at the scripts' evaluation batch (data.EVAL_BATCH) and others;
-- the same under torch.inference_mode instead of loop.evaluate's torch.no_grad, and with
+- the same under torch.no_grad instead of loop.evaluate's torch.inference_mode, and with
   channels-last.
 Rounds are interleaved; medians and the ratio evaluation / training forward are printed.
 
@@ -54,12 +54,12 @@ def paths(model, test, images, channels_last_model):
     plain = list(itertools.islice(test_loader(test, images, TRAIN_BATCH, False).batches(),
                                   images // TRAIN_BATCH))
     out = {"training forward, b128": lambda: training_forward(model, plain)}
-    for batch in (256, data.EVAL_BATCH, 1024):
+    for batch in sorted({128, 256, 512, data.EVAL_BATCH}):
         loader = test_loader(test, images, batch, False)
         out[f"evaluate, b{batch}"] = lambda loader=loader: loop.evaluate(model, loader)
     loader = test_loader(test, images, data.EVAL_BATCH, False)
-    out[f"evaluate under inference_mode, b{data.EVAL_BATCH}"] = \
-        lambda: evaluate_with(torch.inference_mode(), model, loader)
+    out[f"evaluate under no_grad, b{data.EVAL_BATCH}"] = \
+        lambda: evaluate_with(torch.no_grad(), model, loader)
     loader = test_loader(test, images, data.EVAL_BATCH, True)
     out[f"evaluate channels-last, b{data.EVAL_BATCH}"] = \
         lambda: loop.evaluate(channels_last_model, loader)
