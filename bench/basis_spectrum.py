@@ -29,11 +29,7 @@ import twa  # noqa: E402
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--save-dir", required=True, help="folder of the checkpoints i.pt")
-    parser.add_argument("--params_start", type=int, required=True, help="first checkpoint")
-    parser.add_argument("--params_end", type=int, required=True, help="one past the last")
-    parser.add_argument("--arch", default="resnet20", help="architecture of the checkpoints")
-    parser.add_argument("--classes", type=int, default=10, help="classes of the architecture")
+    common.add_checkpoint_range_args(parser)
     parser.add_argument("--name", default=None, help="results/basis-spectrum-<name>.json")
     parser.add_argument("--results", default=os.path.join(common.ROOT, "results"))
     return parser.parse_args()

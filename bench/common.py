@@ -28,6 +28,15 @@ def cifar10_dir(path=None):
     return path
 
 
+def add_checkpoint_range_args(parser):
+    """The flags of the benchmarks that read a range of train_sgd.py checkpoints."""
+    parser.add_argument("--save-dir", required=True, help="folder of the checkpoints i.pt")
+    parser.add_argument("--params_start", type=int, required=True, help="first checkpoint")
+    parser.add_argument("--params_end", type=int, required=True, help="one past the last")
+    parser.add_argument("--arch", default="resnet20", help="architecture of the checkpoints")
+    parser.add_argument("--classes", type=int, default=10, help="classes of the architecture")
+
+
 def run_script(script, flags, commands):
     """Run one of the project's scripts as a user would (output to its log files), recording the
     command line in `commands` and printing it with the time."""

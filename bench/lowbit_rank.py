@@ -24,12 +24,8 @@ import twa  # noqa: E402
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--save-dir", required=True, help="folder of the checkpoints i.pt")
-    parser.add_argument("--params_start", type=int, required=True, help="first checkpoint")
-    parser.add_argument("--params_end", type=int, required=True, help="one past the last")
+    common.add_checkpoint_range_args(parser)
     parser.add_argument("--duplicate", type=int, default=None, help="enter this checkpoint twice")
-    parser.add_argument("--arch", default="resnet20", help="architecture of the checkpoints")
-    parser.add_argument("--classes", type=int, default=10, help="classes of the architecture")
     return parser.parse_args()
 
 
