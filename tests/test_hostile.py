@@ -274,9 +274,11 @@ def test_bad_files_and_folders_are_one_line_before_the_basis(sgd_run, tiny_data,
 @pytest.mark.slow
 def test_sigint_before_training_is_one_line_and_exit_143(tiny_data, tmp_path):
     import signal
+    # a default SIGINT in the child: a test run started in the background hands it an ignored one
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_sgd.py"),
                              *map(str, common(tiny_data, tmp_path, "--epochs", 1)), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # the first log line comes before the data and the model: interrupt there (on a loaded
     # machine the epochs may have begun, which save a state and say so in the log instead)
     proc.stdout.readline()
