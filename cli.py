@@ -267,7 +267,8 @@ def add_common_args(parser):
         "statistics (default otherwise); both scripts must use the same")
     add("--channels-last", action="store_true", help="channels-last memory format (faster convs on GPU)")
     add("--amp", action="store_true", help="bfloat16 autocast for forward passes")
-    add("--compile", action="store_true", help="torch.compile the model")
+    add("--compile", action="store_true", help="torch.compile the whole training step (forward, "
+        "backward, projection, optimizer)")
     add("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
     add("--dist-timeout", type=float, default=600, metavar="SECONDS",
         help="under torchrun: how long a process waits for the others in one exchange before the "

@@ -58,8 +58,38 @@ def check_finite(tensors, what):
 
 
 def set_lr(optimizer, lr):
+    """Set the rate of every group; a rate held as a tensor (see learning_rate) is written into."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if torch.is_tensor(group["lr"]):
+            group["lr"].copy_(lr) if torch.is_tensor(lr) else group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def learning_rate(args):
+    """The rate an optimizer starts from: with --compile a tensor, so that a compiled step that
+    sets a new rate every step is traced once, not once per value."""
+    return torch.tensor(args.lr) if args.compile else args.lr
+
+
+def make_step(forward, update, args, ctx):
+    """step(images, labels, lr, scale) -> (summed loss, correct count): forward, the loss as this
+    rank's sum times `scale`, backward and update(lr). With --compile the whole step is compiled
+    (forward and backward graphs, the projection and the optimizer between), with lr and scale
+    passed as tensors so that it is traced once."""
+    def step(images, labels, lr, scale):
+        with autocast(ctx.device, args.amp):
+            logits = forward(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing,
+                               reduction="sum")
+        (loss * scale).backward()
+        update(lr)
+        return loss.detach(), (logits.argmax(1) == labels).sum()
+    if not args.compile:
+        return step
+    compiled = torch.compile(step)
+    return lambda images, labels, lr, scale: compiled(images, labels, torch.tensor(lr),
+                                                      torch.tensor(scale))
 
 
 def autocast(device, enabled):
@@ -130,6 +160,7 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
     be saved as well. SIGINT/SIGTERM (on any rank) save the state at the next step and exit with
     code 143."""
     train_loader, test_loader = loaders
+    step = make_step(forward, update, args, ctx)
     steps = len(train_loader)
     bar = progress_bar(not args.quiet and ctx.is_main)
     last = until or args.epochs
@@ -158,7 +189,7 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
                     save_state()
                 return stopping
 
-            totals = train_epoch(model, forward, train_loader, epoch, lr_for_batch, update, args, ctx,
+            totals = train_epoch(model, step, train_loader, epoch, lr_for_batch, args, ctx,
                                  progress["batch"], progress["totals"], after_step)
             if totals is None:
                 stopped(stop, f"in epoch {epoch} at step {progress['batch']}")
@@ -185,12 +216,12 @@ def stopped(stop, where):
     raise SystemExit(128 + signal.SIGTERM)
 
 
-def train_epoch(model, forward, loader, epoch, lr_for_batch, update, args, ctx, start_batch=0,
+def train_epoch(model, step, loader, epoch, lr_for_batch, args, ctx, start_batch=0,
                 totals=None, after_step=lambda batch, totals: False):
-    """One epoch from batch `start_batch` on: forward, backward, update(lr) per step. Loss and
-    accuracy are summed on the device and read (over all ranks) only at each log line, every -p
-    steps, where they are checked to be finite. Returns the epoch's totals, or None when
-    after_step(batch, totals) asks to stop."""
+    """One epoch from batch `start_batch` on, one step(images, labels, lr, scale) (make_step) per
+    batch. Loss and accuracy are summed on the device and read (over all ranks) only at each log
+    line, every -p steps, where they are checked to be finite. Returns the epoch's totals, or None
+    when after_step(batch, totals) asks to stop."""
     model.train()
     device = next(model.parameters()).device
     base = totals or {"loss": 0.0, "correct": 0, "count": 0}
@@ -205,16 +236,11 @@ def train_epoch(model, forward, loader, epoch, lr_for_batch, update, args, ctx, 
         loader.batches(start_batch), desc=f"epoch {epoch}", total=len(loader) - start_batch)
     for batch, (images, labels) in enumerate(batches, start=start_batch):
         lr = lr_for_batch(batch)
-        with autocast(device, args.amp):
-            logits = forward(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing,
-                               reduction="sum")
         # this rank's sum over the global batch's count, times the world that DDP divides by: the
         # one-process mean loss whatever the shares' sizes (an uneven last batch, an empty share)
-        (loss * (ctx.world / loader.global_size(batch))).backward()
-        update(lr)
-        sums[0] += loss.detach()
-        sums[1] += (logits.argmax(1) == labels).sum()
+        loss, correct = step(images, labels, lr, ctx.world / loader.global_size(batch))
+        sums[0] += loss
+        sums[1] += correct
         sums[2] += len(labels)
         if (batch + 1) % args.print_freq == 0 or batch + 1 == len(loader):
             now = merged()

@@ -41,8 +41,6 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
         cli.restore_rng(resume["rng"], ctx, state_path)
         progress = resume["progress"]
         log.info("resumed at epoch %d, batch %d", progress["epoch"], progress["batch"])
-    # no DistributedDataParallel: TWA.step reduce-scatters the gradients itself
-    forward = torch.compile(model) if args.compile else model
 
     def save_state():
         loop.check_finite([trainer.trained.detach(), *model.state_dict().values()], "TWA's state")
@@ -64,7 +62,8 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
     log.info("training the coefficients on the %s (%s)", "held-out part" if args.val_split else
              "training images", "TWA-v" if args.val_split else "TWA-t")
     train_started = time.time()
-    loop.run_epochs(args, ctx, model, forward, (coefficient_data, loaders.test), update, progress,
+    # the model itself, not DistributedDataParallel: TWA.step reduce-scatters the gradients
+    loop.run_epochs(args, ctx, model, model, (coefficient_data, loaders.test), update, progress,
                      metrics, save_state)
     # the final BatchNorm pass sees one fixed epoch's crops, also when a resumed run has no epoch left
     loaders.train.set_epoch(args.epochs)
@@ -96,9 +95,10 @@ def measure(model, loaders, args, ctx, recompute=True):
 
 
 def make_optimizer(args, params):
+    lr = loop.learning_rate(args)
     if args.opt == "AdamW":
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
 def write_results(args, model, space, trainer, alpha, residual, results):

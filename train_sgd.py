@@ -139,7 +139,7 @@ def main(argv=None):
     points = save_points(len(train_loader), args.save_every)
     recording = save_points(len(train_loader), args.record_every, "--record-every") if args.twa_at \
         else set()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+    optimizer = torch.optim.SGD(model.parameters(), lr=loop.learning_rate(args), momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     recorder = make_recorder(args, model, ctx)
     progress = {"epoch": 0, "batch": 0, "checkpoint": 0, "totals": None, "elapsed": 0.0}
@@ -156,8 +156,7 @@ def main(argv=None):
             manifest.save(model.state_dict(), "0.pt", epochs=0.0, step=0)
         if recorder:
             recorder.add(model)
-    forward = distributed.wrap(model, ctx)
-    forward = torch.compile(forward) if args.compile else forward
+    forward = distributed.wrap(model, ctx)  # --compile compiles the whole step (loop.make_step)
 
     def save_state():
         loop.check_finite(model.state_dict().values(), "the model")

@@ -2,8 +2,8 @@
 
 ResNet-20 with n = 101 checkpoints along a random walk (written once to a temporary folder). Each
 rank builds its column shard of the basis from the files, then times TWA training steps (forward,
-backward, DDP all-reduce, sharded projection, all-gather of the weights) on random batches of the
-global batch size.
+backward, reduce-scatter of the gradient, sharded projection, all-gather of the weights) on random
+batches of the global batch size.
 
     python bench/sharding.py [--checkpoints 101] [--steps 20] [--batch-size 128]
 """
@@ -43,15 +43,14 @@ def worker(args):
     started = time.perf_counter()
     space = twa.Subspace.from_checkpoints(model, files)
     build = time.perf_counter() - started
-    trainer = twa.TWA(model, space)
-    forward = distributed.wrap(model, ctx)
+    trainer = twa.TWA(model, space)  # reduce-scatters the gradients itself: no DDP
     optimizer = torch.optim.SGD(trainer.parameters(), lr=0.1, momentum=0.9)
     gen = torch.Generator().manual_seed(ctx.rank)
     local = args.batch_size // ctx.world
     images, labels = torch.randn(local, 3, 32, 32, generator=gen), torch.randint(0, 10, (local,))
 
     def step():
-        F.cross_entropy(forward(images), labels).backward()
+        F.cross_entropy(model(images), labels).backward()
         trainer.step(optimizer)
     step()
     started = time.perf_counter()
