@@ -190,15 +190,15 @@ def cases(data, base):
     def killed_after_first_checkpoint(t):
         shutil.copy(os.path.join(base, "0.pt"), os.path.join(t, "0.pt"))
         expect(sgd(t, "--epochs", 2, "--save-every", 2, "--resume"), 0)
-        if not torch.equal(torch.load(os.path.join(t, "4.pt"))["fc.weight"],
-                           torch.load(os.path.join(base, "4.pt"))["fc.weight"]):
+        if not torch.equal(torch.load(os.path.join(t, "4.pt"), weights_only=True)["fc.weight"],
+                           torch.load(os.path.join(base, "4.pt"), weights_only=True)["fc.weight"]):
             raise Broken("the restarted run differs from an uninterrupted one")
 
     def finished_twa_resumed(t):
         expect(twa(base, t), 0)
-        first = torch.load(os.path.join(t, "twa.pt"))
+        first = torch.load(os.path.join(t, "twa.pt"), weights_only=True)
         expect(twa(base, t, "--resume"), 0)
-        again = torch.load(os.path.join(t, "twa.pt"))
+        again = torch.load(os.path.join(t, "twa.pt"), weights_only=True)
         if not all(torch.equal(first[k], again[k]) for k in first):
             raise Broken("twa.pt differs after resuming a finished run")
 
@@ -268,7 +268,7 @@ def cases(data, base):
 
     def nan_checkpoint(t):
         bad = copy_base(os.path.join(t, "ckpt"))
-        state = torch.load(os.path.join(bad, "2.pt"))
+        state = torch.load(os.path.join(bad, "2.pt"), weights_only=True)
         state["blocks.0.conv1.weight"][0, 0, 0, 0] = float("nan")
         torch.save(state, os.path.join(bad, "2.pt"))
         os.remove(os.path.join(bad, "checkpoints.json"))
@@ -276,7 +276,7 @@ def cases(data, base):
 
     def string_tensor(t):
         bad = copy_base(os.path.join(t, "ckpt"))
-        state = torch.load(os.path.join(bad, "1.pt"))
+        state = torch.load(os.path.join(bad, "1.pt"), weights_only=True)
         state["fc.bias"] = "zeros"
         torch.save(state, os.path.join(bad, "1.pt"))
         os.remove(os.path.join(bad, "checkpoints.json"))
@@ -382,7 +382,7 @@ def cases(data, base):
         expect(run(SGD, flags(tree, os.path.join(t, "run"), "--epochs", 1)), 2, "must hold train/")
 
     def nan_init(t):
-        state = torch.load(os.path.join(base, "1.pt"))
+        state = torch.load(os.path.join(base, "1.pt"), weights_only=True)
         state["fc.weight"][0, 0] = float("inf")
         torch.save(state, os.path.join(t, "init.pt"))
         expect(sgd(os.path.join(t, "run"), "--init", os.path.join(t, "init.pt")), 1, "non-finite")

@@ -65,7 +65,8 @@ def test_resume_of_a_folder_killed_after_its_first_checkpoint_starts_afresh(sgd_
     shutil.copy(sgd_run / "0.pt", stuck / "0.pt")
     run("train_sgd.py", *common(tiny_data, stuck, "--epochs", "2", "--save-every", "2", "--resume"))
     for i in range(5):  # a fresh run's checkpoints, up to the float order of another thread count
-        assert relative_difference(torch.load(stuck / f"{i}.pt"), torch.load(sgd_run / f"{i}.pt")) < 1e-5
+        fresh, restarted = (torch.load(folder / f"{i}.pt", weights_only=True) for folder in (sgd_run, stuck))
+        assert relative_difference(restarted, fresh) < 1e-5
 
 
 # -- 6 and 7: nodes that lack a file or disagree stop together, promptly ---------------------------
@@ -198,11 +199,11 @@ def test_an_empty_share_of_the_last_batch_trains_as_one_process(tiny_data, tmp_p
         launch("train_sgd.py", n, "--datasets", "ImageFolder", "--data-dir", tiny_data, "--arch",
                "resnet20", "-b", 47, "--save-dir", tmp_path / f"p{n}", "--device", "cpu",
                "--epochs", 1, "--lr", 0.02, "--loader", loader, "-j", 0)
-    one, two = (torch.load(tmp_path / f"p{n}" / "1.pt") for n in (1, 2))
+    one, two = (torch.load(tmp_path / f"p{n}" / "1.pt", weights_only=True) for n in (1, 2))
     assert relative_difference(one, two) < within
     rows = [runfiles.read_jsonl(tmp_path / f"p{n}" / "metrics.jsonl")[0] for n in (1, 2)]
     assert abs(rows[0]["train_loss"] - rows[1]["train_loss"]) < 10 * within * rows[0]["train_loss"]
-    states = torch.load(tmp_path / "p2" / "state.pt")["rng"]
+    states = torch.load(tmp_path / "p2" / "state.pt", weights_only=True)["rng"]
     assert len(states) == 2 and not torch.equal(states[0]["cpu"], states[1]["cpu"])
 
 
@@ -230,9 +231,9 @@ def test_a_duplicated_checkpoint_adds_no_direction_at_any_precision(bits, within
 def test_resuming_a_finished_twa_run_rewrites_the_same_weights(sgd_run, tiny_data, tmp_path):
     flags = ["--params_end", 5, "--epochs", 1, "--output-dir", tmp_path, "--log-dir", tmp_path]
     run("train_twa.py", *common(tiny_data, sgd_run, *flags))
-    first = torch.load(tmp_path / "twa.pt")
+    first = torch.load(tmp_path / "twa.pt", weights_only=True)
     run("train_twa.py", *common(tiny_data, sgd_run, *flags, "--resume"))
-    again = torch.load(tmp_path / "twa.pt")
+    again = torch.load(tmp_path / "twa.pt", weights_only=True)
     assert all(torch.equal(first[k], again[k]) for k in first)  # BatchNorm buffers included
     reconstruction = json.loads((tmp_path / "coefficients.json").read_text())["reconstruction"]
     assert reconstruction["relative"] < 1e-4, reconstruction
@@ -253,7 +254,7 @@ def test_bad_files_and_folders_are_one_line_before_the_basis(sgd_run, tiny_data,
     os.makedirs(bad)
     for i in range(3):
         shutil.copy(sgd_run / f"{i}.pt", bad / f"{i}.pt")
-    state = torch.load(bad / "1.pt")
+    state = torch.load(bad / "1.pt", weights_only=True)
     state["conv1.weight"][0, 0, 0, 0] = float("nan")
     torch.save(state, bad / "1.pt")
     assert f"{bad / '1.pt'}: 'conv1.weight' holds NaN or Inf values" in twa_on(bad)
