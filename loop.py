@@ -61,7 +61,7 @@ def set_lr(optimizer, lr):
     """Set the rate of every group; a rate held as a tensor (see learning_rate) is written into."""
     for group in optimizer.param_groups:
         if torch.is_tensor(group["lr"]):
-            group["lr"].copy_(lr) if torch.is_tensor(lr) else group["lr"].fill_(lr)
+            group["lr"].copy_(torch.as_tensor(lr))
         else:
             group["lr"] = lr
 

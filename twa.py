@@ -505,7 +505,8 @@ class SpanBuilder:
         """Orthogonalise generator j (w, modified in place) against the rows so far; keep its
         direction unless it is within tol * norm of their span, or, for a rounded basis, within what
         the rounding of the stored rows leaves of a vector that lies in their span."""
-        length = shard.norm(w)
+        error = self.rounding_error(shard)
+        length = shard.norm(w) if error else 0.0  # of w as given: orthogonalise_ changes it
         removed, residual = orthogonalise_(self.basis, w, shard)
         self.coords[j, :self.basis.rows] = removed.cpu()
         if self.basis.rows == self.size:  # a block with fewer entries than checkpoints is full
@@ -514,8 +515,7 @@ class SpanBuilder:
         # the earlier generators it combines: about max|e_i| |w| (e: 16 bits 2e-4, 8 bits 7e-3,
         # 4 bits 0.12), up to 2.8 times that measured on real checkpoints, where the dependency
         # sums many of them. A residual within 4 times that is rounding, not a direction.
-        rounding = 4 * self.rounding_error(shard) * length
-        if residual <= tol * norm + rounding or residual == 0.0:
+        if residual <= tol * norm + 4 * error * length or residual == 0.0:
             self.dropped.append((j, residual / max(norm, 1e-300)))
             return
         self.coords[j, self.basis.rows] = residual
@@ -753,7 +753,7 @@ class Subspace:
             x = flatten_checkpoint(load_state_dict(source), params, _describe(source, i), out=buffer,
                                    columns=columns)
             for span, a in zip(self.spans, alpha):
-                total[span.columns] += a[i].item() * x[span.columns].double()
+                total[span.columns].add_(x[span.columns], alpha=float(a[i]))
         miss = shard.norm(total - w.double())
         move = shard.norm(w.double() - self.mean.double())
         return {"miss": miss, "move": move, "relative": miss / move if move > 0 else None}

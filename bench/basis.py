@@ -79,11 +79,7 @@ def naive_build(model, files, dim):
     params = twa.trainable_parameters(model)
     for i, f in enumerate(files):
         twa.flatten_checkpoint(twa.load_state_dict(f), params, out=p[i])
-    for i in range(len(files)):
-        if i:
-            p[i] -= p[:i].t() @ (p[:i] @ p[i])
-        p[i] /= p[i].norm()
-    return p
+    return common.one_pass_gram_schmidt_(p)
 
 
 def orthogonality_error(p):

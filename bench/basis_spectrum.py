@@ -35,16 +35,6 @@ def parse_args():
     return parser.parse_args()
 
 
-def one_pass(rows, dtype):
-    """The ICLR code's basis: one classical Gram-Schmidt pass over the raw rows, in one matrix."""
-    basis = rows.to(dtype).clone()
-    for i in range(len(basis)):
-        if i:
-            basis[i] -= basis[:i].t() @ (basis[:i] @ basis[i])
-        basis[i] /= basis[i].norm()
-    return basis
-
-
 def quality(gram):
     eigenvalues = torch.linalg.eigvalsh(gram.double())
     eye = torch.eye(len(gram), dtype=torch.float64)
@@ -65,9 +55,9 @@ def main():
     report["orthonormal"] = {**quality(ours.spans[0].basis.gram()), "rank": ours.rank}
     streamed = twa.Subspace.reference_from_checkpoints(model, paths).spans[0].basis
     report["reference float32, streamed"] = quality(streamed.gram())
-    matrix32 = one_pass(rows, torch.float32)
+    matrix32 = common.one_pass_gram_schmidt_(rows.float().clone())
     report["reference float32, one matrix"] = quality(matrix32 @ matrix32.t())
-    matrix64 = one_pass(rows, torch.float64)
+    matrix64 = common.one_pass_gram_schmidt_(rows.double())
     report["reference float64"] = quality(matrix64 @ matrix64.t())
     block = streamed.block(0, rows.shape[1])
     report["streamed vs one-matrix float32, max row difference"] = (block - matrix32).abs().max().item()

@@ -28,6 +28,16 @@ def cifar10_dir(path=None):
     return path
 
 
+def one_pass_gram_schmidt_(rows):
+    """The ICLR code's basis, in place: one classical Gram-Schmidt pass over the raw rows held in
+    one matrix (what train_twa.py --basis reference streams instead)."""
+    for i in range(len(rows)):
+        if i:
+            rows[i] -= rows[:i].t() @ (rows[:i] @ rows[i])
+        rows[i] /= rows[i].norm()
+    return rows
+
+
 def add_checkpoint_range_args(parser):
     """The flags of the benchmarks that read a range of train_sgd.py checkpoints."""
     parser.add_argument("--save-dir", required=True, help="folder of the checkpoints i.pt")
