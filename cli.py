@@ -269,6 +269,9 @@ def add_common_args(parser):
     add("--amp", action="store_true", help="bfloat16 autocast for forward passes")
     add("--compile", action="store_true", help="torch.compile the whole training step (forward, "
         "backward, projection, optimizer)")
+    add("--cuda-graphs", action="store_true", help="with --compile on a GPU: capture the compiled "
+        "step with CUDA graphs (torch.compile's reduce-overhead mode; one capture per batch shape, "
+        "the last partial batch included); a warning names graphs that could not be captured")
     add("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
     add("--dist-timeout", type=float, default=600, metavar="SECONDS",
         help="under torchrun: how long a process waits for the others in one exchange before the "
@@ -287,6 +290,8 @@ def check_common_args(args):
         raise UsageError(f"--val-split is a percentage in [0, 100), not {args.val_split}")
     if args.train_subset < 0:
         raise UsageError(f"--train-subset must be non-negative, not {args.train_subset}")
+    if args.cuda_graphs and not args.compile:
+        raise UsageError("--cuda-graphs captures the compiled step: add --compile")
     if args.threads < 0:
         raise UsageError(f"--threads must be non-negative, not {args.threads}")
     if not 0 < args.dist_timeout < float("inf"):

@@ -58,25 +58,36 @@ def check_finite(tensors, what):
 
 
 def set_lr(optimizer, lr):
-    """Set the rate of every group; a rate held as a tensor (see learning_rate) is written into."""
+    """Set the rate of every group; a rate held as a tensor (see learning_rate) is filled in place
+    (fill_ launches a kernel on a GPU; copying a host value would wait for the device)."""
     for group in optimizer.param_groups:
         if torch.is_tensor(group["lr"]):
-            group["lr"].copy_(torch.as_tensor(lr))
+            group["lr"].fill_(lr)
         else:
             group["lr"] = lr
 
 
-def learning_rate(args):
-    """The rate an optimizer starts from: with --compile a tensor, so that a compiled step that
-    sets a new rate every step is traced once, not once per value."""
-    return torch.tensor(args.lr) if args.compile else args.lr
+def learning_rate(args, device="cpu"):
+    """The rate an optimizer starts from: with --compile a tensor on the device, so that a compiled
+    step that sets a new rate every step is traced once, not once per value."""
+    return torch.tensor(args.lr, device=device) if args.compile else args.lr
+
+
+def load_optimizer(optimizer, state, args, device):
+    """optimizer.load_state_dict(state), keeping the rate in the form learning_rate gives: the saved
+    groups would otherwise bring back the form (and device) of the run that saved them."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(args, device)
 
 
 def make_step(forward, update, args, ctx):
     """step(images, labels, lr, scale) -> (summed loss, correct count): forward, the loss as this
     rank's sum times `scale`, backward and update(lr). With --compile the whole step is compiled
     (forward and backward graphs, the projection and the optimizer between), with lr and scale
-    passed as tensors so that it is traced once."""
+    passed as tensors on the device, filled in place, so that it is traced once. --cuda-graphs
+    captures the compiled graphs with CUDA graphs (torch.compile's "reduce-overhead"), one per batch
+    shape: shapes are kept static, so the last partial batch gets graphs of its own."""
     def step(images, labels, lr, scale):
         with autocast(ctx.device, args.amp):
             logits = forward(images)
@@ -87,9 +98,33 @@ def make_step(forward, update, args, ctx):
         return loss.detach(), (logits.argmax(1) == labels).sum()
     if not args.compile:
         return step
-    compiled = torch.compile(step)
-    return lambda images, labels, lr, scale: compiled(images, labels, torch.tensor(lr),
-                                                      torch.tensor(scale))
+    graphs = getattr(args, "cuda_graphs", False)
+    compiled = torch.compile(step, mode="reduce-overhead" if graphs else None,
+                             dynamic=False if graphs else None)
+    lr_tensor, scale_tensor = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device)
+    calls = 0
+
+    def compiled_step(images, labels, lr, scale):
+        nonlocal calls
+        if graphs:  # the outputs of the previous replay have been read: its buffers may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, correct = compiled(images, labels, lr_tensor.fill_(lr), scale_tensor.fill_(scale))
+        calls += 1
+        if graphs and calls == 3:  # warm-up and capture are done by now
+            report_graph_skips(ctx.device)
+        return loss, correct
+    return compiled_step
+
+
+def report_graph_skips(device):
+    """Warn when torch.compile ran some graphs of the step without capturing them."""
+    skipped = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    if device.type != "cuda":
+        log.warning("--cuda-graphs: CUDA graphs need a CUDA device; on %s the step is compiled "
+                    "without them", device.type)
+    elif skipped:
+        log.warning("--cuda-graphs: %d compiled graphs of the step run without CUDA graphs "
+                    "(TORCH_LOGS=perf_hints says why)", skipped)
 
 
 def autocast(device, enabled):

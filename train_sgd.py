@@ -139,12 +139,12 @@ def main(argv=None):
     points = save_points(len(train_loader), args.save_every)
     recording = save_points(len(train_loader), args.record_every, "--record-every") if args.twa_at \
         else set()
-    optimizer = torch.optim.SGD(model.parameters(), lr=loop.learning_rate(args), momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=loop.learning_rate(args, ctx.device),
+                                momentum=args.momentum, weight_decay=args.weight_decay)
     recorder = make_recorder(args, model, ctx)
     progress = {"epoch": 0, "batch": 0, "checkpoint": 0, "totals": None, "elapsed": 0.0}
     if resume:
-        optimizer.load_state_dict(resume["optimizer"])
+        loop.load_optimizer(optimizer, resume["optimizer"], args, ctx.device)
         cli.restore_rng(resume["rng"], ctx, state_path)
         progress = resume["progress"]
         restore_recorder(recorder, resume, state_path)

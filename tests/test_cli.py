@@ -181,6 +181,7 @@ def test_bad_sgd_inputs(tiny_data, tmp_path, capsys):
         (["--data-dir", tmp_path / "nowhere"], "does not exist"),
         (["--save-every", "1000"], "exceeds the"),
         (["--resume"], "file not found"),
+        (["--cuda-graphs"], "--cuda-graphs captures the compiled step: add --compile"),
     ]
     for extra, message in cases:
         expect_usage_error(train_sgd.main, [*base, "--epochs", "1", *extra], capsys, message)
