@@ -30,6 +30,9 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
     soups = soups_beside(swa) if soups_beside else None
     if start:
         start(trainer)
+    if args.cuda_graphs:  # captured graphs read them where they are; others would be copied in
+        for tensor in trainer.tensors():
+            torch._dynamo.mark_static_address(tensor)
     optimizer = make_optimizer(args, trainer.parameters())
     metrics = runfiles.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "twa",
                             resume["metrics"] if resume else (), enabled=ctx.is_main)
@@ -37,7 +40,7 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
     if resume:
         trainer.move_to(resume["trained"])
         model.load_state_dict(resume["buffers"], strict=False)
-        optimizer.load_state_dict(resume["optimizer"])
+        loop.load_optimizer(optimizer, resume["optimizer"], args, trainer.trained.device)
         cli.restore_rng(resume["rng"], ctx, state_path)
         progress = resume["progress"]
         log.info("resumed at epoch %d, batch %d", progress["epoch"], progress["batch"])
@@ -95,7 +98,7 @@ def measure(model, loaders, args, ctx, recompute=True):
 
 
 def make_optimizer(args, params):
-    lr = loop.learning_rate(args)
+    lr = loop.learning_rate(args, params[0].device)
     if args.opt == "AdamW":
         return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)

@@ -22,6 +22,7 @@ from the mean.
 With layer_size=S (the journal version's layer-wise TWA) each block of consecutive parameter tensors
 gets its own coefficients: P becomes block-diagonal and alpha has one row per block.
 """
+import functools
 import logging
 import math
 import zipfile
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 BLOCK = 1 << 15
 DEVICE_BLOCK = 1 << 18
 QUANT_GROUP = 256  # entries per row that share one affine quantisation scale (8 and 4 bits)
+# Low-precision bases with at least this many columns multiply through one compiled kernel per
+# product (see _fused_matvec); smaller ones are not worth its compile time of a few seconds.
+FUSED_MIN_COLUMNS = 1 << 18
+TILE = 2048  # columns per tile of a 16-bit product P v in _fused_matvec
 # Blocks of layer-wise TWA smaller than this stay in float32 whatever the storage precision: they cost
 # little, and a rounded basis of a block with fewer entries than checkpoints would never reach a
 # residual below the tolerance, so it would keep adding rows past the block's own dimension.
@@ -218,12 +223,63 @@ class Sharding:
 # Basis storage: k rows of length D at 32, 16, 8 or 4 bits, read and written by column blocks
 # ---------------------------------------------------------------------------------------------------
 
+# The products of a large low-precision basis, as torch.compile kernels (C++ on the CPU, Triton on
+# GPUs) that convert each stored entry in registers as they read it: one pass over the stored bytes
+# per product, with float32 sums and a float32 vector (no vector rounded to 16 bits). The blocked
+# products in Basis remain for float32, small bases, and where no compiler is available.
+
+@functools.cache
+def _compiled(kernel):
+    """kernel through torch.compile, built on first use: importing the compiler takes seconds."""
+    return torch.compile(kernel, dynamic=None)
+
+
+def _outside_graphs(function, *args):
+    """function(*args) run as it is even inside a compiled step (--compile): torch 2.14.1 compiled
+    the blocked low-precision products of a step into wrong weights (the last partial group of
+    columns; tests/test_device.py compares a compiled 8-bit step with the eager one)."""
+    return torch.compiler.disable(function)(*args)
+
+
+def _codes(data, scale, bits):
+    """The stored codes as float32 pieces (k, groups, entries): one at 8 bits; at 4 bits two, the low
+    nibbles (even columns) and the high nibbles (odd columns), unpacked where they are read."""
+    data = data.view(data.shape[0], scale.shape[1], -1)
+    return [data.float()] if bits == 8 else [(data & 15).float(), (data >> 4).float()]
+
+
+def _fused_matvec(data, scale, low, v, bits):
+    """P v, v padded to the stored columns; 16 bits: times gain."""
+    if bits == 16:  # by tiles of columns, all rows of a tile before the next: v is read once
+        k, dim = data.shape
+        whole = dim // TILE * TILE
+        tiles = data.as_strided((whole // TILE, k, TILE), (TILE, dim, 1))
+        partial = (tiles.float() * v[:whole].view(-1, 1, TILE)).sum(2)  # (tiles, k)
+        return partial.sum(0) + (data[:, whole:].float() * v[whole:]).sum(1)
+    pieces = _codes(data, scale, bits)
+    v = v.view(scale.shape[1], -1, len(pieces))  # (groups, entries, pieces)
+    # one long sum per row and piece (measured faster here than tiles, unlike 16 bits)
+    dots = sum((codes * scale[..., None] * v[..., j]).sum((1, 2)) for j, codes in enumerate(pieces))
+    return dots + (low * v.sum((1, 2))).sum(1)  # the offsets multiply group sums
+
+
+def _fused_rmatvec(data, scale, low, c, bits):
+    """P^T c at 8 and 4 bits, over all the stored columns (whole groups). (At 16 bits the blocked
+    product measured faster: this one reads the rows in an order memory serves worse, which costs
+    more the more bytes an entry has.)"""
+    weights = (c[:, None] * scale)[..., None]  # (k, groups, 1)
+    offsets = (c[:, None] * low).sum(0)[:, None]  # one value per group
+    return torch.stack([(codes * weights).sum(0) + offsets for codes in _codes(data, scale, bits)],
+                       -1).view(-1)
+
+
 class Basis:
     """Row-wise storage of a k x D basis. 32 bits: float32; 16: float16, each entry times `gain`;
     8 and 4: affine integer codes with one (scale, low) pair per row and group of QUANT_GROUP
     entries. Every operation walks column blocks, converting each block to float32 once into a
     buffer that stays in cache and handing it to torch.mv/addmv, so no float32 copy of a whole
-    low-precision basis is ever made.
+    low-precision basis is ever made; the products of large bases (`fused`, from FUSED_MIN_COLUMNS
+    columns on) go through compiled kernels instead, which convert in registers.
 
     16 bits are float16 rather than bfloat16: float16 rounds 8 times less (2^-11 relative, not 2^-8)
     and converts as fast. For a random orthonormal 101 x 1.5M basis: max row rounding norm 2.1e-4
@@ -236,6 +292,7 @@ class Basis:
         if bits not in (32, 16, 8, 4):
             raise ValueError(f"bits must be 32, 16, 8 or 4, not {bits}")
         self.bits, self.dim, self.rows, self.device = bits, dim, 0, torch.device(device)
+        self.fused = bits < 32 and dim >= FUSED_MIN_COLUMNS  # products by _fused_matvec/_rmatvec
         # per row: the squared norm of what storing it rounded away (0 in float32)
         self.rounding = torch.zeros(capacity, dtype=torch.float64, device=device)
         # float16's largest value is 65504: at most 2^15, so that entries up to 1 never overflow
@@ -369,6 +426,12 @@ class Basis:
         products keep float32's relative accuracy whatever D is (used while building the basis)."""
         if self.bits == 32 and not exact:
             return torch.mv(self.data[:self.rows], v).double()
+        if torch.compiler.is_compiling():
+            return _outside_graphs(Basis.matvec, self, v, exact)
+        if self.fused and not exact:
+            product = self._try_fused(_fused_matvec, self._padded_to_groups(v))
+            if product is not None:
+                return product.double() / self.gain
         out = torch.zeros(self.rows, dtype=torch.float64, device=self.device)
         buffer = self._buffer()
         for start, stop in self.blocks():
@@ -383,7 +446,17 @@ class Basis:
 
     def rmatvec(self, c, out, accumulate=False, alpha=1.0):
         """out = alpha P^T c, or out += alpha P^T c, written in place block by block."""
+        if self.bits < 32 and torch.compiler.is_compiling():
+            return _outside_graphs(Basis.rmatvec, self, c, out, accumulate, alpha)
         c = c.to(device=self.device, dtype=torch.float32)
+        if self.fused and self.bits < 16:
+            product = self._try_fused(_fused_rmatvec, c)
+            # the first D columns are taken here: torch 2.14.1 compiled the write of that slice
+            # into `out` leaving the last partial group unwritten
+            if product is not None and accumulate:
+                return out.add_(product[:self.dim], alpha=alpha)
+            if product is not None:
+                return torch.mul(product[:self.dim], alpha, out=out)
         beta = 1.0 if accumulate else 0.0
         spans = [(0, self.dim)] if self.bits == 32 else self.blocks()  # float32 is not converted
         buffer = self._buffer()
@@ -394,13 +467,34 @@ class Basis:
                 torch.addmv(piece, tile.t(), c, beta=beta, alpha=alpha / self.gain, out=piece)
                 continue
             # sum_i c_i (scale_ig codes_ig + low_ig): the offsets add one value per group
-            values = torch.mv(tile.t(), c).view(-1, QUANT_GROUP).add_((c @ low)[:, None])
+            # (torch.mv, not c @ low: compiled, torch 2.14.1 dropped the offset of the last partial
+            # group when `c @ low` was broadcast and sliced to the block)
+            offsets = torch.mv(low.t(), c)
+            values = torch.mv(tile.t(), c).view(-1, QUANT_GROUP).add_(offsets[:, None])
             values = values.view(-1)[:stop - start]
             if accumulate:
                 piece.add_(values, alpha=alpha)
             else:
                 torch.mul(values, alpha, out=piece)
         return out
+
+    def _try_fused(self, kernel, *args):
+        """kernel(stored rows, *args), or None (and the blocked products from then on) where
+        torch.compile cannot build it, e.g. with no C++ compiler or no Triton."""
+        rows = self.rows
+        scale, low = (self.scale[:rows], self.low[:rows]) if self.bits < 16 else (None, None)
+        try:
+            return _compiled(kernel)(self.data[:rows], scale, low, *args, self.bits)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            log.warning("compiled low-precision products unavailable, using blocked ones: %s",
+                        str(error).splitlines()[0])
+            self.fused = False
+            return None
+
+    def _padded_to_groups(self, v):
+        """v zero-padded to the stored columns (whole quantisation groups at 8 and 4 bits)."""
+        columns = self.data.shape[1] * 8 // self.bits if self.bits < 16 else self.dim
+        return torch.nn.functional.pad(v, (0, columns - self.dim)) if columns > self.dim else v
 
     def gram(self):
         """P P^T in float64, accumulated block by block."""
@@ -969,6 +1063,15 @@ class TWA:
 
     def parameters(self):
         return [self.trained]
+
+    def tensors(self):
+        """Every tensor a step reads or writes besides the model's own, e.g. for CUDA graph capture,
+        which needs them at fixed addresses (torch._dynamo.mark_static_address)."""
+        found = [self.flat_weights, self.flat_grads, self.shard_weights, self.shard_grads,
+                 self.trained, self.space.mean, self.space.mean_coords]
+        found += [t for span in self.space.spans for t in span.basis._tensors().values()]
+        found += [t for pair in self.directions or () for t in pair]
+        return [t for t in found if t is not None]
 
     @property
     def coordinates(self):

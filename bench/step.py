@@ -3,13 +3,13 @@
 1. Memory bandwidth, measured by copying a large tensor (bytes read + written per second).
 2. The projection of one step (c = P g, then weights = mean + P^T (c - c0)) for each storage
    precision at D = 15M, n = 101 (VGG16BN size), against the floor 2 x bytes(P) / bandwidth: a
-   step must read P twice.
+   step must read P twice. Low precisions through the compiled kernels and the blocked products.
 3. A whole training step (forward, backward, update) with TWA against plain SGD for ResNet-20 with
    n = 31 and VGG16BN with n = 101, on one batch of random images, interleaved rounds; with
    --gpu-cases instead ResNet-20 with n = 61 and torchvision's ResNet-18 on ImageNet-sized random
    images with n = 301, each at 32 and 8 bits.
 
-    python bench/step.py [--quick] [--rounds 5] [--threads N] [--projection-only] [--device cuda]
+    python bench/step.py [--quick] [--rounds 5] [--threads N] [--projection-only] [--bits 16 8] [--device cuda]
                          [--gpu-cases]
 """
 import argparse
@@ -57,24 +57,40 @@ def bandwidth(rounds, device):
     return 2 * src.nbytes / seconds
 
 
-def projection_table(dim, n, rounds, bytes_per_second, device):
+def projection_table(dim, n, rounds, bytes_per_second, device, bits_list=BITS):
+    """Each precision's projection against the floor; low precisions both through the compiled
+    kernels (fused, the default for large bases) and through the blocked products, side by side."""
     rows = []
     g, out = torch.randn(dim, device=device), torch.empty(dim, device=device)
-    for bits in BITS:
+    for bits in bits_list:
         space = random_subspace(dim, n, bits, device)
+        basis = space.spans[0].basis
         c = torch.zeros(n, dtype=torch.float64, device=device)
 
         def project():
             c.copy_(space.gradient(g))
             space.weights(c, out)
-        project()
-        seconds = common.median([common.timed(project, device) for _ in range(rounds)])
+
+        modes = (True, False) if bits < 32 else (False,)
+        times = {mode: [] for mode in modes}
+        for mode in modes:  # warm up (the first fused product compiles its kernel)
+            basis.fused = mode
+            project()
+        for _ in range(rounds):  # interleaved, so that a slow moment of the machine hits both
+            for mode in modes:
+                basis.fused = mode
+                times[mode].append(common.timed(project, device))
         floor = 2 * space.nbytes() / bytes_per_second
-        rows.append([bits, f"{space.nbytes() / 2**20:.0f}", f"{seconds * 1e3:.1f}",
-                     f"{floor * 1e3:.1f}", f"{seconds / floor:.2f}"])
-        space = None  # free this basis before the next one is allocated
+        fused = common.median(times[True]) if bits < 32 else None
+        blocked = common.median(times[False])
+        rows.append([bits, f"{space.nbytes() / 2**20:.0f}", f"{floor * 1e3:.1f}",
+                     f"{blocked * 1e3:.1f}", f"{blocked / floor:.2f}",
+                     "-" if fused is None else f"{fused * 1e3:.1f}",
+                     "-" if fused is None else f"{fused / floor:.2f}"])
+        space = basis = None  # free this basis before the next one is allocated
     print(f"\nprojection, D = {dim / 1e6:.1f}M, n = {n}; bandwidth {bytes_per_second / 1e9:.1f} GB/s")
-    common.print_table(["bits", "P MiB", "ms", "floor ms", "x floor"], rows)
+    common.print_table(["bits", "P MiB", "floor ms", "blocked ms", "x floor", "fused ms", "x floor"],
+                       rows)
 
 
 def build(arch, classes, device):
@@ -125,6 +141,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="D = 1.5M and ResNet-20 only")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--projection-only", action="store_true", help="skip the training steps")
+    parser.add_argument("--bits", type=int, nargs="+", default=BITS, choices=BITS,
+                        help="storage precisions of the projection table")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--gpu-cases", action="store_true", help="the GPU check's training steps: "
                         "ResNet-20 n = 61 and ResNet-18 (224 px) n = 301, at 32 and 8 bits")
@@ -136,7 +154,7 @@ def main():
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     bytes_per_second = bandwidth(args.rounds, device)
     projection_table(1_500_000 if args.quick else 15_000_000, 101, args.rounds, bytes_per_second,
-                     device)
+                     device, args.bits)
     if args.projection_only:
         return
     cases = GPU_CASES if args.gpu_cases else CASES[:1] if args.quick else CASES

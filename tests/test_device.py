@@ -53,12 +53,12 @@ def small_cnn():
                          nn.Linear(8, 4)).to(DEVICE)
 
 
-def batches(n=6, size=16):
+def batches(n=6, size=16, batch_size=None):
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n * size, 3, 8, 8), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, 4, (n * size,), generator=gen)
-    return loaders.TensorLoader(images.to(DEVICE), labels.to(DEVICE), size, (0.5,) * 3, (0.25,) * 3,
-                                augment=True, shuffle=True)
+    return loaders.TensorLoader(images.to(DEVICE), labels.to(DEVICE), batch_size or size, (0.5,) * 3,
+                                (0.25,) * 3, augment=True, shuffle=True)
 
 
 @pytest.mark.parametrize("bits", [32, 16, 8])
@@ -117,6 +117,49 @@ def test_a_low_bit_basis_projects_as_its_values_in_float64(bits, monkeypatch):
     assert torch.allclose(out.double(), values.t() @ c, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_the_compiled_low_bit_products_equal_the_blocked_ones(bits):
+    """The fused kernels (torch.compile; used from FUSED_MIN_COLUMNS columns on) against the blocked
+    products and the stored values in float64, on a width that is no whole number of quantisation
+    groups, both forms of rmatvec, and a second row count (a second shape for the kernels)."""
+    gen = torch.Generator().manual_seed(0)
+    basis = twa.Basis(7, 3001, bits, DEVICE)
+    for row in (torch.randn(7, 3001, generator=gen) / 3001 ** 0.5).to(DEVICE):
+        basis.append(row)
+    g = torch.randn(3001, generator=gen).to(DEVICE)
+    c = torch.randn(7, generator=gen, dtype=torch.float64).to(DEVICE)
+    start = torch.randn(3001, generator=gen).to(DEVICE)
+    for rows in (7, 4):
+        basis.rows = rows
+        values = basis.block(0, 3001).double()
+        products = {}
+        for fused in (True, False):
+            basis.fused = fused
+            products[fused] = (basis.matvec(g), basis.rmatvec(c[:rows], start.clone()),
+                               basis.rmatvec(c[:rows], start.clone(), accumulate=True, alpha=-0.5))
+        assert basis.fused is False  # not switched off by a failure: the kernels did run
+        expected = (values @ g.double(), values.t() @ c[:rows],
+                    start.double() - 0.5 * values.t() @ c[:rows])
+        for got_fused, got_blocked, want in zip(products[True], products[False], expected):
+            assert torch.allclose(got_fused.double(), want, rtol=1e-5, atol=1e-6)
+            assert torch.allclose(got_fused.double(), got_blocked.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_basis_falls_back_to_blocked_products_where_compiling_fails(monkeypatch, caplog):
+    """No C++ compiler (or no Triton): one warning, then the blocked products, with the same result."""
+    def fail(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed(fail, RuntimeError("no compiler"), None)
+    monkeypatch.setattr(twa, "_compiled", lambda kernel: fail)
+    basis = twa.Basis(3, 3000, 8, DEVICE)
+    for row in torch.randn(3, 3000).to(DEVICE):
+        basis.append(row)
+    basis.fused = True
+    g = torch.randn(3000).to(DEVICE)
+    product = basis.matvec(g)
+    assert basis.fused is False and "using blocked ones" in caplog.text
+    assert torch.equal(product, basis.matvec(g))
+
+
 def test_dropout_resumes_exactly_from_the_saved_random_state():
     """What --resume restores (cli.rng_state: the CPU generator and, on a GPU, its own) gives the
     same dropout masks as a run that never stopped."""
@@ -132,21 +175,27 @@ def test_dropout_resumes_exactly_from_the_saved_random_state():
     assert torch.equal(model(x), expected)
 
 
-@pytest.mark.parametrize("subspace", [False, True])
-def test_a_compiled_step_trains_as_the_eager_one(subspace):
+@pytest.mark.parametrize("subspace,graphs", [(False, False), (True, False), (True, True)])
+def test_a_compiled_step_trains_as_the_eager_one(subspace, graphs, monkeypatch):
     """--compile: forward, backward, the projection and the optimizer compiled as one step, the rate
     changing every step (a tensor, so no retrace): the same weights as eager to 1e-5 after two
-    epochs. (No dropout: compiled code draws its masks from its own generator.)"""
+    epochs. With --cuda-graphs (captured on a GPU; on the CPU the same compiled path without the
+    capture) the buffers are marked static and the shapes kept: the last batch is smaller here.
+    (No dropout: compiled code draws its masks from its own generator.) The subspace with graphs
+    is stored in 8 bits and multiplies through the fused kernels, traced into the step."""
+    monkeypatch.setattr(twa, "FUSED_MIN_COLUMNS", 0)
     weights = []
     for compiled in (False, True):
         model = small_cnn()
         model[5].p = 0.0
         args = types.SimpleNamespace(amp=False, label_smoothing=0.0, print_freq=100, quiet=True,
-                                     compile=compiled, lr=0.1)
+                                     compile=compiled, cuda_graphs=compiled and graphs, lr=0.1)
         ctx = types.SimpleNamespace(world=1, rank=0, device=DEVICE, is_main=True)
         if subspace:
-            trainer = twa.TWA(model, twa.Subspace.from_checkpoints(model, random_walk(model, 5, 0.05),
-                                                                   device=DEVICE))
+            trainer = twa.TWA(model, twa.Subspace.from_checkpoints(
+                model, random_walk(model, 5, 0.05), bits=8 if graphs else 32, device=DEVICE))
+            for tensor in trainer.tensors() if args.cuda_graphs else ():
+                torch._dynamo.mark_static_address(tensor)
             optimizer = torch.optim.SGD(trainer.parameters(), lr=loop.learning_rate(args), momentum=0.9)
 
             def update(lr):
@@ -160,7 +209,7 @@ def test_a_compiled_step_trains_as_the_eager_one(subspace):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         step = loop.make_step(model, update, args, ctx)
-        loader = batches()
+        loader = batches(batch_size=20 if graphs else None)  # 96 images: 4 x 20, then 16
         for epoch in range(2):
             loader.set_epoch(epoch)
             loop.train_epoch(model, step, loader, epoch, lambda b: 0.1 / (1 + b), args, ctx)
