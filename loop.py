@@ -98,7 +98,7 @@ def make_step(forward, update, args, ctx):
         return loss.detach(), (logits.argmax(1) == labels).sum()
     if not args.compile:
         return step
-    graphs = getattr(args, "cuda_graphs", False)
+    graphs = args.cuda_graphs
     compiled = torch.compile(step, mode="reduce-overhead" if graphs else None,
                              dynamic=False if graphs else None)
     lr_tensor, scale_tensor = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device)

@@ -160,6 +160,23 @@ def test_a_basis_falls_back_to_blocked_products_where_compiling_fails(monkeypatc
     assert torch.equal(product, basis.matvec(g))
 
 
+def test_a_resumed_optimizer_keeps_the_rate_as_a_tensor_on_the_device():
+    """A state saved without --compile (a float rate) resumed with it: the rate stays a tensor on
+    the device (a float would retrace the compiled step at every new value), and the other way."""
+    param = nn.Parameter(torch.zeros(3, device=DEVICE))
+    for saved_compile, resumed_compile in ((False, True), (True, False)):
+        saved = types.SimpleNamespace(lr=0.1, compile=saved_compile)
+        state = torch.optim.SGD([param], lr=loop.learning_rate(saved, DEVICE), momentum=0.9).state_dict()
+        resumed = types.SimpleNamespace(lr=0.1, compile=resumed_compile)
+        optimizer = torch.optim.SGD([param], lr=loop.learning_rate(resumed, DEVICE), momentum=0.9)
+        loop.load_optimizer(optimizer, state, resumed, DEVICE)
+        lr = optimizer.param_groups[0]["lr"]
+        assert torch.is_tensor(lr) == resumed_compile
+        assert not resumed_compile or lr.device == param.device
+        loop.set_lr(optimizer, 0.05)
+        assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(0.05)
+
+
 def test_dropout_resumes_exactly_from_the_saved_random_state():
     """What --resume restores (cli.rng_state: the CPU generator and, on a GPU, its own) gives the
     same dropout masks as a run that never stopped."""
