@@ -67,7 +67,7 @@ def set_lr(optimizer, lr):
             group["lr"] = lr
 
 
-def learning_rate(args, device="cpu"):
+def learning_rate(args, device):
     """The rate an optimizer starts from: with --compile a tensor on the device, so that a compiled
     step that sets a new rate every step is traced once, not once per value."""
     return torch.tensor(args.lr, device=device) if args.compile else args.lr
@@ -99,6 +99,9 @@ def make_step(forward, update, args, ctx):
     if not args.compile:
         return step
     graphs = args.cuda_graphs
+    if graphs and ctx.device.type != "cuda":
+        log.warning("--cuda-graphs: CUDA graphs need a CUDA device; on %s the step is compiled "
+                    "without them", ctx.device.type)
     compiled = torch.compile(step, mode="reduce-overhead" if graphs else None,
                              dynamic=False if graphs else None)
     lr_tensor, scale_tensor = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device)
@@ -110,19 +113,16 @@ def make_step(forward, update, args, ctx):
             torch.compiler.cudagraph_mark_step_begin()
         loss, correct = compiled(images, labels, lr_tensor.fill_(lr), scale_tensor.fill_(scale))
         calls += 1
-        if graphs and calls == 3:  # warm-up and capture are done by now
-            report_graph_skips(ctx.device)
+        if graphs and calls == 3 and ctx.device.type == "cuda":  # warm-up and capture are done
+            report_graph_skips()
         return loss, correct
     return compiled_step
 
 
-def report_graph_skips(device):
+def report_graph_skips():
     """Warn when torch.compile ran some graphs of the step without capturing them."""
     skipped = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
-    if device.type != "cuda":
-        log.warning("--cuda-graphs: CUDA graphs need a CUDA device; on %s the step is compiled "
-                    "without them", device.type)
-    elif skipped:
+    if skipped:
         log.warning("--cuda-graphs: %d compiled graphs of the step run without CUDA graphs "
                     "(TORCH_LOGS=perf_hints says why)", skipped)
 

@@ -241,6 +241,11 @@ def _outside_graphs(function, *args):
     return torch.compiler.disable(function)(*args)
 
 
+def _write(out, values, accumulate, alpha):
+    """out += alpha values, or out = alpha values."""
+    return out.add_(values, alpha=alpha) if accumulate else torch.mul(values, alpha, out=out)
+
+
 def _codes(data, scale, bits):
     """The stored codes as float32 pieces (k, groups, entries): one at 8 bits; at 4 bits two, the low
     nibbles (even columns) and the high nibbles (odd columns), unpacked where they are read."""
@@ -456,10 +461,8 @@ class Basis:
             product = self._try_fused(_fused_rmatvec, c)
             # the first D columns are taken here: torch 2.14.1 compiled the write of that slice
             # into `out` leaving the last partial group unwritten
-            if product is not None and accumulate:
-                return out.add_(product[:self.dim], alpha=alpha)
             if product is not None:
-                return torch.mul(product[:self.dim], alpha, out=out)
+                return _write(out, product[:self.dim], accumulate, alpha)
         beta = 1.0 if accumulate else 0.0
         spans = [(0, self.dim)] if self.bits == 32 else self.blocks()  # float32 is not converted
         buffer = self._buffer()
@@ -474,11 +477,7 @@ class Basis:
             # group when `c @ low` was broadcast and sliced to the block)
             offsets = torch.mv(low.t(), c)
             values = torch.mv(tile.t(), c).view(-1, QUANT_GROUP).add_(offsets[:, None])
-            values = values.view(-1)[:stop - start]
-            if accumulate:
-                piece.add_(values, alpha=alpha)
-            else:
-                torch.mul(values, alpha, out=piece)
+            _write(piece, values.view(-1)[:stop - start], accumulate, alpha)
         return out
 
     def _try_fused(self, kernel, *args):

@@ -213,13 +213,15 @@ def test_a_compiled_step_trains_as_the_eager_one(subspace, graphs, monkeypatch):
                 model, random_walk(model, 5, 0.05), bits=8 if graphs else 32, device=DEVICE))
             for tensor in trainer.tensors() if args.cuda_graphs else ():
                 torch._dynamo.mark_static_address(tensor)
-            optimizer = torch.optim.SGD(trainer.parameters(), lr=loop.learning_rate(args), momentum=0.9)
+            optimizer = torch.optim.SGD(trainer.parameters(), lr=loop.learning_rate(args, DEVICE),
+                                        momentum=0.9)
 
             def update(lr):
                 loop.set_lr(optimizer, lr)
                 trainer.step(optimizer)
         else:
-            optimizer = torch.optim.SGD(model.parameters(), lr=loop.learning_rate(args), momentum=0.9)
+            optimizer = torch.optim.SGD(model.parameters(), lr=loop.learning_rate(args, DEVICE),
+                                        momentum=0.9)
 
             def update(lr):
                 loop.set_lr(optimizer, lr)
