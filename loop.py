@@ -13,8 +13,12 @@ from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
 import distributed
+import runfiles
 
 log = logging.getLogger("twa")
+
+
+TWA_SCHEDULES = ("step", "step-fraction", "constant", "linear", "cosine")
 
 
 def step_milestones(epochs):
@@ -24,13 +28,16 @@ def step_milestones(epochs):
 
 def lr_at(schedule, base_lr, epoch, epochs, fraction, swa_start=None, swa_lr=None):
     """The learning rate in `epoch` at `fraction` (in [0, 1)) of all training steps: a pure function,
-    so that resuming needs only counters. step and swa: per epoch; linear and cosine: per step."""
+    so that resuming needs only counters. step and swa: per epoch; step-fraction (the step schedule at
+    50% and 75% of the steps, so that even one epoch sees all three rates), linear and cosine: per step."""
     if schedule == "constant":
         return base_lr
     if schedule == "swa":
         return base_lr * swa_factor(epoch / swa_start, swa_lr / base_lr)
     if schedule == "step":
         return base_lr * 0.1 ** sum(epoch >= m for m in step_milestones(epochs))
+    if schedule == "step-fraction":
+        return base_lr * 0.1 ** ((fraction >= 0.5) + (fraction >= 0.75))
     if schedule == "cosine":
         return base_lr * 0.5 * (1 + math.cos(math.pi * fraction))
     if schedule == "linear":
@@ -136,23 +143,47 @@ def autocast(device, enabled):
 
 @torch.inference_mode()
 def evaluate(model, loader, amp=False, ctx=None):
-    """{'loss', 'accuracy' (percent)} of `model` over `loader` (each rank's share, summed)."""
+    """{'loss', 'accuracy' (percent), 'correct'} of `model` over the unshuffled `loader` (each rank's
+    share, summed); 'correct' says which examples it got right, in the data's order, as packed bits
+    (runfiles.pack_bits), so that two models scored on the same data can be compared pairwise."""
     model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+    right = torch.zeros(loader.n, dtype=torch.int32, device=device)
+    shares = iter(loader.shares(loader.order(None)))
     for images, labels in loader:
         with autocast(device, amp):
             logits = model(images)
+        hits = logits.argmax(1) == labels
         sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
-        sums[1] += (logits.argmax(1) == labels).sum()
+        sums[1] += hits.sum()
         sums[2] += len(labels)
+        right[next(shares).to(device)] = hits.to(torch.int32)
     loss, correct, count = distributed.sum_(sums, ctx).tolist() if ctx else sums.tolist()
-    return {"loss": loss / count, "accuracy": 100.0 * correct / count}
+    right = distributed.sum_(right, ctx) if ctx else right  # each example is one rank's
+    return {"loss": loss / count, "accuracy": 100.0 * correct / count,
+            "correct": runfiles.pack_bits(right.cpu().numpy())}
 
 
-def recompute_bn(model, loader):
-    """Reset BatchNorm statistics and recompute them as a cumulative average over `loader`."""
-    update_bn(loader, model)
+BN_MODES = ("recompute", "running")
+
+
+def recompute_bn(model, loader, mode="recompute"):
+    """BatchNorm statistics for weights that no training step produced (an average of models).
+    recompute: reset them and take the cumulative average over one pass of `loader`. running: one
+    more pass in train mode that updates the running averages with each layer's momentum (0.1),
+    without a reset (the reference's bn_update after TWA)."""
+    if mode == "recompute":
+        update_bn(loader, model)
+        return
+    if mode != "running":
+        raise ValueError(f"unknown BatchNorm mode {mode!r}")
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for images, _ in loader:
+            model(images)
+    model.train(was_training)
 
 
 def progress_bar(enabled):
@@ -229,13 +260,14 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
             if totals is None:
                 stopped(stop, f"in epoch {epoch} at step {progress['batch']}")
             elapsed = spent_before + time.time() - started
-            test = {"loss": None, "accuracy": None}
+            test = {"loss": None, "accuracy": None, "correct": None}
             if (epoch + 1) % getattr(args, "eval_every", 1) == 0 or epoch + 1 == last:
                 test = evaluate(model, test_loader, args.amp, ctx)
             metrics.append({"epoch": epoch + 1, "lr": lr_for_batch(steps - 1),
                             "train_loss": totals["loss"] / totals["count"],
                             "train_acc": 100 * totals["correct"] / totals["count"],
-                            "test_loss": test["loss"], "test_acc": test["accuracy"], "time": elapsed})
+                            "test_loss": test["loss"], "test_acc": test["accuracy"],
+                            "test_correct": test["correct"], "time": elapsed})
             log.info("%s epoch %d/%d: train loss %.4f%s (%.0f s)", metrics.stage, epoch + 1,
                      args.epochs, totals["loss"] / totals["count"], "" if test["loss"] is None else
                      f", test loss {test['loss']:.4f} acc {test['accuracy']:.2f}", elapsed)

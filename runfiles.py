@@ -1,5 +1,6 @@
 """The run folder: files written atomically, loaded safely, the per-epoch metrics rows, the git
 revision that results carry. Knows nothing of models or training."""
+import base64
 import errno
 import fcntl
 import hashlib
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import torch
 
 
@@ -199,13 +201,31 @@ def verify_checkpoints(paths):
 
 
 def git_revision():
+    """The commit of the code that runs, with "+dirty" when its tracked files have uncommitted
+    changes (results made from such a tree name no commit that reproduces them); None outside git."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        if not head:
+            return None
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                 capture_output=True, text=True, timeout=30).stdout.strip()
+        return head + ("+dirty" if changes else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def pack_bits(flags):
+    """A boolean vector as a short string (packed bits, base64): which test images a model got right,
+    small enough to keep one per evaluated model in the JSON results."""
+    packed = np.packbits(np.asarray(flags, dtype=bool))
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def unpack_bits(text, n):
+    """The boolean vector of length n that pack_bits encoded."""
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n].astype(bool)
 
 
 class Metrics:

@@ -68,11 +68,11 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
     # the model itself, not DistributedDataParallel: TWA.step reduce-scatters the gradients
     loop.run_epochs(args, ctx, model, model, (coefficient_data, loaders.test), update, progress,
                      metrics, save_state)
-    # the final BatchNorm pass sees one fixed epoch's crops, also when a resumed run has no epoch left
-    loaders.train.set_epoch(args.epochs)
-    final = measure(model, loaders, args, ctx)
-    log.info("TWA after BN update: test loss %.4f acc %.2f (SWA %.2f)", final["loss"],
-             final["accuracy"], swa["accuracy"])
+    by_bn = measure_final(model, loaders, args, ctx)
+    final = by_bn[args.bn[0]]
+    for mode, result in by_bn.items():
+        log.info("TWA after BN %s: test loss %.4f acc %.2f (SWA %.2f)", mode, result["loss"],
+                 result["accuracy"], swa["accuracy"])
     alpha = space.checkpoint_coefficients(trainer.coordinates)
     # only checkpoint files can be read again; the weights recorded in memory are gone
     sources = inputs.get("checkpoints")
@@ -82,15 +82,30 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
                  residual["relative"])
     if ctx.is_main:
         write_results(args, model, space, trainer, alpha, residual,
-                      {"swa": swa, "twa": final, "soup": soups, **report,
+                      {"swa": swa, "twa": final, "twa_by_bn": by_bn, "soup": soups, **report,
                        "train_seconds": time.time() - train_started})
 
 
-def measure(model, loaders, args, ctx, recompute=True):
-    """Test metrics, and held-out metrics when there is a held-out part, after recomputing the
-    BatchNorm statistics on the training part (for an average of models)."""
-    if recompute:
-        loop.recompute_bn(model, loaders.train)
+def measure_final(model, loaders, args, ctx):
+    """The trained weights measured with the BatchNorm statistics of each of args.bn, every mode
+    starting from the statistics that training left; the model keeps those of the first mode."""
+    trained = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    results = {}
+    for mode in reversed(args.bn):
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(trained[name])
+        # the pass sees one fixed epoch's crops, also when a resumed run has no epoch left
+        loaders.train.set_epoch(args.epochs)
+        results[mode] = measure(model, loaders, args, ctx, bn=mode)
+    return {mode: results[mode] for mode in args.bn}
+
+
+def measure(model, loaders, args, ctx, bn="recompute"):
+    """Test metrics, and held-out metrics when there is a held-out part, after BatchNorm statistics
+    for an average of models (loop.recompute_bn in mode `bn`; None keeps the model's)."""
+    if bn:
+        loop.recompute_bn(model, loaders.train, bn)
     result = loop.evaluate(model, loaders.test, args.amp, ctx)
     if loaders.held_out_eval is not None:
         result["held_out"] = loop.evaluate(model, loaders.held_out_eval, args.amp, ctx)

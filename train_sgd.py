@@ -60,7 +60,7 @@ def parse_args(argv=None):
     add("--twa-lr", type=float, default=None, help="with --twa-at: TWA learning rate (default: 2 "
         "for SGD, 0.01 for AdamW)")
     add("--twa-wd", type=float, default=1e-5, help="with --twa-at: TWA weight decay")
-    add("--twa-schedule", default="step", choices=("step", "constant", "linear", "cosine"),
+    add("--twa-schedule", default="step", choices=loop.TWA_SCHEDULES,
         help="with --twa-at: TWA learning-rate schedule")
     add("--twa-opt", default="SGD", choices=("SGD", "AdamW"), help="with --twa-at: TWA optimizer")
     add("--coefficients", default="coordinates", choices=("coordinates", "alpha"),
@@ -104,7 +104,7 @@ def twa_settings(args):
     """The flags of the TWA stage as train_twa.py would have them."""
     return argparse.Namespace(**{**vars(args), "epochs": args.twa_epochs, "lr": args.twa_lr,
                                  "weight_decay": args.twa_wd, "schedule": args.twa_schedule,
-                                 "opt": args.twa_opt, "warmup_epochs": 0.0, "checkpoints": None,
+                                 "opt": args.twa_opt, "warmup_epochs": 0.0, "bn": ["recompute"], "checkpoints": None,
                                  "output_dir": args.save_dir, "train_start": -1})
 
 

@@ -48,8 +48,15 @@ def parse_args(argv=None):
     add("--lr", type=float, default=None, help="learning rate of the coefficients (default: 2 for "
         "SGD, 0.01 for AdamW)")
     add("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-5, help="weight decay")
-    add("--schedule", default="step", choices=("step", "constant", "linear", "cosine"),
-        help="step: /10 at 50%% and 75%% of the epochs; linear and cosine: decay to 0 per step")
+    add("--schedule", default="step", choices=loop.TWA_SCHEDULES,
+        help="step: /10 at 50%% and 75%% of the epochs (the reference's; 1 or 2 epochs never reach "
+        "lr/100); step-fraction: /10 at 50%% and 75%% of the steps; linear and cosine: decay to 0 "
+        "per step")
+    add("--bn", nargs="+", default=["recompute"], choices=loop.BN_MODES, metavar="MODE",
+        help="BatchNorm statistics of the final TWA weights: recompute (reset, then a cumulative "
+        "average over one pass of the training images) or running (the reference's bn_update: one "
+        "more train-mode pass with momentum 0.1, no reset); with both, each is measured and twa.pt "
+        "keeps the first")
     add("--warmup-epochs", type=float, default=0.0,
         help="epochs over which the learning rate first rises linearly from 0")
     add("--opt", default="SGD", choices=("SGD", "AdamW"),
@@ -210,7 +217,7 @@ def compare_soups(args, model, loaders, ctx, uniform):
     ingredients = []
     for path in files:
         cli.load_weights(model, path, args)
-        scores = stage.measure(model, loaders, args, ctx, recompute=False)
+        scores = stage.measure(model, loaders, args, ctx, bn=None)
         ingredients.append({"checkpoint": path, **scores})
         log.info("ingredient %s: held-out acc %.2f, test acc %.2f", path,
                  ingredients[-1]["held_out"]["accuracy"], ingredients[-1]["accuracy"])

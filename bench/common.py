@@ -1,4 +1,5 @@
 """Shared by the benchmarks: the real CIFAR-10 tree, timing, and table printing."""
+import json
 import os
 import statistics
 import subprocess
@@ -11,6 +12,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import runfiles  # noqa: E402
 
 ARCHIVE = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "twa-data", "cifar10")
@@ -45,6 +47,25 @@ def add_checkpoint_range_args(parser):
     parser.add_argument("--params_end", type=int, required=True, help="one past the last")
     parser.add_argument("--arch", default="resnet20", help="architecture of the checkpoints")
     parser.add_argument("--classes", type=int, default=10, help="classes of the architecture")
+
+
+def clean_revision(allow_dirty):
+    """The git revision the experiment runs from; a tree with uncommitted changes is refused (its
+    results would name no commit that reproduces them) unless allow_dirty, which marks it +dirty."""
+    revision = runfiles.git_revision()
+    if revision is None or (revision.endswith("+dirty") and not allow_dirty):
+        sys.exit(f"{ROOT} is {'not a git checkout' if revision is None else 'a tree with uncommitted changes'}"
+                 "; commit first, or pass --allow-dirty (the results then say +dirty)")
+    return revision
+
+
+def results_record(path, fresh):
+    """The results JSON at `path` if an earlier, stopped call of the same experiment left one (its
+    finished steps are kept, with their commands), else `fresh`."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return fresh
 
 
 def run_script(script, flags, commands):
