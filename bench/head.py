@@ -46,6 +46,7 @@ def parse_args():
     parser.add_argument("--twa-epochs", type=int, nargs="+", default=[2, 4], help="TWA lengths")
     parser.add_argument("--per-epoch", type=int, default=4, help="checkpoints per SGD epoch")
     parser.add_argument("--wd", type=float, default=1e-4, help="SGD weight decay")
+    parser.add_argument("-b", "--batch-size", type=int, default=128, help="batch size of every run")
     parser.add_argument("--train-subset", type=int, default=0,
                         help="train on this many images (0: all; small values for a dry run)")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 ImageFolder tree (default: "
@@ -75,7 +76,7 @@ class Pipeline:
         self.report = common.results_record(self.path, {
             "name": args.name, "seed": args.seed, "epochs": args.epochs, "arch": "resnet20",
             "sgd_wd": args.wd, "checkpoints_per_epoch": args.per_epoch, "twa_end": args.twa_end,
-            "train_subset": args.train_subset, "twa": TWA, "git": git, "data_dir": self.data_dir,
+            "train_subset": args.train_subset, "batch_size": args.batch_size, "twa": TWA, "git": git, "data_dir": self.data_dir,
             "device": f"{args.device} (torch {torch.__version__})", "commands": [], "head": [],
             "complete": False})
         if self.report["git"] != git:
@@ -86,7 +87,7 @@ class Pipeline:
     def run(self, script, flags):
         common.run_script(script, ["--datasets", "ImageFolder", "--data-dir", self.data_dir, "--arch",
                                    "resnet20", "--randomseed", self.args.seed, "--device",
-                                   self.args.device, "--quiet", "-p", 100, "-b", 128,
+                                   self.args.device, "--quiet", "-p", 100, "-b", self.args.batch_size,
                                    "--train-subset", self.args.train_subset, *flags], self.commands)
 
     def sgd(self):

@@ -2,20 +2,27 @@
 
     python bench/report.py [--name reproduce] [--results results]
 
-Prints a Markdown table (mean +- std over the seeds present) and writes results/<name>-accuracy.png
-(test accuracy vs epochs spent: SGD's curve with the SWA and TWA points) and
-results/<name>-coefficients.png (the learned coefficients of the first seed's runs).
+Prints Markdown tables. For bench/reproduce.py's runs: mean +- std over the seeds present, and
+results/<name>-accuracy.png (test accuracy vs epochs spent: SGD's curve with the SWA and TWA points)
+and results/<name>-coefficients.png (the learned coefficients of the first seed's runs). For
+bench/head.py's runs (--name head-paper): paired differences with 95% intervals, a bootstrap over the
+test images within each seed and a t interval over the seeds.
 """
 import argparse
 import glob
 import json
 import os
+import re
 import statistics
 
 import common
+from paired import describe, over_seeds, paired_difference
 
+import loop  # noqa: E402
+from runfiles import unpack_bits  # noqa: E402
 from plot import plot_coefficients, save_figure  # noqa: E402  (common puts the project on the path)
 from matplotlib.figure import Figure
+
 
 
 def mean_std(values):
@@ -44,12 +51,20 @@ def head_rows(runs):
             seen.add(head["checkpoints"])
             rows.append([f"SWA, {head['n']} ckpts ({head['checkpoints']})", start,
                          mean_std([h["swa_acc"] for _, h in pairs]), "", "", ""])
-        rows.append([f"TWA, {head['n']} ckpts, {head['twa_epochs']} ep, lr {head['lr']}", spent,
+        rows.append([f"TWA, {head['n']} ckpts, {head['twa_epochs']} ep, lr {rates_run(runs[0], head)}", spent,
                      mean_std([h["twa_acc"] for _, h in pairs]),
                      mean_std([r["sgd"]["test_acc"][at] for r, _ in pairs]),
                      mean_std([h["twa_acc"] - r["sgd"]["test_acc"][at] for r, h in pairs]),
                      mean_std([h["twa_acc"] - r["sgd"]["test_acc"][e - 1] for r, h in pairs])])
     return rows
+
+
+def rates_run(run, head):
+    """The learning rates a reproduce.py TWA run trained at, per epoch in order: the epoch-wise step
+    schedule of 1 epoch runs at lr/10 throughout, of 2 epochs never reaches lr/100."""
+    schedule, epochs = run["head_twa"]["schedule"], head["twa_epochs"]
+    rates = [loop.lr_at(schedule, head["lr"], epoch, epochs, epoch / epochs) for epoch in range(epochs)]
+    return ", ".join(f"{rate:g}" for rate in dict.fromkeys(round(r, 12) for r in rates))
 
 
 def tail_rows(runs):
@@ -94,16 +109,109 @@ def accuracy_figure(runs, path):
     save_figure(fig, path)
 
 
+# ---------------------------------------------------------------------------------------------------
+# bench/head.py's runs: every comparison paired over the test images
+# ---------------------------------------------------------------------------------------------------
+
+def head_models(run):
+    """{label: (epochs spent, packed correct bits)} of every model a head run scored."""
+    sgd = run["sgd"]["test_correct"]
+    models = {}
+    for head in run["head"]:
+        start, spent = head["sgd_epochs"], head["sgd_epochs"] + head["twa_epochs"]
+        key = f"{head['n']} ckpts"
+        models[f"SGD({start})"] = (start, sgd[start - 1])
+        models[f"SWA, {key} (epochs 0..{start})"] = (start, head["swa"]["correct"])
+        twa = f"TWA, {key}, {head['twa_epochs']} ep"
+        models[f"{twa}, before BN"] = (spent, head["before_bn"]["correct"])
+        for mode, result in head["twa"].items():
+            models[f"{twa}, BN {mode}"] = (spent, result["correct"])
+    return models
+
+
+def paired_rows(runs, bits):
+    """Each model's accuracy and its paired differences with SGD(E) and SGD at the same epochs."""
+    e = runs[0]["epochs"]
+    per_seed = [head_models(r) for r in runs]
+    rows = []
+    for label, (spent, _) in per_seed[0].items():
+        present = [(r, m[label][1]) for r, m in zip(runs, per_seed) if label in m]
+        at = min(spent, e)
+        acc = [100 * bits(c).mean() for _, c in present]
+        vs_end = [paired_difference(bits(c), bits(r["sgd"]["test_correct"][e - 1]))[0]
+                  for r, c in present]
+        vs_same = [paired_difference(bits(c), bits(r["sgd"]["test_correct"][at - 1]))[0]
+                   for r, c in present]
+        rows.append([label, spent, mean_std(acc), describe(*over_seeds(vs_same)),
+                     describe(*over_seeds(vs_end))])
+    return rows
+
+
+def per_seed_rows(runs, comparisons, bits):
+    """One row per (seed, comparison): the paired bootstrap interval over the test images."""
+    rows = []
+    for run, models in zip(runs, (head_models(r) for r in runs)):
+        e = run["epochs"]
+        models[f"SGD({e})"] = (e, run["sgd"]["test_correct"][e - 1])
+        for a, b in comparisons(models, e):
+            rows.append([run["seed"], f"{a} - {b}",
+                         describe(*paired_difference(bits(models[a][1]), bits(models[b][1])))])
+    return rows
+
+
+def head_comparisons(models, e):
+    """The gaps the claim is about, and what moves them: checkpoint density, TWA length, BN pass."""
+    runs = sorted({tuple(map(int, re.match(r"TWA, (\d+) ckpts, (\d+) ep", label).groups()))
+                   for label in models if label.startswith("TWA")})
+    name = "TWA, {} ckpts, {} ep, {}".format
+    pairs = []
+    for n, k in runs:
+        spent = models[name(n, k, "BN recompute")][0]
+        for bn in ("BN recompute", "BN running"):
+            pairs += [(name(n, k, bn), f"SGD({e})"), (name(n, k, bn), f"SGD({min(spent, e)})")]
+        pairs += [(name(n, k, "BN running"), name(n, k, "BN recompute")),
+                  (name(n, k, "BN recompute"), name(n, k, "before BN"))]
+        pairs += [(name(n, k, "BN recompute"), name(m, k, "BN recompute")) for m, j in runs
+                  if j == k and m < n]  # denser checkpoints
+        pairs += [(name(n, k, "BN recompute"), name(n, j, "BN recompute")) for m, j in runs
+                  if m == n and j < k]  # longer TWA
+    return [(a, b) for a, b in dict.fromkeys(pairs) if a in models and b in models]
+
+
+def head_report(runs, n_test):
+    def bits(packed):
+        return unpack_bits(packed, n_test)
+
+    complete = all(r.get("complete") for r in runs)
+    print(f"SGD: ResNet-20, E = {runs[0]['epochs']}, wd {runs[0]['sgd_wd']}, "
+          f"{runs[0]['checkpoints_per_epoch']} checkpoints per epoch; TWA {runs[0]['twa']}"
+          f"{'' if complete else ' (some seeds stopped early)'}\n")
+    interval = ("mean [95% t interval over seeds]" if len(runs) > 1 else
+                "one seed: paired bootstrap over test images below")
+    print(markdown(["model", "epochs spent", "test acc", f"- SGD same epochs ({interval})",
+                    "- SGD(E)"], paired_rows(runs, bits)))
+    print(f"\nPaired differences within each seed, 95% bootstrap interval over the {n_test} test "
+          "images:\n")
+    print(markdown(["seed", "comparison", "difference (points)"],
+                   per_seed_rows(runs, head_comparisons, bits)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="reproduce", help="results/<name>-seed*.json")
     parser.add_argument("--results", default=os.path.join(common.ROOT, "results"), help="folder")
+    parser.add_argument("--test-images", type=int, default=10_000,
+                        help="size of the test set the runs scored (CIFAR-10's 10,000)")
     args = parser.parse_args()
     files = sorted(glob.glob(os.path.join(args.results, f"{args.name}-seed*.json")))
     if not files:
         raise SystemExit(f"no {args.name}-seed*.json in {args.results}")
     runs = [json.load(open(f)) for f in files]
+    if "head" in runs[0] and "sgd_wd" in runs[0]:  # bench/head.py's runs
+        print(f"{args.name}: seeds {', '.join(str(r['seed']) for r in runs)}\n")
+        head_report(runs, args.test_images)
+        return
     seeds = ", ".join(str(r["seed"]) + ("" if r.get("complete", True) else " (stopped early)")
                       for r in runs)
     print(f"{args.name}: seeds {seeds}; {runs[0]['epochs']} SGD epochs, test accuracy (%)\n")

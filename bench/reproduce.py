@@ -51,6 +51,8 @@ def parse_args():
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--head-ends", type=int, nargs="*", default=[], metavar="EPOCH",
                         help="also TWA (2 epochs) over the checkpoints of epochs 0..EPOCH, for each")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="run from a tree with uncommitted changes (the revision says +dirty)")
     parser.add_argument("--pbits-check", action="store_true",
                         help="also run the 2-epoch dense head TWA with 8- and 4-bit bases")
     args = parser.parse_args()
@@ -69,7 +71,7 @@ class Pipeline:
         self.data_dir = common.cifar10_dir(args.data_dir)
         self.run_dir = os.path.join(args.out, f"{args.name}-seed{args.seed}")
         self.commands = []
-        self.git = runfiles.git_revision()  # of the code that runs (later commits may follow)
+        self.git = common.clean_revision(args.allow_dirty)  # of the code that runs
 
     def common_flags(self):
         flags = ["--datasets", "ImageFolder", "--data-dir", self.data_dir, "--arch", self.args.arch,

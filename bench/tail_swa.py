@@ -7,7 +7,7 @@
    swa_lr by 90% of it, then swa_lr), 2 checkpoints per epoch.
 2. SWA and TWA over the tail checkpoints (epochs swa_start..E, about 29), TWA from the LAST one as the
    reference's swa/run_twa.sh does (lr 2, wd 5e-5, step schedule), in the variants of VARIANTS: 2 and
-   4 epochs, the reference's one-pass basis against ours at lr 2 and 0.5, PCA with 5 components,
+   4 epochs, over all tail checkpoints and over the reference's one per epoch (each epoch's end), the reference's one-pass basis against ours at lr 2 and 0.5, PCA with 5 components,
    TWA-v (coefficients trained on the held-out part) with SGD and with AdamW on coordinates or alpha.
 3. For the first swa_lr, HEAD: the same basis ablation on the checkpoints of epochs 0..swa_start-1.
 4. With --low-lr-tail: the first run's last checkpoint continued at lr 0.001 for 2 epochs, 4
@@ -16,8 +16,10 @@
    orthonormal, unlike in the SWA-schedule tails above.
 
 The scripts run as a user runs them, in <out>/tail-swa-seed<k>/. A step whose outputs exist is skipped
-and an interrupted SGD run is resumed. Every number goes to results/tail-swa-seed<k>.json, rewritten
-after every step.
+and an interrupted SGD run is resumed. Every number (with which test images each model got right, for
+bench/report.py's paired intervals), the commands and the revision go to
+results/tail-swa-seed<k>.json, rewritten after every step. A tree with uncommitted changes is
+refused unless --allow-dirty.
 """
 import argparse
 import json
@@ -36,7 +38,10 @@ TAIL = {"wd": 5e-5, "schedule": "step"}
 VARIANTS = {
     "orth-lr2-e2": (["--lr", 2, "--epochs", 2], "all"),
     "ref-lr2-e2": (["--lr", 2, "--epochs", 2, "--basis", "reference"], "all"),
-    "orth-lr2-e4": (["--lr", 2, "--epochs", 4], "first"),
+    "orth-lr2-e4": (["--lr", 2, "--epochs", 4], "all"),
+    # the reference's density: one checkpoint at each epoch's end (every other one of ours)
+    "orth-lr2-e2-1pe": (["--lr", 2, "--epochs", 2, "--params_stride", PER_EPOCH], "all"),
+    "orth-lr2-e4-1pe": (["--lr", 2, "--epochs", 4, "--params_stride", PER_EPOCH], "all"),
     "v-orth-lr2-e2": (["--lr", 2, "--epochs", 2, "--val-split", 10], "all"),
     "ref-lr0.5-e2": (["--lr", 0.5, "--epochs", 2, "--basis", "reference"], "first"),
     "orth-lr0.5-e2": (["--lr", 0.5, "--epochs", 2], "first"),
@@ -71,6 +76,8 @@ def parse_args():
     parser.add_argument("--results", default=os.path.join(ROOT, "results"), help="where the JSON goes")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--low-lr-tail", action="store_true", help="also step 4")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="run from a tree with uncommitted changes (the revision says +dirty)")
     parser.add_argument("--skip-variants", action="store_true",
                         help="only the SGD runs and step 4 (the variants' results are read if present)")
     args = parser.parse_args()
@@ -81,13 +88,19 @@ def parse_args():
 
 class Pipeline:
     def __init__(self, args):
-        self.args, self.commands = args, []
+        self.args = args
         self.data_dir = common.cifar10_dir(args.data_dir)
         self.run_dir = os.path.join(args.out, f"tail-swa-seed{args.seed}")
         self.path = os.path.join(args.results, f"tail-swa-seed{args.seed}.json")
-        self.report = {"seed": args.seed, "epochs": args.epochs, "swa_start": args.swa_start,
-                       "checkpoints_per_epoch": PER_EPOCH, "runs": {}, "commands": self.commands,
-                       "git": runfiles.git_revision(), "complete": False}
+        git = common.clean_revision(args.allow_dirty)
+        self.report = common.results_record(self.path, {
+            "seed": args.seed, "epochs": args.epochs, "swa_start": args.swa_start,
+            "checkpoints_per_epoch": PER_EPOCH, "runs": {}, "commands": [], "git": git,
+            "complete": False})
+        if self.report["git"] != git:
+            sys.exit(f"{self.path} was started at revision {self.report['git']}, this is {git}: "
+                     "continue it from that revision, or remove the file to start again")
+        self.commands = self.report["commands"]
 
     def run(self, script, flags):
         common.run_script(script, ["--datasets", "ImageFolder", "--data-dir", self.data_dir, "--arch",
@@ -102,8 +115,8 @@ class Pipeline:
                                       "--schedule", "swa", "--swa-start", self.args.swa_start,
                                       "--swa-lr", swa_lr, "--save-every", PER_EPOCH, "--val-split", 10,
                                       "--save-dir", folder, "--log-dir", folder, *resume])
-        rows = runfiles.read_jsonl(os.path.join(folder, "metrics.jsonl"))
-        return folder, [r["test_acc"] for r in rows if r["stage"] == "sgd"]
+        rows = [r for r in runfiles.read_jsonl(os.path.join(folder, "metrics.jsonl")) if r["stage"] == "sgd"]
+        return folder, [r["test_acc"] for r in rows], rows[-1].get("test_correct")
 
     def low_lr_tail(self, start):
         """The run continued from `start` at lr 0.001, 4 checkpoints per epoch for 2 epochs."""
@@ -126,6 +139,7 @@ class Pipeline:
         with open(results) as f:
             out = json.load(f)
         return {"swa_acc": out["swa"]["accuracy"], "twa_acc": out["twa"]["accuracy"],
+                "swa_correct": out["swa"].get("correct"), "twa_correct": out["twa"].get("correct"),
                 "held_out_acc": out["twa"].get("held_out", {}).get("accuracy"),
                 "swa_held_out_acc": out["swa"].get("held_out", {}).get("accuracy"),
                 "gram_eigenvalues": out["basis"]["gram_eigenvalues"],
@@ -142,9 +156,10 @@ def main():
     first, end = PER_EPOCH * args.swa_start, PER_EPOCH * args.epochs + 1
     head_end = PER_EPOCH * (args.swa_start - 1) + 1  # the checkpoints of epochs 0..swa_start-1
     for number, swa_lr in enumerate(args.swa_lrs):
-        checkpoints, sgd = pipe.sgd(swa_lr)
+        checkpoints, sgd, sgd_correct = pipe.sgd(swa_lr)
         run = pipe.report["runs"].setdefault(f"swalr{swa_lr:g}", {"swa_lr": swa_lr, "sgd_test_acc": sgd,
                                                                   "tail": {}, "head": {}})
+        run["sgd_correct"] = sgd_correct
         for name, (flags, which) in VARIANTS.items():
             if which == "all" or number == 0:
                 variant = [*tail_flags(flags), "--train_start", end - 1]

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import runfiles
+
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # every test here runs the scripts end to end
@@ -14,7 +16,7 @@ pytestmark = pytest.mark.slow  # every test here runs the scripts end to end
 def test_reproduce_pipeline_and_report(tiny_data, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "bench", "reproduce.py"), "--quick", "--epochs", "4",
            "-b", "8", "--seed", "3", "--head-ends", "3", "--data-dir", tiny_data, "--out", tmp_path / "runs",
-           "--results", tmp_path]
+           "--results", tmp_path, "--allow-dirty"]
     subprocess.run(list(map(str, cmd)), check=True, capture_output=True, text=True, timeout=900)
     result = json.load(open(tmp_path / "reproduce-quick-seed3.json"))
     assert len(result["sgd"]["test_acc"]) == 4
@@ -33,3 +35,29 @@ def test_reproduce_pipeline_and_report(tiny_data, tmp_path):
     assert "| SGD | 4 |" in report.stdout and "TWA - SWA" in report.stdout
     assert "| TWA, 13 ckpts, 2 ep, lr 2.0 | 5 |" in report.stdout
     assert os.path.getsize(tmp_path / "reproduce-quick-accuracy.png") > 1000
+
+
+def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
+    """bench/head.py at tiny size: every scored model's per-image bits, the revision, the commands,
+    and report.py's paired intervals from them."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "head.py"), "--seed", "2", "--epochs", "2",
+           "--twa-end", "1", "--per-epoch", "2", "--twa-epochs", "1", "-b", "8", "--data-dir", tiny_data,
+           "--out", tmp_path / "runs", "--results", tmp_path, "--allow-dirty"]
+    subprocess.run(list(map(str, cmd)), check=True, capture_output=True, text=True, timeout=900)
+    result = json.load(open(tmp_path / "head-paper-seed2.json"))
+    assert result["complete"] and result["git"] and len(result["commands"]) == 3
+    assert "--schedule step-fraction" in result["commands"][1]
+    assert [(h["n"], h["twa_epochs"]) for h in result["head"]] == [(2, 1), (3, 1)]
+    tests = 12  # the tiny tree's test images
+    sgd = runfiles.unpack_bits(result["sgd"]["test_correct"][-1], tests)
+    assert 100 * sgd.mean() == pytest.approx(result["sgd"]["test_acc"][-1])
+    for head in result["head"]:
+        for mode in ("recompute", "running"):
+            scored = head["twa"][mode]
+            assert 100 * runfiles.unpack_bits(scored["correct"], tests).mean() == pytest.approx(
+                scored["accuracy"])
+    report = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), "--name",
+                             "head-paper", "--results", str(tmp_path), "--test-images", str(tests)],
+                            check=True, capture_output=True, text=True, timeout=300)
+    assert "TWA, 3 ckpts, 1 ep, BN running - TWA, 3 ckpts, 1 ep, BN recompute" in report.stdout
+    assert "TWA, 3 ckpts, 1 ep, BN recompute - TWA, 2 ckpts, 1 ep, BN recompute" in report.stdout

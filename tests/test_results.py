@@ -1,0 +1,103 @@
+"""Per-example test results, the paired intervals built on them, and the head protocol's options
+(the step schedule by steps, the reference's running BatchNorm pass)."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import loaders
+import loop
+import runfiles
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import paired  # noqa: E402
+
+
+def test_packed_bits_round_trip():
+    flags = np.random.default_rng(0).random(10_001) < 0.3
+    text = runfiles.pack_bits(flags)
+    assert len(text) < 10_001 / 8 * 4 / 3 + 4  # base64 of packed bits
+    assert np.array_equal(runfiles.unpack_bits(text, len(flags)), flags)
+
+
+class Threshold(nn.Module):
+    """Predicts class 1 where the first input value is positive."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        first = x.flatten(1)[:, :1] * self.w
+        return torch.cat([-first, first], 1)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_evaluate_records_which_examples_each_rank_got_right(world):
+    """The bits follow the data's order, whichever rank scored an example (ranks take every
+    world-th example of a batch), and agree with the accuracy."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (37, 1, 2, 2), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 2, (37,), generator=gen)
+    truth = ((images[:, 0, 0, 0].float() - 127.5) > 0).long() == labels
+    model = Threshold()
+    right = np.zeros(37, dtype=int)
+    for rank in range(world):
+        loader = loaders.TensorLoader(images, labels, 8, [0.5], [0.5], rank=rank, world_size=world)
+        result = loop.evaluate(model, loader)
+        right += runfiles.unpack_bits(result["correct"], 37)
+    assert np.array_equal(right.astype(bool), truth.numpy())
+    if world == 1:
+        assert result["accuracy"] == pytest.approx(100 * truth.float().mean().item())
+
+
+def test_paired_bootstrap_matches_resampling_whole_index_vectors():
+    rng = np.random.default_rng(1)
+    a = rng.random(2000) < 0.8
+    b = np.where(rng.random(2000) < 0.9, a, ~a)  # b disagrees with a on about 10% of the examples
+    diff, low, high = paired.paired_difference(a, b)
+    assert diff == pytest.approx(100 * (a.mean() - b.mean()))
+    idx = rng.integers(0, 2000, (4000, 2000))
+    resampled = 100 * (a[idx].mean(1) - b[idx].mean(1))
+    assert low == pytest.approx(np.percentile(resampled, 2.5), abs=0.15)
+    assert high == pytest.approx(np.percentile(resampled, 97.5), abs=0.15)
+    assert paired.paired_difference(a, a) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        paired.paired_difference(a, b[:10])
+
+
+def test_interval_over_seeds():
+    mean, low, high = paired.over_seeds([1.0, 2.0, 3.0])
+    assert (mean, high - mean) == (2.0, pytest.approx(4.303 * 1.0 / 3 ** 0.5))
+    assert paired.over_seeds([0.5]) == (0.5, None, None)
+
+
+def test_step_fraction_reaches_all_three_rates_in_one_epoch():
+    steps = 10
+    rates = [loop.lr_at("step-fraction", 2.0, 0, 1, b / steps) for b in range(steps)]
+    assert rates == pytest.approx([2.0] * 5 + [0.2] * 3 + [0.02] * 2)
+    assert loop.lr_at("step", 2.0, 0, 1, 0.0) == pytest.approx(0.2)  # why it exists
+
+
+def test_running_bn_pass_continues_the_statistics_with_momentum():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+    bn = model[1]
+    model.eval()
+    bn.running_mean.fill_(5.0)
+    batches = [(torch.randn(4, 1, 3, 3) + 1, None) for _ in range(3)]
+    expected = bn.running_mean.clone()
+    with torch.no_grad():
+        for images, _ in batches:
+            expected = 0.9 * expected + 0.1 * model[0](images).mean((0, 2, 3))
+    loop.recompute_bn(model, batches, "running")
+    assert torch.allclose(bn.running_mean, expected, atol=1e-6)
+    assert bn.momentum == 0.1 and not model.training
+    loop.recompute_bn(model, batches, "recompute")  # reset: the 5.0 start is gone
+    with torch.no_grad():
+        means = torch.stack([model[0](x).mean((0, 2, 3)) for x, _ in batches]).mean(0)
+    assert torch.allclose(bn.running_mean, means, atol=1e-5)
