@@ -12,6 +12,7 @@ import cli
 import loop
 import runfiles
 import twa
+import utils
 
 log = logging.getLogger("twa")
 STATE = "twa_state.pt"
@@ -22,8 +23,11 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
     """SWA (the mean, BatchNorm recomputed), then TWA for args.epochs from the mean or start(trainer),
     resumable through state_path; writes twa.pt, coefficients.json and twa_results.json."""
     # the same random draws (dropout) whether the subspace came from files or from this process's SGD
-    cli.seed_everything(args.randomseed, args.deterministic, ctx.rank)
-    trainer = twa.TWA(model, space, train=args.coefficients)  # the model now holds the mean: SWA
+    utils.seed_everything(args.randomseed, args.deterministic, ctx.rank)
+    try:
+        trainer = twa.TWA(model, space, train=args.coefficients)  # the model now holds the mean: SWA
+    except ValueError as err:  # nothing to train: rank 0, or alpha with every checkpoint the mean
+        raise cli.UsageError(f"{err}; check the checkpoints, --tol and --coefficients") from None
     loaders.train.set_epoch(0)  # the same crops for SWA's BatchNorm pass, after SGD in this process too
     swa = measure(model, loaders, args, ctx)
     log.info("SWA: test loss %.4f acc %.2f", swa["loss"], swa["accuracy"])
@@ -41,13 +45,13 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
         trainer.move_to(resume["trained"])
         model.load_state_dict(resume["buffers"], strict=False)
         loop.load_optimizer(optimizer, resume["optimizer"], args, trainer.trained.device)
-        cli.restore_rng(resume["rng"], ctx, state_path)
+        utils.restore_rng(resume["rng"], ctx, state_path)
         progress = resume["progress"]
         log.info("resumed at epoch %d, batch %d", progress["epoch"], progress["batch"])
 
     def save_state():
         loop.check_finite([trainer.trained.detach(), *model.state_dict().values()], "TWA's state")
-        rng = cli.all_rng_states(ctx)
+        rng = utils.all_rng_states(ctx)
         if not ctx.is_main:
             return
         buffers = {k: v for k, v in model.state_dict().items() if k not in dict(model.named_parameters())}
@@ -76,7 +80,7 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
     alpha = space.checkpoint_coefficients(trainer.coordinates)
     # only checkpoint files can be read again; the weights recorded in memory are gone
     sources = inputs.get("checkpoints")
-    residual = space.combination_residual(model, sources, alpha) if sources else None
+    residual = twa.combination_residual(space, model, sources, alpha) if sources else None
     if residual and residual["relative"] is not None:
         log.info("sum_i alpha_i w_i misses the TWA weights by %.2g of their move from the mean",
                  residual["relative"])
@@ -121,7 +125,7 @@ def make_optimizer(args, params):
 
 def write_results(args, model, space, trainer, alpha, residual, results):
     names = [path if args.checkpoints else os.path.basename(path) for path in space.names]
-    blocks = [{"parameters": span.names, "entries": span.size, "alpha": a.tolist()}
+    blocks = [{"parameters": span.names, "entries": span.entries, "alpha": a.tolist()}
               for span, a in zip(space.spans, alpha)]
     runfiles.save_torch(model.state_dict(), os.path.join(args.output_dir, "twa.pt"))
     runfiles.save_json({"checkpoints": names, "alpha": alpha[0].tolist() if len(blocks) == 1 else None,

@@ -18,6 +18,7 @@ import loop
 import runfiles
 import stage
 import twa
+import utils
 from cli import log
 from runfiles import UsageError
 
@@ -95,6 +96,8 @@ def check_online_args(args):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
     if args.layer_size is not None and args.layer_size < 0:
         raise UsageError(f"--layer-size must be non-negative, not {args.layer_size}")
+    if not 0 < args.tol < 1:
+        raise UsageError(f"--tol must lie in (0, 1), not {args.tol}")
     args.twa_lr = args.twa_lr if args.twa_lr is not None else {"SGD": 2.0, "AdamW": 0.01}[args.twa_opt]
     if not 0 < args.twa_lr < float("inf") or not 0 <= args.twa_wd < float("inf"):
         raise UsageError("--twa-lr must be positive and --twa-wd non-negative")
@@ -118,22 +121,22 @@ def save_points(batches, per_epoch, flag="--save-every"):
 
 def main(argv=None):
     args = parse_args(argv)
-    ctx = cli.start_processes(args)
+    ctx = utils.start_processes(args)
     state_path = os.path.join(args.save_dir, STATE)
     with distributed.agreement(ctx):  # what a node may lack or hold wrongly stops every process
         resume = read_resume(args, state_path)
-        split = os.path.join(args.save_dir, cli.SPLIT_FILE)  # --val-split's held-out part
-        loaders, model = cli.setup_run(args, ctx, "sgd", split if resume and os.path.exists(split)
+        split = os.path.join(args.save_dir, utils.SPLIT_FILE)  # --val-split's held-out part
+        loaders, model = utils.setup_run(args, ctx, "sgd", split if resume and os.path.exists(split)
                                        else None, split, folders=[args.save_dir])
         if resume:
             model.load_state_dict(resume["model"])
         elif args.init:
-            cli.load_weights(model, args.init, args)
+            utils.load_weights(model, args.init, args)
         metrics = runfiles.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "sgd",
                                    resume["metrics"] if resume else (), enabled=ctx.is_main)
         manifest = runfiles.Manifest(args.save_dir, enabled=ctx.is_main and bool(args.save_every),
                                      keep=resume is not None)
-    cli.check_ranks_agree(ctx, args, SHAPING, loaders, resume_progress=resume and resume["progress"])
+    utils.check_ranks_agree(ctx, args, SHAPING, loaders, resume_progress=resume and resume["progress"])
     train_loader, test_loader = loaders.train, loaders.test
     # checked before 0.pt is written
     points = save_points(len(train_loader), args.save_every)
@@ -145,7 +148,7 @@ def main(argv=None):
     progress = {"epoch": 0, "batch": 0, "checkpoint": 0, "totals": None, "elapsed": 0.0}
     if resume:
         loop.load_optimizer(optimizer, resume["optimizer"], args, ctx.device)
-        cli.restore_rng(resume["rng"], ctx, state_path)
+        utils.restore_rng(resume["rng"], ctx, state_path)
         progress = resume["progress"]
         restore_recorder(recorder, resume, state_path)
         log.info("resumed at epoch %d, batch %d, checkpoint %d", progress["epoch"], progress["batch"],
@@ -160,7 +163,7 @@ def main(argv=None):
 
     def save_state():
         loop.check_finite(model.state_dict().values(), "the model")
-        rng = cli.all_rng_states(ctx)
+        rng = utils.all_rng_states(ctx)
         if ctx.is_main:
             runfiles.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "rng": rng, "progress": progress, "metrics": metrics.rows,

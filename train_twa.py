@@ -25,6 +25,7 @@ import runfiles
 import soup
 import stage
 import twa
+import utils
 from cli import log
 from runfiles import UsageError
 
@@ -106,6 +107,8 @@ def check_args(args):
         raise UsageError(f"--params_stride must be positive, not {args.params_stride}")
     if args.layer_size is not None and args.layer_size < 0:
         raise UsageError(f"--layer-size must be non-negative, not {args.layer_size}")
+    if not 0 < args.tol < 1:
+        raise UsageError(f"--tol must lie in (0, 1), not {args.tol}")
     if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
         raise UsageError(f"--warmup-epochs must lie in [0, --epochs], not {args.warmup_epochs}")
     if args.basis == "reference" and (args.layer_size is not None or args.pbits != 32 or
@@ -199,7 +202,7 @@ def build_subspace(args, model, ctx):
     report = {"checkpoints": len(files), "rank": space.rank, "blocks": len(space.spans),
               "seconds": time.time() - started, "basis": args.basis, **space.basis_quality(),
               "pbits": args.pbits, "basis_bytes_per_process": space.nbytes(), "processes": ctx.world,
-              "columns_per_process": space.shard.size, "explained_variance": explained}
+              "columns_per_process": space.shard.local_size, "explained_variance": explained}
     log.info("subspace: %d checkpoints, %d block(s), rank %d, max|PP^T-I| %.1e, %.1f MB per process "
              "at %d bits (%d processes), %.1f s", len(files), len(space.spans), space.rank,
              report["orthogonality_error"], report["basis_bytes_per_process"] / 1e6, args.pbits,
@@ -216,7 +219,7 @@ def compare_soups(args, model, loaders, ctx, uniform):
     files = checkpoint_files(args)
     ingredients = []
     for path in files:
-        cli.load_weights(model, path, args)
+        utils.load_weights(model, path, args)
         scores = stage.measure(model, loaders, args, ctx, bn=None)
         ingredients.append({"checkpoint": path, **scores})
         log.info("ingredient %s: held-out acc %.2f, test acc %.2f", path,
@@ -239,16 +242,16 @@ def compare_soups(args, model, loaders, ctx, uniform):
 
 def main(argv=None):
     args = parse_args(argv)
-    ctx = cli.start_processes(args)
+    ctx = utils.start_processes(args)
     state_path = os.path.join(args.output_dir, STATE)
     with distributed.agreement(ctx):  # what a node may lack or hold wrongly stops every process
         resume = runfiles.load_torch(state_path) if args.resume else None
         if resume is not None:
             cli.check_resume(resume, args, SHAPING, state_path)
-        recorded = args.split or os.path.join(args.save_dir, cli.SPLIT_FILE)
+        recorded = args.split or os.path.join(args.save_dir, utils.SPLIT_FILE)
         recorded = recorded if os.path.isfile(recorded) else None
         verified = check_inputs(args)
-        loaders, model = cli.setup_run(args, ctx, "twa", recorded,
+        loaders, model = utils.setup_run(args, ctx, "twa", recorded,
                                        os.path.join(args.log_dir, SPLIT_RECORD), folders=[args.output_dir])
         if args.checkpoints and loaders.held_out is None:
             raise UsageError("soup mode ranks the models on held-out images: give --val-split R, or "
@@ -257,9 +260,9 @@ def main(argv=None):
         if resume and resume.get("inputs") != inputs:
             raise UsageError(f"{state_path} was saved for other checkpoints; start without --resume "
                              "or use another --output-dir")
-        cli.load_weights(model, inputs["checkpoints"][0], args)  # another architecture fails here
+        utils.load_weights(model, inputs["checkpoints"][0], args)  # another architecture fails here
         runfiles.read_jsonl(os.path.join(args.log_dir, "metrics.jsonl"))  # appended to at the end
-    cli.check_ranks_agree(ctx, args, SHAPING, loaders, resume_progress=resume and resume["progress"],
+    utils.check_ranks_agree(ctx, args, SHAPING, loaders, resume_progress=resume and resume["progress"],
                           checkpoint_files=[(path, os.path.getsize(path))
                                             for path in inputs["checkpoints"]])
     if verified:
@@ -277,7 +280,7 @@ def main(argv=None):
         return soups
 
     def start_at_checkpoint(trainer):
-        cli.load_weights(model, checkpoint_path(args, args.train_start), args)  # and its buffers
+        utils.load_weights(model, checkpoint_path(args, args.train_start), args)  # and its buffers
         trainer.move_to(checkpoint_indices(args).index(args.train_start))
 
     report = {"basis": basis_report, "start_epoch": head_epoch(args)}

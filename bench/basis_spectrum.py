@@ -59,7 +59,7 @@ def main():
     report["reference float32, one matrix"] = quality(matrix32 @ matrix32.t())
     matrix64 = common.one_pass_gram_schmidt_(rows.double())
     report["reference float64"] = quality(matrix64 @ matrix64.t())
-    block = streamed.block(0, rows.shape[1])
+    block = streamed.as_float32(0, rows.shape[1])
     report["streamed vs one-matrix float32, max row difference"] = (block - matrix32).abs().max().item()
     centred = rows.double() - rows.double().mean(0)
     energy = torch.linalg.svdvals(centred).square()

@@ -17,9 +17,9 @@ import itertools
 import torch
 
 import common
-import cli
 import data
 import loop
+import utils
 
 TRAIN_BATCH = 128
 
@@ -78,15 +78,15 @@ def evaluate_with(mode, model, loader):
 
 def main():
     args = parse_args()
-    device = cli.pick_device(args.device)
+    device = utils.pick_device(args.device)
     torch.manual_seed(0)
     root = common.cifar10_dir(args.data_dir)
     loaders = data.build_loaders(common.data_args(root, TRAIN_BATCH), device)
     images = min(args.images, loaders.test.n) // TRAIN_BATCH * TRAIN_BATCH
     rows = []
     for arch in args.archs:
-        model = cli.build_model(arch, "ImageFolder", loaders.classes, device)
-        channels_last = cli.build_model(arch, "ImageFolder", loaders.classes, device, channels_last=True)
+        model = utils.build_model(arch, "ImageFolder", loaders.classes, device)
+        channels_last = utils.build_model(arch, "ImageFolder", loaders.classes, device, channels_last=True)
         channels_last.load_state_dict(model.state_dict())
         runs = paths(model, loaders.test, images, channels_last)
         for fn in runs.values():  # warm-up

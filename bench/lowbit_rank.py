@@ -47,7 +47,7 @@ def main():
         direction[0] = 0  # the mean's own direction: stay on the checkpoints' affine hull
         trainer = twa.TWA(model, space)
         trainer.move_to(space.mean_coords + 0.5 * spread * direction / direction.norm())
-        residual = space.combination_residual(model, files,
+        residual = twa.combination_residual(space, model, files,
                                               space.checkpoint_coefficients(trainer.coordinates))
         rounding = space.spans[0].basis.rounding[:space.rank].max().sqrt().item()
         print(f"| {bits} | {space.rank} | {rounding:.2g} | {residual['relative']:.2g} |", flush=True)

@@ -60,7 +60,7 @@ def worker(args):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     row = {"rank": ctx.rank, "world": ctx.world, "build_s": build, "step_s": seconds,
            "peak_mib": peak / 1024, "peak_above_start_mib": (peak - before) / 1024,
-           "basis_mib": space.nbytes() / 2**20, "columns": space.shard.size}
+           "basis_mib": space.nbytes() / 2**20, "columns": space.shard.local_size}
     with open(os.path.join(args.dir, f"result-{ctx.world}-{ctx.rank}.json"), "w") as f:
         json.dump(row, f)  # one file per rank: their stdout lines would interleave
     distributed.shutdown(ctx)

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 import torchvision
 
 import common  # first: puts the project on the path
-import cli
 import models
 import twa
+import utils
 
 # (arch, n, image size, classes, storage bits) of the training-step table
 CASES = [("resnet20", 31, 32, 10, 32), ("VGG16BN", 101, 32, 10, 32)]
@@ -147,7 +147,7 @@ def main():
     parser.add_argument("--gpu-cases", action="store_true", help="the GPU check's training steps: "
                         "ResNet-20 n = 61 and ResNet-18 (224 px) n = 301, at 32 and 8 bits")
     args = parser.parse_args()
-    device = cli.pick_device(args.device)
+    device = utils.pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device {device}, torch {torch.__version__}, torch threads {torch.get_num_threads()}"

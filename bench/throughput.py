@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import common  # noqa: F401  (puts the project on the path)
-import cli
 import data
 import loaders
 import loop
+import utils
 
 WARMUP = 3
 
@@ -68,7 +68,7 @@ def time_steps(model, optimizer, batches, steps, device, amp=False):
 
 def main():
     args = parse_args()
-    device = cli.pick_device(args.device)
+    device = utils.pick_device(args.device)
     torch.manual_seed(0)
     root = common.cifar10_dir(args.data_dir)
     memory, _, classes, *_ = data.build_loaders(common.data_args(root, args.batch_size), device)
@@ -83,7 +83,7 @@ def main():
     }
     rows, epoch_rows = [], []
     for arch in args.archs:
-        model = cli.build_model(arch, "ImageFolder", classes, device, args.channels_last)
+        model = utils.build_model(arch, "ImageFolder", classes, device, args.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         model.train()
         forward = torch.compile(model) if args.compile else model

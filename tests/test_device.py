@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-import cli
 import loaders
 import loop
 import twa
+import utils
 from test_twa import random_walk
 
 pytestmark = pytest.mark.cuda
-DEVICE = cli.pick_device("auto")
+DEVICE = utils.pick_device("auto")
 
 
 @contextlib.contextmanager
@@ -100,14 +100,14 @@ def test_sgd_and_twa_epochs_read_nothing_back_between_log_points(monkeypatch, bi
 def test_a_low_bit_basis_projects_as_its_values_in_float64(bits, monkeypatch):
     """The blocked low-bit products (small blocks here, so that several are walked) against the
     stored values multiplied in float64, on the device."""
-    monkeypatch.setattr(twa, "BLOCK", 512)
-    monkeypatch.setattr(twa, "DEVICE_BLOCK", 512)
+    monkeypatch.setattr(twa.storage, "CHUNK", 512)
+    monkeypatch.setattr(twa.storage, "DEVICE_CHUNK", 512)
     basis = twa.Basis(7, 3000, bits, DEVICE)
     gen = torch.Generator().manual_seed(0)
     rows = (torch.randn(7, 3000, generator=gen) / 3000 ** 0.5).to(DEVICE)
     for row in rows:
         basis.append(row)
-    values = basis.block(0, 3000).double()
+    values = basis.as_float32(0, 3000).double()
     # what reading back gives differs from what was stored by the rounding that storing measured
     assert torch.allclose((values - rows.double()).square().sum(1), basis.rounding, rtol=1e-3)
     g = torch.randn(3000, generator=gen).to(DEVICE)
@@ -131,7 +131,7 @@ def test_the_compiled_low_bit_products_equal_the_blocked_ones(bits):
     start = torch.randn(3001, generator=gen).to(DEVICE)
     for rows in (7, 4):
         basis.rows = rows
-        values = basis.block(0, 3001).double()
+        values = basis.as_float32(0, 3001).double()
         products = {}
         for fused in (True, False):
             basis.fused = fused
@@ -149,7 +149,7 @@ def test_a_basis_falls_back_to_blocked_products_where_compiling_fails(monkeypatc
     """No C++ compiler (or no Triton): one warning, then the blocked products, with the same result."""
     def fail(*args):
         raise torch._dynamo.exc.BackendCompilerFailed(fail, RuntimeError("no compiler"), None)
-    monkeypatch.setattr(twa, "_compiled", lambda kernel: fail)
+    monkeypatch.setattr(twa.storage, "_compiled", lambda kernel: fail)
     basis = twa.Basis(3, 3000, 8, DEVICE)
     for row in torch.randn(3, 3000).to(DEVICE):
         basis.append(row)
@@ -178,17 +178,17 @@ def test_a_resumed_optimizer_keeps_the_rate_as_a_tensor_on_the_device():
 
 
 def test_dropout_resumes_exactly_from_the_saved_random_state():
-    """What --resume restores (cli.rng_state: the CPU generator and, on a GPU, its own) gives the
+    """What --resume restores (utils.rng_state: the CPU generator and, on a GPU, its own) gives the
     same dropout masks as a run that never stopped."""
     model = small_cnn().train()
     x = torch.randn(16, 3, 8, 8, device=DEVICE)
     ctx = types.SimpleNamespace(world=1, rank=0, device=DEVICE)
-    cli.seed_everything(5)
+    utils.seed_everything(5)
     model(x)
-    saved = cli.all_rng_states(ctx)
+    saved = utils.all_rng_states(ctx)
     expected = model(x)
     model(x)  # the run goes on, then resumes from the saved state
-    cli.restore_rng(saved, ctx, "state.pt")
+    utils.restore_rng(saved, ctx, "state.pt")
     assert torch.equal(model(x), expected)
 
 
@@ -200,7 +200,7 @@ def test_a_compiled_step_trains_as_the_eager_one(subspace, graphs, monkeypatch):
     capture) the buffers are marked static and the shapes kept: the last batch is smaller here.
     (No dropout: compiled code draws its masks from its own generator.) The subspace with graphs
     is stored in 8 bits and multiplies through the fused kernels, traced into the step."""
-    monkeypatch.setattr(twa, "FUSED_MIN_COLUMNS", 0)
+    monkeypatch.setattr(twa.storage, "FUSED_MIN_COLUMNS", 0)
     weights = []
     for compiled in (False, True):
         model = small_cnn()

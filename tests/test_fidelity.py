@@ -61,7 +61,7 @@ def test_reference_basis_is_the_one_pass_basis():
     walk = random_walk(model, 8, step=1e-2)
     rows = torch.stack([flat(s, model) for s in walk])
     expected = one_pass_gram_schmidt(rows)
-    ours = twa.Subspace.reference_from_checkpoints(model, walk).spans[0].basis.block(0, rows.shape[1])
+    ours = twa.Subspace.reference_from_checkpoints(model, walk).spans[0].basis.as_float32(0, rows.shape[1])
     assert (ours - expected).abs().max() <= 1e-3 * expected.abs().max()
 
 
@@ -92,7 +92,7 @@ def test_reference_basis_trains_as_the_reference_weight_space_update(start):
 
     ours = copy.deepcopy(base)
     space = twa.Subspace.reference_from_checkpoints(ours, walk)
-    basis = space.spans[0].basis.block(0, rows.shape[1]).clone()  # P, far from orthonormal here
+    basis = space.spans[0].basis.as_float32(0, rows.shape[1]).clone()  # P, far from orthonormal here
     assert space.orthogonality_error() > 1e-2
     trainer = twa.TWA(ours, space, start=start)
     opt = torch.optim.SGD(trainer.parameters(), **hyper)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
 import data
 import runfiles
 import twa
+import utils
 from conftest import ROOT, write_image_folder
 from test_cli import common, run
 from test_distributed import launch, relative_difference
@@ -172,18 +172,18 @@ def test_an_atomic_write_flushes_the_file_and_then_its_folder(tmp_path, monkeypa
 
 
 def test_processes_draw_their_own_dropout_and_save_each_random_state():
-    cli.seed_everything(3, rank=0)
+    utils.seed_everything(3, rank=0)
     zero = torch.rand(4)
-    cli.seed_everything(3, rank=1)
+    utils.seed_everything(3, rank=1)
     one = torch.rand(4)
-    cli.seed_everything(3)
+    utils.seed_everything(3)
     assert torch.equal(torch.rand(4), zero) and not torch.equal(zero, one)
     ctx = type("Ctx", (), {"world": 1, "rank": 0, "device": torch.device("cpu")})()
-    states = cli.all_rng_states(ctx)
+    states = utils.all_rng_states(ctx)
     expected = torch.rand(3)
-    cli.restore_rng(states, ctx, "state.pt")
+    utils.restore_rng(states, ctx, "state.pt")
     assert torch.equal(torch.rand(3), expected)
-    cli.restore_rng(states[0]["cpu"], ctx, "state.pt")  # a state saved before: one CPU state
+    utils.restore_rng(states[0]["cpu"], ctx, "state.pt")  # a state saved before: one CPU state
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -221,7 +221,7 @@ def test_a_duplicated_checkpoint_adds_no_direction_at_any_precision(bits, within
     trainer = twa.TWA(model, space)
     trainer.move_to(coordinates)
     alpha = space.checkpoint_coefficients(trainer.coordinates)
-    residual = space.combination_residual(model, walk, alpha)
+    residual = twa.combination_residual(space, model, walk, alpha)
     assert residual["relative"] < within, residual
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import data
+import models
 import soup
 import twa
 from conftest import ROOT
@@ -25,9 +26,28 @@ def test_parameter_blocks_group_consecutive_tensors():
     params = twa.trainable_parameters(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)))  # 12, 3, 6, 2
     assert block_ranges(params) == [(0, 23)]
     assert block_ranges(params, 0) == [(0, 12), (12, 15), (15, 21), (21, 23)]
-    assert block_ranges(params, 10) == [(0, 12), (12, 23)]  # 3 + 6 < 10: the 2 joins them
-    assert block_ranges(params, 20) == [(0, 23)]  # the short remainder joins the last block
+    assert block_ranges(params, 10) == [(0, 12), (12, 23)]  # 3 + 6 <= 10: the 2 joins them
+    assert block_ranges(params, 20) == [(0, 21), (21, 23)]  # 21 > 20 closes; the remainder stays alone
     assert twa.parameter_blocks(params, 0)[1][2] == ["0.bias"]
+
+
+def journal_block_sizes(model, layer_size):
+    """The journal code's grouping loop (train_twa.py of its branch), written out: a tensor opens a
+    new block once the current one holds more than layer_size entries."""
+    sizes = [0]
+    for p in model.parameters():
+        if sizes[-1] > layer_size:
+            sizes.append(p.numel())
+        else:
+            sizes[-1] += p.numel()
+    return sizes
+
+
+@pytest.mark.parametrize("layer_size", [0, 1000, 5000, 20000, 100000])
+def test_layer_wise_blocks_are_the_journal_codes_on_resnet20(layer_size):
+    model = models.build_model("resnet20", 10)
+    blocks = twa.parameter_blocks(twa.trainable_parameters(model), layer_size)
+    assert [stop - start for start, stop, _ in blocks] == journal_block_sizes(model, layer_size)
 
 
 def run_twa(model, walk, steps, **build):
@@ -100,7 +120,7 @@ def test_layerwise_basis_at_low_precision(bits):
     model = mlp()
     walk = random_walk(model, 6, step=0.05)
     space = twa.Subspace.from_checkpoints(model, walk, bits=bits, layer_size=300)
-    assert [span.size for span in space.spans] == [1280, 64 + 320 + 5]
+    assert [span.entries for span in space.spans] == [1280, 64 + 320, 5]  # 384 > 300 closes
     assert space.orthogonality_error() <= (1e-5 if bits == 32 else 2e-2)
     for state in walk:
         assert space.relative_residual(flat(state, model)) <= (1e-5 if bits == 32 else 2e-2)

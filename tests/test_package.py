@@ -10,8 +10,9 @@ from conftest import ROOT
 def test_pip_install_makes_twa_importable_from_any_folder(tmp_path):
     source = tmp_path / "source"  # a copy, so that the build leaves nothing in the checkout
     source.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE", "twa.py", "soup.py"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "soup.py"):
         shutil.copy(os.path.join(ROOT, name), source / name)
+    shutil.copytree(os.path.join(ROOT, "twa"), source / "twa", ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                     "--no-build-isolation", "--target", str(target), str(source)],

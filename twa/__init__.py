@@ -1,0 +1,52 @@
+"""Trainable Weight Averaging (Li et al., ICLR 2023): train the coefficients of a weighted average of
+checkpoints, i.e. run SGD inside the subspace that the checkpoints span.
+
+Works with any nn.Module and any training loop:
+
+    space = Subspace.from_checkpoints(model, [f"ckpt/{i}.pt" for i in range(101)])
+    trainer = TWA(model, space)                      # model now holds the mean of the checkpoints
+    opt = torch.optim.SGD(trainer.parameters(), lr=2, momentum=0.9, weight_decay=1e-5)
+    for x, y in loader:
+        F.cross_entropy(model(x), y).backward()
+        trainer.step(opt)                            # dL/dc = P g; step on c; weights from c
+    alpha = space.checkpoint_coefficients(trainer.coordinates)[0]   # sum_i alpha_i w_i = weights
+
+P (k x D) is an orthonormal basis of the checkpoints' span, built by streaming the checkpoints one at a
+time (Gram-Schmidt applied twice per vector), so that only P itself is ever held in memory. Training
+the k coordinates c is the paper's projected SGD (g -> P^T P g) written in the subspace's own
+coordinates: the same trajectory, with no D-sized optimizer state. With layer_size=S (the journal
+version's layer-wise TWA) each block of consecutive parameter tensors gets its own coefficients: P is
+block-diagonal and alpha has one row per block.
+
+Where each piece lives (imports run downwards only):
+- trainer.py    TWA: the model's weights are w = mean + P^T (c - m), rewritten after every step.
+- recorder.py   SubspaceRecorder: the span built while SGD trains, from weights in memory.
+- build.py      the streaming construction from checkpoints and its generator schemes; what m (the
+                stored mean's coordinates), the checkpoints' coordinates and to_alpha
+                (alpha = 1/n + to_alpha (c - m)) are is decided in SpanBuilder.finish.
+- subspace.py   Span and Subspace: the algebra of the weights, gradients and alpha; reads no files.
+                The weights lie in mean + span(P): exactly the checkpoints' span at 32 bits, the
+                stored rows' span (an approximation of it) at 16, 8 or 4 bits.
+- storage.py    the basis' storage formats (float32, float16 with a gain, affine 8/4-bit) and
+                their products; the one workaround for torch.compile.
+- sharding.py   which columns of P each process keeps under torch.distributed.
+- checkpoints.py reading state_dicts and flattening them.
+"""
+from .build import combination_residual, from_checkpoints, parameter_blocks, reference_from_checkpoints
+from .checkpoints import (CheckpointError, check_readable, flatten_checkpoint, load_state_dict,
+                          trainable_parameters)
+from .recorder import SubspaceRecorder
+from .sharding import Sharding
+from .storage import Basis
+from .subspace import Span, Subspace
+from .trainer import TWA
+
+# The constructors that read checkpoints live in build.py (subspace.py reads no files); they are
+# offered here under the names the library has always had.
+Subspace.from_checkpoints = staticmethod(from_checkpoints)
+Subspace.reference_from_checkpoints = staticmethod(reference_from_checkpoints)
+
+__all__ = ["Basis", "CheckpointError", "Sharding", "Span", "Subspace", "SubspaceRecorder", "TWA",
+           "check_readable", "combination_residual", "flatten_checkpoint", "from_checkpoints",
+           "load_state_dict", "parameter_blocks", "reference_from_checkpoints",
+           "trainable_parameters"]

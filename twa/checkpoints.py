@@ -1,0 +1,111 @@
+"""Reading checkpoints: state_dicts from files (weights only) or mappings, wrapper prefixes
+removed, flattened into the float32 vector of a model's trainable parameters (or one shard of it)."""
+import zipfile
+from collections.abc import Mapping
+
+import torch
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and torch.compile
+# where training checkpoints keep the model's weights, e.g. {"model": ..., "optimizer": ...}
+MODEL_KEYS = ("state_dict", "model", "model_state_dict")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, unreadable, unsafe or of another model."""
+
+def check_readable(path):
+    """Cheap up-front check that a torch.save file is whole: a zip archive's directory sits at its
+    end, so reading it catches truncation without loading any tensor."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+            return
+        with open(path, "rb") as f:
+            legacy = f.read(1) == b"\x80"  # torch < 1.6 wrote a plain pickle stream
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({err})") from None
+    if not legacy:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a torch.save file)")
+
+
+def load_state_dict(source):
+    """A state_dict from a file or a mapping, without wrapper prefixes; files load weights only."""
+    if isinstance(source, Mapping):
+        state = source
+    else:
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint not found: {source}") from None
+        except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError here
+            if "weights_only" in str(err) or "Unsupported global" in str(err):
+                raise CheckpointError(f"refusing to load {source}: it holds pickled Python objects, "
+                                      "not just tensors (loaded with weights_only=True)") from None
+            raise CheckpointError(f"checkpoint {source} is unreadable "
+                                  f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        state = _unwrap_training_checkpoint(state)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {source} holds a {type(state).__name__}, not a state_dict")
+    if state and not any(torch.is_tensor(value) for value in state.values()):
+        raise CheckpointError(f"checkpoint {source} holds no tensors at its top level (keys "
+                              f"{sorted(map(str, state))[:6]}): save model.state_dict() itself, or "
+                              f"a dict with it under one of {list(MODEL_KEYS)}")
+    return {_strip_prefixes(key): value for key, value in state.items()}
+
+
+def _unwrap_training_checkpoint(state):
+    """The model's state_dict from a training checkpoint such as {"model": ..., "optimizer": ...}."""
+    if isinstance(state, Mapping):
+        for key in MODEL_KEYS:
+            if isinstance(state.get(key), Mapping):
+                return state[key]
+    return state
+
+
+def _strip_prefixes(key):
+    for prefix in WRAPPER_PREFIXES:
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def describe(source, index=None):
+    """How a checkpoint is named in messages: its path, or which in-memory state_dict."""
+    if not isinstance(source, Mapping):
+        return str(source)
+    return "state_dict" if index is None else f"state_dict #{index}"
+
+
+def trainable_parameters(model):
+    """(name, parameter) pairs that TWA averages: trainable parameters, buffers excluded."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def flatten_checkpoint(state, params, source="state_dict", out=None, entries=None):
+    """The trainable parameters of `state` as one float32 vector, checked against the model's and
+    to be finite; entries=(lo, hi) keeps only entries [lo, hi) of that vector (a shard)."""
+    total = sum(p.numel() for _, p in params)
+    lo, hi = entries or (0, total)
+    out = torch.empty(hi - lo, dtype=torch.float32) if out is None else out
+    offset = 0
+    for name, p in params:
+        if name not in state:
+            raise CheckpointError(f"{source} does not match the model: it has no '{name}'")
+        value = state[name]
+        if not torch.is_tensor(value):
+            raise CheckpointError(f"{source}: '{name}' is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != tuple(p.shape):
+            raise CheckpointError(f"{source} does not match the model: '{name}' has shape "
+                                  f"{tuple(value.shape)}, the model {tuple(p.shape)}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            # the whole tensor, not just this shard: every process stops at the same file
+            raise CheckpointError(f"{source}: '{name}' holds NaN or Inf values")
+        start, stop = max(offset, lo), min(offset + p.numel(), hi)
+        if start < stop:
+            out[start - lo:stop - lo].copy_(value.reshape(-1)[start - offset:stop - offset])
+        offset += p.numel()
+    return out
+

@@ -1,0 +1,176 @@
+"""The subspace's algebra: per block of parameters a Span (an orthonormal basis P of the block's
+part of the checkpoints' span, with the checkpoints' coordinates), and Subspace, which writes the
+weights as mean + P^T (c - m) over all the blocks. Reads no files: twa.build makes these."""
+import math
+
+import torch
+
+from .sharding import Sharding
+
+
+class Span:
+    """The span of the checkpoints restricted to one block of parameters: an orthonormal basis P
+    (k x this process's entries of the block, rows kept in a storage format), the coordinates of the
+    checkpoints (n x k) and of the mean m (k), and to_alpha (n x k), which maps a step c - m in
+    coordinates to the averaging coefficients of the checkpoints (alpha = 1/n + to_alpha (c - m)).
+    What m and the checkpoints' coordinates are exactly depends on how the span was built; build.py's
+    SpanBuilder.finish says. `shard_slice` is the block's slice of this process's shard of the weight
+    vector; `entries` counts the block's entries over all processes."""
+
+    def __init__(self, basis, shard_slice, checkpoint_coords, mean_coords, to_alpha, names=(),
+                 entries=None):
+        self.basis, self.shard_slice, self.names = basis, shard_slice, list(names)
+        self.entries = basis.dim if entries is None else entries
+        # on the basis' device, so that a training step never copies between host and device
+        self.checkpoint_coords = checkpoint_coords.to(basis.device)
+        self.mean_coords = mean_coords.to(basis.device)
+        self.to_alpha = to_alpha.to(basis.device)
+
+    @property
+    def rank(self):
+        return self.basis.rows
+
+
+class Subspace:
+    """The weights sum_b sum_i alpha_bi w_i|b that the checkpoints w_i span, block by block, written
+    as mean + P^T (c - P mean).
+
+    The mean is kept in float32. P is block-diagonal: each block b of parameters
+    (one block for the ICLR method, one per layer group for layer-wise TWA) has its own span (a Span
+    with orthonormal rows over the block's entries), and c concatenates their coordinates. Storing P
+    in 16, 8 or 4 bits then perturbs only the deviation from the mean, never the mean itself."""
+
+    def __init__(self, spans, mean, names, shard=None):
+        self.spans, self.mean, self.names = spans, mean, names
+        self.shard = shard or Sharding(mean.numel())
+        self.device = mean.device
+        self._index_spans()
+
+    def _index_spans(self):
+        """Where each span's coordinates sit in c, and the coordinates of the mean (kept, since
+        every training step needs them)."""
+        sizes = [span.rank for span in self.spans]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.mean_coords = self._concat(span.mean_coords for span in self.spans)
+
+    @property
+    def rank(self):
+        return self.offsets[-1]
+
+    def _concat(self, pieces):
+        return torch.cat([p.reshape(-1) for p in pieces]) if self.spans else \
+            torch.zeros(0, dtype=torch.float64, device=self.device)
+
+    def _pieces(self, c):
+        """c split into the spans' coordinates."""
+        return [c[a:b] for a, b in zip(self.offsets, self.offsets[1:])]
+
+    def nbytes(self):
+        return sum(span.basis.nbytes() for span in self.spans)
+
+    def to_principal_components(self, n_components):
+        """Keep only the top principal directions of the centred checkpoints (the DLDR subspace), in
+        each block: mean + their span. They lie in the span, so this is a rotation of P; nothing is
+        reloaded. Returns the fraction of the checkpoints' variance that the kept directions explain."""
+        largest = max(span.rank for span in self.spans)
+        if not 1 <= n_components <= largest:
+            raise ValueError(f"n_components must be in [1, {largest}], not {n_components}")
+        kept = total = 0.0
+        for span in (span for span in self.spans if span.rank):
+            m = min(n_components, span.rank)
+            centred = span.checkpoint_coords - span.mean_coords
+            _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+            directions = vh[:m].t()  # k x m
+            span.basis.mix_rows_(directions)
+            span.checkpoint_coords = span.checkpoint_coords @ directions
+            span.mean_coords = span.mean_coords @ directions
+            span.to_alpha = span.to_alpha @ directions
+            energy = singular.square()
+            kept, total = kept + energy[:m].sum().item(), total + energy.sum().item()
+        self._index_spans()
+        return kept / max(total, 1e-300)
+
+    def start_coordinates(self, start="mean"):
+        """Coordinates of the checkpoints' mean ("mean") or of checkpoint number `start`."""
+        if start == "mean":
+            return self.mean_coords.clone()
+        return self._concat(span.checkpoint_coords[start] for span in self.spans)
+
+    def gradient(self, g):
+        """P g (float64, summed over the shards) for this shard's entries g of a D-vector."""
+        g = g.to(device=self.device, dtype=torch.float32)
+        products = self._concat(span.basis.matvec(g[span.shard_slice]) for span in self.spans)
+        return self.shard.sum_(products)
+
+    def nearest_coordinates(self, w):
+        """P w, the coordinates of the point of the subspace nearest to w (all D entries)."""
+        part = w[self.shard.lo:self.shard.hi].to(device=self.device, dtype=torch.float32)
+        centred = part - self.mean
+        products = self._concat(span.basis.matvec(centred[span.shard_slice], float64_sums=True)
+                                for span in self.spans)
+        return self.shard.sum_(products) + self.mean_coords
+
+    def weights(self, c, out):
+        """out = mean + P^T (c - P mean): the weights at coordinates c (this shard's entries)."""
+        step = c.detach().to(device=self.device, dtype=torch.float64) - self.mean_coords
+        out.copy_(self.mean)
+        for span, piece in zip(self.spans, self._pieces(step)):
+            span.basis.rmatvec(piece, out[span.shard_slice], accumulate=True)
+        return out
+
+    def project_(self, g):
+        """g <- P^T P g in place: the paper's projected gradient, for optimizers kept in D-space.
+        One process only: a sharded basis needs P g summed over the processes first."""
+        if self.shard.world > 1:
+            raise RuntimeError("project_ needs the whole basis; under torch.distributed use "
+                               "gradient() (summed over the shards) and the TWA trainer")
+        for span in self.spans:
+            span.basis.rmatvec(span.basis.matvec(g[span.shard_slice]), out=g[span.shard_slice])
+        return g
+
+    def deviation_directions(self):
+        """Per span: the checkpoints' deviations from the mean in coordinates, as unit rows D (n x k,
+        a zero row for a checkpoint equal to the mean), with their norms (n) = |w_i - mean| in the
+        span's block."""
+        out = []
+        for span in self.spans:
+            deviations = span.checkpoint_coords.to(self.device) - span.mean_coords.to(self.device)
+            norms = torch.linalg.vector_norm(deviations, dim=1)
+            out.append((deviations / norms.clamp_min(1e-300)[:, None], norms))
+        return out
+
+    def checkpoint_coefficients(self, c):
+        """alpha (blocks x n) with sum_i alpha_bi w_i = the weights at coordinates c in block b."""
+        step = c.detach().to(device=self.device, dtype=torch.float64) - self.mean_coords
+        return torch.stack([1.0 / len(self.names) + span.to_alpha @ piece
+                            for span, piece in zip(self.spans, self._pieces(step))]).cpu()
+
+    def orthogonality_error(self):
+        """max |P P^T - I| over the blocks, computed in float64 (NaN if the basis holds a NaN)."""
+        return self.basis_quality()["orthogonality_error"]
+
+    def basis_quality(self):
+        """How far P is from orthonormal: max |P P^T - I| and the range of P P^T's eigenvalues over
+        the blocks (both 1 for an orthonormal basis), in float64."""
+        errors, low, high = [0.0], [1.0], [1.0]
+        for span in (span for span in self.spans if span.rank):
+            gram = self.shard.sum_(span.basis.gram())
+            errors.append((gram - torch.eye(span.rank, dtype=torch.float64, device=self.device))
+                          .abs().max().item())
+            eigenvalues = torch.linalg.eigvalsh(gram) if gram.isfinite().all() else gram.new_full(
+                (1,), math.nan)
+            low.append(eigenvalues.min().item())
+            high.append(eigenvalues.max().item())
+        return {"orthogonality_error": _nan_or(max, errors),
+                "gram_eigenvalues": [_nan_or(min, low), _nan_or(max, high)]}
+
+    def relative_residual(self, w):
+        """||w - (nearest point of the subspace)|| / ||w||: 0 for points of the subspace."""
+        part = w[self.shard.lo:self.shard.hi].to(device=self.device, dtype=torch.float32)
+        inside = self.weights(self.nearest_coordinates(w), torch.empty_like(part))
+        return self.shard.norm(part.double() - inside.double()) / max(self.shard.norm(part), 1e-300)
+
+
+def _nan_or(reduce, values):
+    """reduce(values), or NaN when any value is NaN (max and min would silently skip it)."""
+    return math.nan if any(map(math.isnan, values)) else reduce(values)

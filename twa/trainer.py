@@ -1,0 +1,156 @@
+"""Training inside the subspace: the model's trainable parameters become views of one flat vector
+that TWA.step rewrites as mean + P^T (c - m) after each optimizer step on the coordinates c."""
+import torch
+from torch import nn
+
+from .checkpoints import trainable_parameters
+
+
+def flatten_parameters_(params, size=None):
+    """Make the parameters and their gradients views into two flat tensors (no copies per step)
+    of `size` >= D entries (room for collectives over equal shards), in the parameters' logical
+    order, as checkpoints are flattened. Returns the two tensors, the gradient views, and the
+    channels-last parameters with their weight views: those keep their own tensors and layout (a
+    view would make them contiguous, and convolutions slower), are refreshed from the flat weights
+    after each write, and have their gradients copied in."""
+    first = params[0]
+    if any(p.dtype != first.dtype or p.device != first.device for p in params):
+        raise ValueError("TWA needs all trainable parameters in one dtype on one device")
+    dim = sum(p.numel() for p in params)
+    weights = torch.zeros(size or dim, dtype=first.dtype, device=first.device)
+    grads = torch.zeros(size or dim, dtype=first.dtype, device=first.device)
+    grad_views, copied, offset = [], [], 0
+    for p in params:
+        view = weights[offset:offset + p.numel()].view_as(p)
+        view.copy_(p.detach())
+        grad_views.append(grads[offset:offset + p.numel()].view_as(p))
+        if _channels_last(p):
+            copied.append((p, view))
+            p.grad = None
+        else:
+            p.data, p.grad = view, grad_views[-1]
+        offset += p.numel()
+    return weights, grads, grad_views, copied
+
+
+def _channels_last(p):
+    return p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+
+
+class TWA:
+    """Trains `model`'s trainable parameters as w = mean + P^T (c - P mean) through the k
+    coordinates c.
+
+    Give `parameters()` to any torch optimizer; after each backward pass call `step(optimizer)`.
+    With P orthonormal, SGD on c (momentum, weight decay) is exactly the paper's projected SGD on w.
+    Under torch.distributed (a sharded subspace) the model needs no DistributedDataParallel: each
+    step reduce-scatters the gradients (every process gets its shard, averaged over the processes),
+    sums the k-sized shard products P g, and all-gathers the new weights from the shards, which is
+    about the traffic of DDP's one all-reduce. (Under DDP it stays right: the averaged gradients
+    are the same on every process, and so is their average.)
+
+    train="alpha" trains the averaging coefficients instead, as the journal code does: per block,
+    w = mean + sum_i beta_i (w_i - mean) / |w_i - mean|, so c = P mean + D^T beta with D the unit
+    deviations in coordinates, and dL/dbeta = D P g. An adaptive optimizer (AdamW) then scales each
+    checkpoint's own coefficient, which does not depend on the order of the checkpoints, while on c it
+    scales the axes of whichever orthonormal basis Gram-Schmidt happened to produce. Plain SGD on the
+    two differs by the preconditioner D^T D, by the centre of weight decay (c = 0, the origin, against
+    beta = 0, the mean), and by reach: beta moves only along the deviations, so it cannot scale the
+    mean itself, which c can."""
+
+    def __init__(self, model, space, start="mean", train="coordinates"):
+        if train not in ("coordinates", "alpha"):
+            raise ValueError(f"train must be 'coordinates' or 'alpha', not {train!r}")
+        self.space, shard = space, space.shard
+        self.params = [p for _, p in trainable_parameters(model)]
+        dim = sum(p.numel() for p in self.params)
+        if dim != shard.dim:
+            raise ValueError(f"the model has {dim} trainable parameters, the subspace {shard.dim}")
+        self.flat_weights, self.flat_grads, self.views, self.copied = flatten_parameters_(
+            self.params, shard.per_rank * shard.world)
+        self.own_layout = {p for p, _ in self.copied}
+        # the shard's weights are computed here, then gathered into flat_weights; its gradient
+        # is reduce-scattered here from flat_grads
+        self.shard_weights, self.shard_grads = (self.flat_weights[:dim], None) if shard.world == 1 \
+            else torch.zeros(2, shard.per_rank, dtype=self.flat_weights.dtype, device=space.device)
+        self.directions = space.deviation_directions() if train == "alpha" else None
+        size = space.rank if train == "coordinates" else len(space.names) * len(space.spans)
+        if space.rank == 0 or (self.directions and not any(n.any() for _, n in self.directions)):
+            raise ValueError("nothing to train: the subspace has rank 0" if space.rank == 0 else
+                             "nothing to train: with train='alpha' every checkpoint equals the mean")
+        self.trained = nn.Parameter(torch.zeros(size, dtype=torch.float64, device=space.device))
+        self.move_to(start)
+
+    def parameters(self):
+        return [self.trained]
+
+    def tensors(self):
+        """Every tensor a step reads or writes besides the model's own, e.g. for CUDA graph capture,
+        which needs them at fixed addresses (torch._dynamo.mark_static_address)."""
+        found = [self.flat_weights, self.flat_grads, self.shard_weights, self.shard_grads,
+                 self.trained, self.space.mean, self.space.mean_coords]
+        found += [t for span in self.space.spans for t in span.basis.tensors().values()]
+        found += [t for pair in self.directions or () for t in pair]
+        return [t for t in found if t is not None]
+
+    @property
+    def coordinates(self):
+        """The coordinates c of the current weights (the trained tensor itself unless train="alpha")."""
+        if self.directions is None:
+            return self.trained
+        beta = self.trained.detach().view(len(self.space.spans), -1)
+        return self.space.mean_coords.to(beta.device) + torch.cat(
+            [unit.t() @ b for (unit, _), b in zip(self.directions, beta)])
+
+    @torch.no_grad()
+    def step(self, optimizer):
+        """dL/dc = P g; one optimizer step on c (or beta); then the weights become mean + P^T (c - P mean)."""
+        self._collect_gradients()
+        shard = self.space.shard
+        if shard.world == 1:
+            g = self.flat_grads
+        else:  # this process's shard of the gradient averaged over the processes
+            g = shard.scatter_sum_(self.shard_grads, self.flat_grads).div_(shard.world)
+        grad = self.space.gradient(g[:shard.local_size]).to(self.trained.device)
+        if self.directions is not None:  # chain rule through c = P mean + D^T beta
+            grad = torch.cat([unit @ piece for (unit, _), piece in
+                              zip(self.directions, self.space._pieces(grad))])
+        self.trained.grad = grad
+        self.flat_grads.zero_()
+        optimizer.step()
+        self.write_weights()
+
+    @torch.no_grad()
+    def move_to(self, start):
+        """Jump to the checkpoints' mean ("mean"), checkpoint number `start`, or a given value of the
+        trained tensor (coordinates, or beta with train="alpha")."""
+        if torch.is_tensor(start):
+            self.trained.copy_(start)
+        elif self.directions is None:
+            self.trained.copy_(self.space.start_coordinates(start))
+        else:  # beta: zero at the mean; checkpoint j is |w_j - mean| along its own direction
+            self.trained.zero_()
+            if start != "mean":
+                beta = self.trained.view(len(self.space.spans), -1)
+                beta[:, start] = torch.stack([norms[start] for _, norms in self.directions])
+        self.write_weights()
+
+    @torch.no_grad()
+    def write_weights(self):
+        shard = self.space.shard
+        self.space.weights(self.coordinates, out=self.shard_weights[:shard.local_size])
+        if shard.world > 1:
+            shard.gather_(self.flat_weights, self.shard_weights)
+        for p, view in self.copied:
+            p.data.copy_(view)
+
+    def _collect_gradients(self):
+        # Gradients normally accumulate in place into the flat views; a loop that set them to None
+        # (zero_grad(set_to_none=True)), a wrapper with its own buckets or a channels-last parameter
+        # (whose gradient keeps its layout) gets them copied in.
+        for p, view in zip(self.params, self.views):
+            if p.grad is None:
+                view.zero_()
+            elif p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)
+            p.grad = None if p in self.own_layout else view
