@@ -11,9 +11,15 @@ import sys
 import data
 import distributed
 import models
+import runfiles
 from runfiles import UsageError, WriteFailed
 
 log = logging.getLogger("twa")
+# the common flags that shape a run's weights (each script adds its own): --resume refuses a state
+# saved with other values, and every process must have the same
+SHAPING = ("datasets", "arch", "train_subset", "val_split", "split_seed", "batch_size", "momentum",
+           "randomseed", "epochs", "lr", "weight_decay", "schedule", "label_smoothing", "normalize",
+           "deterministic")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -59,6 +65,23 @@ def stop(err, code):
     sys.exit(code)
 
 
+def read_resume(args, state_path, flags, inputs=None):
+    """The resume state at state_path when --resume, checked against the flags it was saved with
+    (check_resume) and, when given, the inputs it was built from; None without --resume, and None
+    (starting afresh, with a warning) when a run was stopped before its first state."""
+    if not args.resume:
+        return None
+    if not os.path.exists(state_path):
+        log.warning("--resume: no %s yet (stopped before its first state): starting afresh", state_path)
+        return None
+    resume = runfiles.load_torch(state_path)
+    check_resume(resume, args, flags, state_path)
+    if inputs is not None and resume.get("inputs") != inputs:
+        raise UsageError(f"{state_path} was saved for other inputs (checkpoints, recorded weights or "
+                         "their settings); start without --resume or use another output folder")
+    return resume
+
+
 def check_resume(resume, args, flags, state_path):
     """Refuse, before any long work, a resume state of another script or run: the first of `flags`
     whose value differs from the one it was saved with is named, and impossible counters too."""
@@ -74,6 +97,14 @@ def check_resume(resume, args, flags, state_path):
     counters = [progress.get(key) for key in ("epoch", "batch")]
     if not all(isinstance(v, int) and v >= 0 for v in counters) or counters[0] > args.epochs:
         raise UsageError(f"{state_path} holds impossible counters {progress}")
+
+
+def script_parser(description):
+    """The parser of a script: its docstring as the description, --help listing every default, and
+    the common flags; the script adds its own."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    add_common_args(parser)
+    return parser
 
 
 def add_common_args(parser):

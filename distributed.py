@@ -32,6 +32,12 @@ class Context:
     def is_main(self):
         return self.rank == 0
 
+    @property
+    def is_node_main(self):
+        """The first process of its node (torchrun's LOCAL_RANK 0): the one that reads what every
+        process of the node would read alike, e.g. a file's whole content to hash it."""
+        return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
 
 def init(device, timeout=None):
     """Join the process group that torchrun describes in the environment (if any); a collective

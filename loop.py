@@ -6,6 +6,8 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,27 @@ def lr_at(schedule, base_lr, epoch, epochs, fraction, swa_start=None, swa_lr=Non
     if schedule == "linear":
         return base_lr * (1 - fraction)
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A run's learning rate: schedule `name` (see lr_at) from `lr` over `epochs`, a linear warm-up
+    over the first `warmup_epochs`, and for the SWA schedule its swa_start and swa_lr. Each script
+    builds its own from its flags."""
+    name: str
+    lr: float
+    epochs: int
+    warmup_epochs: float = 0.0
+    swa_start: Optional[float] = None
+    swa_lr: Optional[float] = None
+
+    def rate(self, epoch, batch, steps):
+        """The rate of step `batch` of `steps` in `epoch`."""
+        fraction = (epoch * steps + batch) / (self.epochs * steps)
+        warmup = self.warmup_epochs * steps  # steps of linear warm-up
+        scale = min(1.0, (epoch * steps + batch + 1) / warmup) if warmup else 1.0
+        return scale * lr_at(self.name, self.lr, epoch, self.epochs, fraction, self.swa_start,
+                             self.swa_lr)
 
 
 def swa_factor(t, ratio):
@@ -218,10 +241,10 @@ class StopRequest:
         return self.signal is not None
 
 
-def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, save_state,
+def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, save_state, schedule,
                on_step=lambda batch: False, until=None):
     """Train epochs progress["epoch"] .. args.epochs - 1 (or until - 1: the schedule still spans
-    args.epochs) and evaluate after each. update(lr) applies
+    args.epochs) at the rates of `schedule` (a Schedule) and evaluate after each. update(lr) applies
     one optimizer step; on_step(batch) may save a checkpoint and says whether the resume state must
     be saved as well. SIGINT/SIGTERM (on any rank) save the state at the next step and exit with
     code 143."""
@@ -238,11 +261,7 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
             train_loader.set_epoch(epoch)
 
             def lr_for_batch(batch):
-                fraction = (epoch * steps + batch) / (args.epochs * steps)
-                warmup = getattr(args, "warmup_epochs", 0) * steps  # steps of linear warm-up
-                scale = min(1.0, (epoch * steps + batch + 1) / warmup) if warmup else 1.0
-                return scale * lr_at(args.schedule, args.lr, epoch, args.epochs, fraction,
-                                     getattr(args, "swa_start", None), getattr(args, "swa_lr", None))
+                return schedule.rate(epoch, batch, steps)
 
             def after_step(batch, totals):
                 # under torchrun the ranks agree on a stop request every -p steps (an all-reduce
@@ -261,7 +280,7 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
                 stopped(stop, f"in epoch {epoch} at step {progress['batch']}")
             elapsed = spent_before + time.time() - started
             test = {"loss": None, "accuracy": None, "correct": None}
-            if (epoch + 1) % getattr(args, "eval_every", 1) == 0 or epoch + 1 == last:
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == last:
                 test = evaluate(model, test_loader, args.amp, ctx)
             metrics.append({"epoch": epoch + 1, "lr": lr_for_batch(steps - 1),
                             "train_loss": totals["loss"] / totals["count"],

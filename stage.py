@@ -70,8 +70,9 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
              "training images", "TWA-v" if args.val_split else "TWA-t")
     train_started = time.time()
     # the model itself, not DistributedDataParallel: TWA.step reduce-scatters the gradients
+    schedule = loop.Schedule(args.schedule, args.lr, args.epochs, args.warmup_epochs)
     loop.run_epochs(args, ctx, model, model, (coefficient_data, loaders.test), update, progress,
-                     metrics, save_state)
+                    metrics, save_state, schedule)
     by_bn = measure_final(model, loaders, args, ctx)
     final = by_bn[args.bn[0]]
     for mode, result in by_bn.items():
@@ -114,6 +115,14 @@ def measure(model, loaders, args, ctx, bn="recompute"):
     if loaders.held_out_eval is not None:
         result["held_out"] = loop.evaluate(model, loaders.held_out_eval, args.amp, ctx)
     return result
+
+
+def basis_report(space, seconds, pbits, ctx, **extra):
+    """What twa_results.json says of the basis, whichever way it was built."""
+    return {"checkpoints": len(space.names), "rank": space.rank, "blocks": len(space.spans),
+            "seconds": seconds, **space.basis_quality(), "pbits": pbits,
+            "basis_bytes_per_process": space.nbytes(), "processes": ctx.world,
+            "columns_per_process": space.shard.local_size, **extra}
 
 
 def make_optimizer(args, params):

@@ -24,17 +24,13 @@ from runfiles import UsageError
 
 STATE = "state.pt"
 # the flags that shape a run: --resume refuses a state saved with other values
-SHAPING = ("datasets", "arch", "train_subset", "val_split", "split_seed", "batch_size", "momentum",
-           "randomseed", "epochs", "lr", "weight_decay", "schedule", "swa_start", "swa_lr",
-           "save_every", "init", "label_smoothing", "normalize", "deterministic", "twa_at",
-           "record_every", "twa_epochs", "twa_lr", "twa_wd", "twa_schedule", "twa_opt",
-           "coefficients", "pbits", "layer_size", "tol")
+SHAPING = cli.SHAPING + ("swa_start", "swa_lr", "save_every", "init", "twa_at", "record_every",
+                         "twa_epochs", "twa_lr", "twa_wd", "twa_schedule", "twa_opt", "coefficients",
+                         "pbits", "layer_size", "tol")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=cli.HelpFormatter)
-    cli.add_common_args(parser)
+    parser = cli.script_parser(__doc__)
     add = parser.add_argument
     add("--epochs", type=int, default=200, help="training epochs")
     add("--lr", "--learning-rate", type=float, default=0.1, help="initial learning rate")
@@ -192,8 +188,10 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    schedule = loop.Schedule(args.schedule, args.lr, args.epochs, swa_start=args.swa_start,
+                             swa_lr=args.swa_lr)
     loop.run_epochs(args, ctx, model, forward, (train_loader, test_loader), update, progress,
-                     metrics, save_state, on_step=on_step, until=args.twa_at)
+                    metrics, save_state, schedule, on_step=on_step, until=args.twa_at)
     if args.save_every:
         log.info("done: %d checkpoints in %s", progress["checkpoint"] + 1, args.save_dir)
     if recorder:
@@ -216,9 +214,7 @@ def read_resume(args, state_path):
                              "be resumed, and starting afresh would overwrite them")
         log.warning("%s holds 0.pt but no %s: starting afresh", args.save_dir, STATE)
         return None
-    resume = runfiles.load_torch(state_path)
-    cli.check_resume(resume, args, SHAPING, state_path)
-    return resume
+    return cli.read_resume(args, state_path, SHAPING)
 
 
 def make_recorder(args, model, ctx):
@@ -249,20 +245,17 @@ def train_recorded_subspace(args, ctx, loaders, model, recorder):
     settings = twa_settings(args)
     started = time.time()
     space = recorder.subspace()
-    report = {"basis": {"checkpoints": len(space.names), "rank": space.rank,
-                        "blocks": len(space.spans), "recorded_online": True,
-                        "seconds": time.time() - started, **space.basis_quality(),
-                        "pbits": args.pbits, "basis_bytes_per_process": space.nbytes(),
-                        "processes": ctx.world}, "start_epoch": args.twa_at}
+    report = {"basis": stage.basis_report(space, time.time() - started, args.pbits, ctx,
+                                          recorded_online=True), "start_epoch": args.twa_at}
     log.info("subspace of %d recorded weights: rank %d, max|PP^T-I| %.1e, %.1f MB", len(space.names),
              space.rank, report["basis"]["orthogonality_error"], space.nbytes() / 1e6)
     state_path = os.path.join(args.save_dir, stage.STATE)
     inputs = {"recorded": list(space.names), "pbits": args.pbits, "layer_size": args.layer_size,
               "coefficients": args.coefficients, "val_split": args.val_split,
               "batch_size": args.batch_size}
-    resume = runfiles.load_torch(state_path) if args.resume and os.path.exists(state_path) else None
-    if resume and resume.get("inputs") != inputs:
-        raise UsageError(f"{state_path} was saved for other settings; start without --resume")
+    with distributed.agreement(ctx):  # no TWA state yet is normal: SGD was what ran
+        resume = cli.read_resume(settings, state_path, SHAPING, inputs) \
+            if os.path.exists(state_path) else None
     stage.train_in_subspace(settings, ctx, loaders, model, space, report, state_path, inputs,
                                 resume)
 

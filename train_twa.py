@@ -12,7 +12,6 @@ Writes <save-dir>/twa.pt (final weights, BN recomputed), <save-dir>/coefficients
 sum_i alpha_i w_i = twa.pt's weights, per block) and <log-dir>/twa_results.json (accuracies, timings,
 args); --output-dir moves the first two.
 """
-import argparse
 import glob
 import json
 import os
@@ -32,18 +31,14 @@ from runfiles import UsageError
 STATE = stage.STATE
 NOT_CHECKPOINTS = ("state.pt", STATE, "twa.pt")  # what the scripts write beside checkpoints; globs skip them
 # the flags that shape a TWA run: --resume refuses a state saved with other values
-SHAPING = ("datasets", "arch", "train_subset", "val_split", "split_seed", "batch_size", "opt",
-           "momentum", "randomseed", "epochs", "lr", "weight_decay", "schedule", "warmup_epochs",
-           "params_start", "params_end", "params_stride", "train_start", "extract", "n_components",
-           "pbits", "layer_size", "tol", "basis", "coefficients", "label_smoothing", "normalize",
-           "deterministic")
+SHAPING = cli.SHAPING + ("opt", "warmup_epochs", "params_start", "params_end", "params_stride",
+                         "train_start", "extract", "n_components", "pbits", "layer_size", "tol",
+                         "basis", "coefficients")
 SPLIT_RECORD = "twa_split.json"  # the split a TWA run used, in its log folder (never read back)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=cli.HelpFormatter)
-    cli.add_common_args(parser)
+    parser = cli.script_parser(__doc__)
     add = parser.add_argument
     add("--epochs", type=int, default=10, help="TWA training epochs")
     add("--lr", type=float, default=None, help="learning rate of the coefficients (default: 2 for "
@@ -118,9 +113,10 @@ def check_args(args):
     args.output_dir = args.output_dir or args.save_dir
 
 
-def check_inputs(args):
+def check_inputs(args, ctx):
     """The checks that read files (which one node of several may lack): the checkpoints exist, are
-    whole, and match checkpoints.json where train_sgd.py wrote one (how many did is returned)."""
+    whole, and match checkpoints.json where train_sgd.py wrote one (how many did is returned; each
+    file is hashed once per node, by its first process)."""
     files = checkpoint_files(args)
     if args.train_start != -1 and args.train_start not in checkpoint_indices(args):
         where = (f"0..{len(files) - 1} (positions in --checkpoints)" if args.checkpoints else
@@ -137,7 +133,7 @@ def check_inputs(args):
             twa.check_readable(path)
         except twa.CheckpointError as err:
             raise UsageError(str(err)) from None
-    return runfiles.verify_checkpoints(files)
+    return runfiles.verify_checkpoints(files) if ctx.is_node_main else 0
 
 
 def checkpoint_indices(args):
@@ -199,10 +195,8 @@ def build_subspace(args, model, ctx):
         explained = space.to_principal_components(args.n_components) if args.extract == "PCA" else None
     except ValueError as err:  # fewer independent checkpoints than components
         raise UsageError(f"--n_components: {err}") from None
-    report = {"checkpoints": len(files), "rank": space.rank, "blocks": len(space.spans),
-              "seconds": time.time() - started, "basis": args.basis, **space.basis_quality(),
-              "pbits": args.pbits, "basis_bytes_per_process": space.nbytes(), "processes": ctx.world,
-              "columns_per_process": space.shard.local_size, "explained_variance": explained}
+    report = stage.basis_report(space, time.time() - started, args.pbits, ctx, basis=args.basis,
+                                explained_variance=explained)
     log.info("subspace: %d checkpoints, %d block(s), rank %d, max|PP^T-I| %.1e, %.1f MB per process "
              "at %d bits (%d processes), %.1f s", len(files), len(space.spans), space.rank,
              report["orthogonality_error"], report["basis_bytes_per_process"] / 1e6, args.pbits,
@@ -245,21 +239,16 @@ def main(argv=None):
     ctx = utils.start_processes(args)
     state_path = os.path.join(args.output_dir, STATE)
     with distributed.agreement(ctx):  # what a node may lack or hold wrongly stops every process
-        resume = runfiles.load_torch(state_path) if args.resume else None
-        if resume is not None:
-            cli.check_resume(resume, args, SHAPING, state_path)
+        inputs = {"checkpoints": checkpoint_files(args)}
+        resume = cli.read_resume(args, state_path, SHAPING, inputs)
         recorded = args.split or os.path.join(args.save_dir, utils.SPLIT_FILE)
         recorded = recorded if os.path.isfile(recorded) else None
-        verified = check_inputs(args)
+        verified = check_inputs(args, ctx)
         loaders, model = utils.setup_run(args, ctx, "twa", recorded,
                                        os.path.join(args.log_dir, SPLIT_RECORD), folders=[args.output_dir])
         if args.checkpoints and loaders.held_out is None:
             raise UsageError("soup mode ranks the models on held-out images: give --val-split R, or "
                              "--split FILE from train_sgd.py --val-split")
-        inputs = {"checkpoints": checkpoint_files(args)}
-        if resume and resume.get("inputs") != inputs:
-            raise UsageError(f"{state_path} was saved for other checkpoints; start without --resume "
-                             "or use another --output-dir")
         utils.load_weights(model, inputs["checkpoints"][0], args)  # another architecture fails here
         runfiles.read_jsonl(os.path.join(args.log_dir, "metrics.jsonl"))  # appended to at the end
     utils.check_ranks_agree(ctx, args, SHAPING, loaders, resume_progress=resume and resume["progress"],

@@ -1,4 +1,6 @@
-"""Shared by the benchmarks: the real CIFAR-10 tree, timing, and table printing."""
+"""Shared by the benchmarks: the real CIFAR-10 tree, timing, table printing, and what the experiment
+runners share (flags, provenance, results records)."""
+import argparse
 import json
 import os
 import statistics
@@ -16,6 +18,15 @@ import runfiles  # noqa: E402
 
 ARCHIVE = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "twa-data", "cifar10")
+
+
+def timing_parser(description):
+    """The parser of a timing benchmark: the models to time and the interleaved rounds."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", nargs="+", default=["resnet20", "VGG16BN"], help="models to time")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    return parser
 
 
 def cifar10_dir(path=None):
@@ -49,6 +60,33 @@ def add_checkpoint_range_args(parser):
     parser.add_argument("--classes", type=int, default=10, help="classes of the architecture")
 
 
+def add_experiment_args(parser):
+    """The flags every experiment runner (reproduce.py, head.py, tail_swa.py) takes."""
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10 ImageFolder tree (default: "
+                        "extracted from ../shared/data into ~/.cache/twa-data)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "results", "runs"), help="run folders")
+    parser.add_argument("--results", default=os.path.join(ROOT, "results"), help="where the JSON goes")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="run from a tree with uncommitted changes (the revision says +dirty)")
+
+
+class Experiment:
+    """What every experiment runner holds: its flags, the data, its run folder <out>/<name> and its
+    results file <results>/<name>.json."""
+
+    def __init__(self, args, name, fresh=None):
+        """fresh: the results record to start from (see experiment_record), if the runner keeps one."""
+        self.args = args
+        self.data_dir = cifar10_dir(args.data_dir)
+        self.run_dir = os.path.join(args.out, name)
+        self.path = os.path.join(args.results, f"{name}.json")
+        if fresh is not None:
+            self.report = experiment_record(self.path, {**fresh, "data_dir": self.data_dir},
+                                            args.allow_dirty)
+            self.commands = self.report["commands"]
+
+
 def clean_revision(allow_dirty):
     """The git revision the experiment runs from; a tree with uncommitted changes is refused (its
     results would name no commit that reproduces them) unless allow_dirty, which marks it +dirty."""
@@ -59,13 +97,28 @@ def clean_revision(allow_dirty):
     return revision
 
 
-def results_record(path, fresh):
-    """The results JSON at `path` if an earlier, stopped call of the same experiment left one (its
-    finished steps are kept, with their commands), else `fresh`."""
+def experiment_record(path, fresh, allow_dirty):
+    """The results record of an experiment: the JSON at `path` that an earlier, stopped call left
+    (its finished steps are kept, with their commands) or `fresh`, holding "git" (the revision,
+    refused if dirty unless allow_dirty) and "commands"; a record of another revision is refused."""
+    git = clean_revision(allow_dirty)
+    record = {**fresh, "git": git, "commands": []}
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
-    return fresh
+            record = json.load(f)
+    if record["git"] != git:
+        sys.exit(f"{path} was started at revision {record['git']}, this is {git}: continue it from "
+                 "that revision, or remove the file to start again")
+    return record
+
+
+def sgd_record(folder):
+    """The per-epoch test metrics of a train_sgd.py run, with which test images each epoch's model
+    got right (packed bits, where recorded)."""
+    rows = [r for r in runfiles.read_jsonl(os.path.join(folder, "metrics.jsonl")) if r["stage"] == "sgd"]
+    return {"test_acc": [r["test_acc"] for r in rows], "test_loss": [r["test_loss"] for r in rows],
+            "train_loss": [r["train_loss"] for r in rows], "seconds": [r["time"] for r in rows],
+            "test_correct": [r.get("test_correct") for r in rows]}
 
 
 def run_script(script, flags, commands):

@@ -11,7 +11,6 @@ Rounds are interleaved; medians and the ratio evaluation / training forward are 
 
     python bench/evaluation.py [--archs resnet20 VGG16BN] [--rounds 3] [--images 2048]
 """
-import argparse
 import itertools
 
 import torch
@@ -25,10 +24,7 @@ TRAIN_BATCH = 128
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archs", nargs="+", default=["resnet20", "VGG16BN"], help="models to time")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    parser = common.timing_parser(__doc__)
     parser.add_argument("--images", type=int, default=2048, help="test images evaluated per round")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 ImageFolder tree (default: cache)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")

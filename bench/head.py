@@ -49,14 +49,8 @@ def parse_args():
     parser.add_argument("-b", "--batch-size", type=int, default=128, help="batch size of every run")
     parser.add_argument("--train-subset", type=int, default=0,
                         help="train on this many images (0: all; small values for a dry run)")
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 ImageFolder tree (default: "
-                        "extracted from ../shared/data into ~/.cache/twa-data)")
     parser.add_argument("--name", default="head-paper", help="results/<name>-seed<k>.json")
-    parser.add_argument("--out", default=os.path.join(ROOT, "results", "runs"), help="run folders")
-    parser.add_argument("--results", default=os.path.join(ROOT, "results"), help="where the JSON goes")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--allow-dirty", action="store_true",
-                        help="run from a tree with uncommitted changes (the revision says +dirty)")
+    common.add_experiment_args(parser)
     args = parser.parse_args()
     args.twa_end = args.epochs // 2 if args.twa_end is None else args.twa_end
     if not 0 < args.twa_end < args.epochs:
@@ -66,23 +60,14 @@ def parse_args():
     return args
 
 
-class Pipeline:
+class Pipeline(common.Experiment):
     def __init__(self, args):
-        self.args = args
-        self.data_dir = common.cifar10_dir(args.data_dir)
-        self.run_dir = os.path.join(args.out, f"{args.name}-seed{args.seed}")
-        self.path = os.path.join(args.results, f"{args.name}-seed{args.seed}.json")
-        git = common.clean_revision(args.allow_dirty)
-        self.report = common.results_record(self.path, {
+        super().__init__(args, f"{args.name}-seed{args.seed}", {
             "name": args.name, "seed": args.seed, "epochs": args.epochs, "arch": "resnet20",
             "sgd_wd": args.wd, "checkpoints_per_epoch": args.per_epoch, "twa_end": args.twa_end,
-            "train_subset": args.train_subset, "batch_size": args.batch_size, "twa": TWA, "git": git, "data_dir": self.data_dir,
-            "device": f"{args.device} (torch {torch.__version__})", "commands": [], "head": [],
-            "complete": False})
-        if self.report["git"] != git:
-            sys.exit(f"{self.path} was started at revision {self.report['git']}, this is {git}: "
-                     "continue it from that revision, or remove the file to start again")
-        self.commands = self.report["commands"]
+            "train_subset": args.train_subset, "batch_size": args.batch_size, "twa": TWA,
+            "device": f"{args.device} (torch {torch.__version__})",
+            "head": [], "complete": False})
 
     def run(self, script, flags):
         common.run_script(script, ["--datasets", "ImageFolder", "--data-dir", self.data_dir, "--arch",
@@ -136,18 +121,12 @@ def score(result):
     return {"accuracy": result["accuracy"], "loss": result["loss"], "correct": result["correct"]}
 
 
-def sgd_record(folder):
-    rows = [r for r in runfiles.read_jsonl(os.path.join(folder, "metrics.jsonl")) if r["stage"] == "sgd"]
-    return {"test_acc": [r["test_acc"] for r in rows], "test_loss": [r["test_loss"] for r in rows],
-            "test_correct": [r["test_correct"] for r in rows], "seconds": [r["time"] for r in rows]}
-
-
 def main():
     args = parse_args()
     pipe = Pipeline(args)
     started = time.time()
     checkpoints = pipe.sgd()
-    pipe.report["sgd"] = sgd_record(checkpoints)
+    pipe.report["sgd"] = common.sgd_record(checkpoints)
     pipe.save()
     done = {h["name"] for h in pipe.report["head"]}
     # the paper's density first, the shortest TWA first: what a stopped job leaves is the core

@@ -40,19 +40,13 @@ def parse_args():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=1, help="seed of the whole pipeline")
     parser.add_argument("--epochs", type=int, default=None, help="SGD epochs E (default 30; quick 8)")
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 ImageFolder tree (default: "
-                        "extracted from ../shared/data into ~/.cache/twa-data)")
     parser.add_argument("--quick", action="store_true",
                         help="a 10k-image training subset and E = 8: minutes, for a first look")
     parser.add_argument("--arch", default="resnet20", help="model")
     parser.add_argument("-b", "--batch-size", type=int, default=128, help="batch size of every run")
-    parser.add_argument("--out", default=os.path.join(ROOT, "results", "runs"), help="run folders")
-    parser.add_argument("--results", default=os.path.join(ROOT, "results"), help="where the JSON goes")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    common.add_experiment_args(parser)
     parser.add_argument("--head-ends", type=int, nargs="*", default=[], metavar="EPOCH",
                         help="also TWA (2 epochs) over the checkpoints of epochs 0..EPOCH, for each")
-    parser.add_argument("--allow-dirty", action="store_true",
-                        help="run from a tree with uncommitted changes (the revision says +dirty)")
     parser.add_argument("--pbits-check", action="store_true",
                         help="also run the 2-epoch dense head TWA with 8- and 4-bit bases")
     args = parser.parse_args()
@@ -65,11 +59,9 @@ def parse_args():
     return args
 
 
-class Pipeline:
+class Pipeline(common.Experiment):
     def __init__(self, args):
-        self.args = args
-        self.data_dir = common.cifar10_dir(args.data_dir)
-        self.run_dir = os.path.join(args.out, f"{args.name}-seed{args.seed}")
+        super().__init__(args, f"{args.name}-seed{args.seed}")
         self.commands = []
         self.git = common.clean_revision(args.allow_dirty)  # of the code that runs
 
@@ -118,12 +110,6 @@ class Pipeline:
                 "seconds": out["train_seconds"]}
 
 
-def sgd_curve(folder):
-    rows = [r for r in runfiles.read_jsonl(os.path.join(folder, "metrics.jsonl")) if r["stage"] == "sgd"]
-    return {"test_acc": [r["test_acc"] for r in rows], "test_loss": [r["test_loss"] for r in rows],
-            "train_loss": [r["train_loss"] for r in rows], "seconds": [r["time"] for r in rows]}
-
-
 def main():
     args = parse_args()
     pipe = Pipeline(args)
@@ -145,7 +131,7 @@ def main():
         runfiles.save_json(report, path)
 
     sgd = pipe.sgd("sgd", e, ["--lr", 0.1, "--wd", 5e-4, "--schedule", "step", "--save-every", per])
-    report["sgd"] = sgd_curve(sgd)
+    report["sgd"] = common.sgd_record(sgd)
     save()
     for twa_epochs in (1, 2, 3):
         report["head"].append({"sgd_epochs": e // 2, **pipe.twa(
@@ -159,7 +145,7 @@ def main():
                                                    "--init", os.path.join(sgd, f"{half}.pt")])
         result = pipe.twa(f"tail-lr{lr}-twa", branch, 1, e // 4 + 1, 1, TAIL_TWA["epochs"], TAIL_TWA,
                           train_start=e // 4)
-        report["tail"].append({"tail_lr": lr, "tail_epochs": e // 4, "sgd": sgd_curve(branch), **result})
+        report["tail"].append({"tail_lr": lr, "tail_epochs": e // 4, "sgd": common.sgd_record(branch), **result})
         save()
     for end in args.head_ends:  # later heads: how many epochs TWA must see to match SGD(E)
         report["head"].append({"sgd_epochs": end, **pipe.twa(

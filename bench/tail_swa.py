@@ -70,14 +70,8 @@ def parse_args():
     parser.add_argument("--swa-start", type=int, default=16, help="first epoch of the tail")
     parser.add_argument("--swa-lrs", type=float, nargs="+", default=[0.1, 0.05],
                         help="tail learning rates, one SGD run each (the first gets every variant)")
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 ImageFolder tree (default: "
-                        "extracted from ../shared/data into ~/.cache/twa-data)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "results", "runs"), help="run folders")
-    parser.add_argument("--results", default=os.path.join(ROOT, "results"), help="where the JSON goes")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    common.add_experiment_args(parser)
     parser.add_argument("--low-lr-tail", action="store_true", help="also step 4")
-    parser.add_argument("--allow-dirty", action="store_true",
-                        help="run from a tree with uncommitted changes (the revision says +dirty)")
     parser.add_argument("--skip-variants", action="store_true",
                         help="only the SGD runs and step 4 (the variants' results are read if present)")
     args = parser.parse_args()
@@ -86,21 +80,11 @@ def parse_args():
     return args
 
 
-class Pipeline:
+class Pipeline(common.Experiment):
     def __init__(self, args):
-        self.args = args
-        self.data_dir = common.cifar10_dir(args.data_dir)
-        self.run_dir = os.path.join(args.out, f"tail-swa-seed{args.seed}")
-        self.path = os.path.join(args.results, f"tail-swa-seed{args.seed}.json")
-        git = common.clean_revision(args.allow_dirty)
-        self.report = common.results_record(self.path, {
+        super().__init__(args, f"tail-swa-seed{args.seed}", {
             "seed": args.seed, "epochs": args.epochs, "swa_start": args.swa_start,
-            "checkpoints_per_epoch": PER_EPOCH, "runs": {}, "commands": [], "git": git,
-            "complete": False})
-        if self.report["git"] != git:
-            sys.exit(f"{self.path} was started at revision {self.report['git']}, this is {git}: "
-                     "continue it from that revision, or remove the file to start again")
-        self.commands = self.report["commands"]
+            "checkpoints_per_epoch": PER_EPOCH, "runs": {}, "complete": False})
 
     def run(self, script, flags):
         common.run_script(script, ["--datasets", "ImageFolder", "--data-dir", self.data_dir, "--arch",

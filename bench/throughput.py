@@ -8,7 +8,6 @@ their ratios are printed.
 
     python bench/throughput.py [--archs resnet20 VGG16BN] [--steps 30] [--rounds 3] [--amp] [--compile]
 """
-import argparse
 import itertools
 import time
 
@@ -25,11 +24,8 @@ WARMUP = 3
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archs", nargs="+", default=["resnet20", "VGG16BN"], help="models to time")
+    parser = common.timing_parser(__doc__)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per path and round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     parser.add_argument("-b", "--batch-size", type=int, default=128, help="batch size")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 ImageFolder tree (default: cache)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")

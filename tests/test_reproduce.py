@@ -33,7 +33,7 @@ def test_reproduce_pipeline_and_report(tiny_data, tmp_path):
                              "reproduce-quick", "--results", str(tmp_path)],
                             check=True, capture_output=True, text=True, timeout=300)
     assert "| SGD | 4 |" in report.stdout and "TWA - SWA" in report.stdout
-    assert "| TWA, 13 ckpts, 2 ep, lr 2.0 | 5 |" in report.stdout
+    assert "| TWA, 13 ckpts, 2 ep, lr 2, 0.2 | 5 |" in report.stdout  # the rates that ran
     assert os.path.getsize(tmp_path / "reproduce-quick-accuracy.png") > 1000
 
 
