@@ -180,10 +180,16 @@ def check_common_args(args):
     for name in ("batch_size", "epochs", "print_freq", "eval_every"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
-    for flag, value in (("--lr", args.lr), ("--momentum", args.momentum), ("--wd", args.weight_decay),
-                        ("--tol", getattr(args, "tol", 0.0))):
+    floats = {name: value for name, value in vars(args).items() if isinstance(value, float)}
+    for name, value in floats.items():  # NaN passes every comparison below, and is no JSON
         if not math.isfinite(value):
-            raise UsageError(f"{flag} must be a finite number, not {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, not {value}")
+    for name in ("randomseed", "split_seed"):  # numpy's generators take [0, 2^32), plus the rank
+        if not 0 <= getattr(args, name) < 2 ** 31:
+            raise UsageError(f"--{name.replace('_', '-')} must lie in [0, 2^31), not {getattr(args, name)}")
+    if args.schedule == "step" and args.epochs == 1:
+        log.warning("--schedule step over 1 epoch runs at --lr / 10 throughout (its first decay is at "
+                    "epoch 0); --schedule step-fraction decays at 50%% and 75%% of the steps instead")
     if args.lr <= 0 or args.momentum < 0 or args.weight_decay < 0 or args.workers < 0:
         raise UsageError("--lr must be positive and --momentum, --wd and --workers non-negative")
     if args.datasets != "CIFAR10" and args.datasets != "CIFAR100" and not os.path.isdir(args.data_dir):

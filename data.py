@@ -155,6 +155,8 @@ def small_image_tensors(args, write_cache=True):
         if train[2] != test[2]:
             raise DataError(f"{train_dir} and {test_dir} have different class folders")
     images, labels = train[0], train[1]
+    if args.train_subset > len(labels):
+        raise DataError(f"--train-subset {args.train_subset} exceeds the {len(labels)} training images")
     if 0 < args.train_subset < len(labels):  # fixed seed: both scripts and all runs see one subset
         keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:args.train_subset]
         images, labels = images[keep], labels[keep]

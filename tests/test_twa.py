@@ -391,3 +391,41 @@ def test_channels_last_parameters_keep_their_layout_and_train_as_contiguous_ones
         assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
         results.append(flat(model.state_dict(), model))
     assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+def test_a_tensor_that_is_zero_in_one_checkpoint_adds_no_noise_direction():
+    """Layer-wise blocks: a bias that is all zero in one checkpoint adds nothing to its block (the
+    drop rule's floor is the block's largest checkpoint norm, not that checkpoint's zero norm)."""
+    model = mlp()
+    walk = random_walk(model, 4, step=0.05)
+    walk[2]["2.bias"] = torch.zeros_like(walk[2]["2.bias"])
+    space = twa.Subspace.from_checkpoints(model, walk, layer_size=0)
+    bias = next(i for i, span in enumerate(space.spans) if span.names == ["2.bias"])
+    assert space.spans[bias].rank == 3
+    alpha = space.checkpoint_coefficients(space.start_coordinates(3))
+    assert alpha.abs().max() < 10  # a noise direction gave alphas of about 1e7
+    for state in walk:
+        assert space.relative_residual(flat(state, model)) <= 1e-5
+
+
+def test_ambiguous_or_non_float_checkpoints_are_refused():
+    model = mlp()
+    state = random_walk(model, 1)[0]
+    with pytest.raises(twa.CheckpointError, match="ambiguous"):
+        twa.Subspace.from_checkpoints(model, [{**state, "module.0.weight": state["0.weight"]}])
+    with pytest.raises(twa.CheckpointError, match="int64"):
+        twa.Subspace.from_checkpoints(model, [{**state, "2.bias": state["2.bias"].long()}])
+    with pytest.raises(twa.CheckpointError, match="meta"):
+        twa.load_state_dict({**state, "2.bias": torch.empty(5, device="meta")})
+    wrapped = {f"module.{k}": v for k, v in state.items()}  # DDP's checkpoints: every key prefixed
+    assert twa.Subspace.from_checkpoints(model, [wrapped, state]).rank == 1
+
+
+def test_a_model_with_its_own_submodule_called_module_keeps_its_names():
+    model = nn.Sequential()
+    model.add_module("module", nn.Linear(4, 3))
+    model.add_module("head", nn.Linear(3, 2))
+    walk = random_walk(model, 3)
+    assert twa.Subspace.from_checkpoints(model, walk).rank == 3
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        twa.Subspace.from_checkpoints(nn.ReLU(), [{}])

@@ -94,11 +94,15 @@ class SpanBuilder:
         self.basis = Basis(min(capacity, entries), shard_slice.stop - shard_slice.start, bits, device)
         self.coords = torch.zeros(generators, capacity, dtype=torch.float64)  # generator j in the rows
         self.kept, self.dropped = [], []
+        self.largest = 0.0  # the largest checkpoint norm seen in this block
 
     def add(self, j, w, norm, shard, tol):
         """Orthogonalise generator j (w, modified in place; norm: of the checkpoint it came from)
-        and keep its direction unless it is within tol * norm of the rows' span, or, for a rounded
-        basis, within what the rounding of the stored rows leaves of a vector in their span."""
+        and keep its direction unless it is within tol times the block's largest checkpoint norm of
+        the rows' span (a floor that does not vanish where one checkpoint's tensor is all zero,
+        e.g. a bias at initialisation), or, for a rounded basis, within what the rounding of the
+        stored rows leaves of a vector in their span."""
+        self.largest = max(self.largest, norm)
         error = self.rounding_error(shard)
         length = shard.norm(w) if error else 0.0  # of w as given: orthogonalise_ changes it
         removed, residual = orthogonalise_(self.basis, w, shard)
@@ -109,8 +113,8 @@ class SpanBuilder:
         # the earlier generators it combines: about max|e_i| |w| (e: 16 bits 2e-4, 8 bits 7e-3,
         # 4 bits 0.12), up to 2.8 times that measured on real checkpoints, where the dependency
         # sums many of them. A residual within 4 times that is rounding, not a direction.
-        if residual <= tol * norm + 4 * error * length or residual == 0.0:
-            self.dropped.append((j, residual / max(norm, 1e-300)))
+        if residual <= tol * self.largest + 4 * error * length or residual == 0.0:
+            self.dropped.append((j, residual / max(self.largest, 1e-300)))
             return
         self._append(j, w, residual)
 

@@ -53,7 +53,10 @@ def load_state_dict(source):
         raise CheckpointError(f"checkpoint {source} holds no tensors at its top level (keys "
                               f"{sorted(map(str, state))[:6]}): save model.state_dict() itself, or "
                               f"a dict with it under one of {list(MODEL_KEYS)}")
-    return {_strip_prefixes(key): value for key, value in state.items()}
+    if any(torch.is_tensor(value) and value.is_meta for value in state.values()):
+        raise CheckpointError(f"checkpoint {source} holds tensors on the meta device (shapes without "
+                              "values): save the model after materialising its weights")
+    return _strip_prefixes(dict(state))
 
 
 def _unwrap_training_checkpoint(state):
@@ -65,11 +68,15 @@ def _unwrap_training_checkpoint(state):
     return state
 
 
-def _strip_prefixes(key):
-    for prefix in WRAPPER_PREFIXES:
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
+def _strip_prefixes(state):
+    """The state_dict without a wrapper's prefix: one that every key carries (a model of its own
+    with a submodule called `module` keeps its names)."""
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(str(k).startswith(p) for k in state)), None)
+        if prefix is None:
+            return state
+        state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
 
 
 def describe(source, index=None):
@@ -81,7 +88,10 @@ def describe(source, index=None):
 
 def trainable_parameters(model):
     """(name, parameter) pairs that TWA averages: trainable parameters, buffers excluded."""
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: nothing to average")
+    return params
 
 
 def flatten_checkpoint(state, params, source="state_dict", out=None, entries=None):
@@ -90,13 +100,21 @@ def flatten_checkpoint(state, params, source="state_dict", out=None, entries=Non
     total = sum(p.numel() for _, p in params)
     lo, hi = entries or (0, total)
     out = torch.empty(hi - lo, dtype=torch.float32) if out is None else out
-    offset = 0
+    offset, names = 0, {name for name, _ in params}
     for name, p in params:
         if name not in state:
             raise CheckpointError(f"{source} does not match the model: it has no '{name}'")
+        doubled = [prefix + name for prefix in WRAPPER_PREFIXES if prefix + name in state and
+                   prefix + name not in names]
+        if doubled:
+            raise CheckpointError(f"{source} holds both '{name}' and '{doubled[0]}': which one is the "
+                                  "model's is ambiguous")
         value = state[name]
         if not torch.is_tensor(value):
             raise CheckpointError(f"{source}: '{name}' is a {type(value).__name__}, not a tensor")
+        if not value.is_floating_point():
+            raise CheckpointError(f"{source}: '{name}' holds {value.dtype} values, not floating-point "
+                                  "weights")
         if tuple(value.shape) != tuple(p.shape):
             raise CheckpointError(f"{source} does not match the model: '{name}' has shape "
                                   f"{tuple(value.shape)}, the model {tuple(p.shape)}")

@@ -55,6 +55,7 @@ class SubspaceRecorder:
         """Everything add() has accumulated (for a resume state; about the basis' size)."""
         return {"names": list(self.names), "total": self.total, "anchor": self.anchor,
                 "builders": [{"coords": b.coords, "kept": list(b.kept), "dropped": list(b.dropped),
+                              "largest": b.largest,
                               **b.basis.state_dict()} for b in self.builders]}
 
     def load_state_dict(self, state):
@@ -66,4 +67,5 @@ class SubspaceRecorder:
         for builder, saved in zip(self.builders, state["builders"]):
             builder.coords.copy_(saved["coords"])
             builder.kept, builder.dropped = list(saved["kept"]), [tuple(d) for d in saved["dropped"]]
+            builder.largest = saved.get("largest", 0.0)  # states saved before it was kept: 0
             builder.basis.load_state_dict(saved)
