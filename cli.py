@@ -65,13 +65,13 @@ def stop(err, code):
     sys.exit(code)
 
 
-def read_resume(args, state_path, flags, inputs=None):
+def read_resume(args, state_path, flags, inputs=None, missing_ok=False):
     """The resume state at state_path when --resume, checked against the flags it was saved with
-    (check_resume) and, when given, the inputs it was built from; None without --resume, and None
-    (starting afresh, with a warning) when a run was stopped before its first state."""
+    (check_resume) and, when given, the inputs it was built from; None without --resume. With
+    missing_ok, a run stopped before its first state starts afresh (with a warning)."""
     if not args.resume:
         return None
-    if not os.path.exists(state_path):
+    if missing_ok and not os.path.exists(state_path):
         log.warning("--resume: no %s yet (stopped before its first state): starting afresh", state_path)
         return None
     resume = runfiles.load_torch(state_path)
@@ -187,9 +187,6 @@ def check_common_args(args):
     for name in ("randomseed", "split_seed"):  # numpy's generators take [0, 2^32), plus the rank
         if not 0 <= getattr(args, name) < 2 ** 31:
             raise UsageError(f"--{name.replace('_', '-')} must lie in [0, 2^31), not {getattr(args, name)}")
-    if args.schedule == "step" and args.epochs == 1:
-        log.warning("--schedule step over 1 epoch runs at --lr / 10 throughout (its first decay is at "
-                    "epoch 0); --schedule step-fraction decays at 50%% and 75%% of the steps instead")
     if args.lr <= 0 or args.momentum < 0 or args.weight_decay < 0 or args.workers < 0:
         raise UsageError("--lr must be positive and --momentum, --wd and --workers non-negative")
     if args.datasets != "CIFAR10" and args.datasets != "CIFAR100" and not os.path.isdir(args.data_dir):

@@ -249,6 +249,9 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
     be saved as well. SIGINT/SIGTERM (on any rank) save the state at the next step and exit with
     code 143."""
     train_loader, test_loader = loaders
+    if schedule.name == "step" and schedule.epochs == 1:
+        log.warning("the step schedule over 1 epoch runs at lr / 10 throughout (its first decay is at "
+                    "epoch 0); step-fraction decays at 50% and 75% of the steps instead")
     step = make_step(forward, update, args, ctx)
     steps = len(train_loader)
     bar = progress_bar(not args.quiet and ctx.is_main)

@@ -240,7 +240,7 @@ def main(argv=None):
     state_path = os.path.join(args.output_dir, STATE)
     with distributed.agreement(ctx):  # what a node may lack or hold wrongly stops every process
         inputs = {"checkpoints": checkpoint_files(args)}
-        resume = cli.read_resume(args, state_path, SHAPING, inputs)
+        resume = cli.read_resume(args, state_path, SHAPING, inputs, missing_ok=True)
         recorded = args.split or os.path.join(args.save_dir, utils.SPLIT_FILE)
         recorded = recorded if os.path.isfile(recorded) else None
         verified = check_inputs(args, ctx)

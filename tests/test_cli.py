@@ -76,9 +76,10 @@ def test_twa_reads_dataparallel_checkpoints(sgd_run, tmp_path):
     for i in range(3):
         state = torch.load(sgd_run / f"{i}.pt", weights_only=True)
         torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / f"{i}.pt")
-    run("train_twa.py", *common(_data_of(sgd_run), tmp_path, "--epochs", "1", "--params_end", "3",
-                                "--train_start", "1"))
-    assert (tmp_path / "twa.pt").exists()
+    # --resume where a run was killed before its first state: it starts afresh
+    proc = run("train_twa.py", *common(_data_of(sgd_run), tmp_path, "--epochs", "1", "--params_end",
+                                       "3", "--train_start", "1", "--resume"))
+    assert (tmp_path / "twa.pt").exists() and "starting afresh" in proc.stderr
 
 
 def test_pca_low_precision_stride_and_output_dir(sgd_run, tmp_path):
@@ -300,7 +301,7 @@ def test_resume_names_the_first_changed_flag_before_any_work(sgd_run, tiny_data,
                                 "--output-dir", twa_out, "--log-dir", twa_out))
     proc = run("train_twa.py", *common(_data_of(sgd_run), sgd_run, "--params_end", 5, "--epochs", 1,
                                        "--output-dir", twa_out, "--log-dir", twa_out, "--opt",
-                                       "AdamW", "--resume"), check=False)
+                                       "AdamW", "--lr", 2, "--resume"), check=False)
     assert proc.returncode == 2 and "--opt SGD, not AdamW" in proc.stderr
 
 
