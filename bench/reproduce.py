@@ -40,6 +40,8 @@ def parse_args():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=1, help="seed of the whole pipeline")
     parser.add_argument("--epochs", type=int, default=None, help="SGD epochs E (default 30; quick 8)")
+    parser.add_argument("--train-subset", type=int, default=None,
+                        help="training images (default: all; quick 10000)")
     parser.add_argument("--quick", action="store_true",
                         help="a 10k-image training subset and E = 8: minutes, for a first look")
     parser.add_argument("--arch", default="resnet20", help="model")
@@ -51,6 +53,8 @@ def parse_args():
                         help="also run the 2-epoch dense head TWA with 8- and 4-bit bases")
     args = parser.parse_args()
     args.epochs = args.epochs or (8 if args.quick else 30)
+    args.train_subset = args.train_subset if args.train_subset is not None else (
+        10000 if args.quick else 0)
     if args.epochs < 4 or args.epochs % 2:
         parser.error("--epochs must be even and at least 4")
     if any(not 0 < end <= args.epochs for end in args.head_ends):
@@ -69,7 +73,7 @@ class Pipeline(common.Experiment):
         flags = ["--datasets", "ImageFolder", "--data-dir", self.data_dir, "--arch", self.args.arch,
                  "--randomseed", str(self.args.seed), "--device", self.args.device, "--quiet",
                  "-p", "100", "-b", str(self.args.batch_size)]
-        return flags + (["--train-subset", "10000"] if self.args.quick else [])
+        return flags + ["--train-subset", str(self.args.train_subset)]
 
     def run(self, script, flags):
         common.run_script(script, flags, self.commands)

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow  # every test here runs the scripts end to end
 
 def test_reproduce_pipeline_and_report(tiny_data, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "bench", "reproduce.py"), "--quick", "--epochs", "4",
-           "-b", "8", "--seed", "3", "--head-ends", "3", "--data-dir", tiny_data, "--out", tmp_path / "runs",
+           "-b", "8", "--seed", "3", "--head-ends", "3", "--train-subset", "40", "--data-dir", tiny_data,
+           "--out", tmp_path / "runs",
            "--results", tmp_path, "--allow-dirty"]
     subprocess.run(list(map(str, cmd)), check=True, capture_output=True, text=True, timeout=900)
     result = json.load(open(tmp_path / "reproduce-quick-seed3.json"))
