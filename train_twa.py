@@ -79,8 +79,8 @@ def parse_args(argv=None):
     add("--output-dir", default=None, help="folder for twa.pt, coefficients.json and the resume "
         "state (default: --save-dir)")
     add("--basis", default="orthonormal", choices=("orthonormal", "reference"),
-        help="orthonormal: Gram-Schmidt applied twice to the mean and the deviations from it (exact "
-        "projection); reference: the ICLR code's one pass in float32 over the raw checkpoints, whose "
+        help="orthonormal: Gram-Schmidt applied twice to the first checkpoint and the differences "
+        "from it (exact projection); reference: the ICLR code's one pass in float32 over the raw checkpoints, whose "
         "P^T P g is only a preconditioned projection in the tail (an ablation; one block, 32 bits)")
     add("--coefficients", default="coordinates", choices=("coordinates", "alpha"),
         help="what the optimizer trains: the orthonormal coordinates, or (as the journal code) one "

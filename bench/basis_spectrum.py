@@ -3,7 +3,8 @@
     python bench/basis_spectrum.py --save-dir DIR --params_start A --params_end B [--name NAME]
 
 Builds, over checkpoints A..B-1 of DIR (files of train_sgd.py, ResNet-20 on CIFAR-10 by default):
-- ours: Gram-Schmidt twice on the mean and the deviations (train_twa.py --basis orthonormal);
+- ours: Gram-Schmidt twice on the first checkpoint and the differences from it (train_twa.py
+  --basis orthonormal);
 - reference, float32, streamed (train_twa.py --basis reference);
 - reference, float32, as the ICLR code writes it (all rows in one matrix, torch.mm);
 - reference, float64: the same one pass in double precision.
