@@ -8,6 +8,7 @@ datasets, transforms and a DataLoader with worker processes (loaders.EpochLoader
 import hashlib
 import logging
 import os
+import stat
 from typing import NamedTuple
 
 import numpy as np
@@ -50,12 +51,40 @@ def split_dirs(root):
     return train, test
 
 
+WIDE_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")  # PIL modes above 8 bits per channel
+
+
 def image_folder(path):
+    check_tree(path)
     try:
         folder = tv_datasets.ImageFolder(path, loader=_open_image)
     except (FileNotFoundError, RuntimeError) as err:  # no class folders, or no images in them
         raise DataError(f"no images found in {path}: {err}") from None
     return folder
+
+
+def check_tree(path):
+    """Refuse, naming it, what ImageFolder would follow or open wrongly: a symbolic link back into
+    a folder already walked (a loop, which it follows some 40 levels deep, relabelling the images
+    it finds again), and an image name that is a dangling link or no regular file (a named pipe
+    blocks the decode forever)."""
+    seen = set()
+    for folder, _, files in os.walk(path, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise DataError(f"{folder} leads back to a folder already read (a symbolic link loop); "
+                            "remove the link")
+        seen.add(real)
+        for name in files:
+            if not name.lower().endswith(tv_datasets.folder.IMG_EXTENSIONS):
+                continue
+            file = os.path.join(folder, name)
+            try:
+                mode = os.stat(file).st_mode
+            except OSError as err:
+                raise DataError(f"cannot read image {file} ({err.strerror}: a dangling link?)") from None
+            if not stat.S_ISREG(mode):
+                raise DataError(f"{file} is not a regular file; remove it from the data folder")
 
 
 def decoded_image_folder(path, cache_dir=None, write_cache=True):
@@ -67,8 +96,13 @@ def decoded_image_folder(path, cache_dir=None, write_cache=True):
     for file, label in folder.samples:
         stat = os.stat(file)
         key.update(f"{os.path.relpath(file, path)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    cache = os.path.join(cache_dir or _cache_dir(path), f"{os.path.basename(path)}-{key.hexdigest()[:16]}.pt")
-    if os.path.exists(cache):
+    try:
+        cache = os.path.join(cache_dir or _cache_dir(path),
+                             f"{os.path.basename(path)}-{key.hexdigest()[:16]}.pt")
+    except OSError as err:  # no writable cache folder anywhere: the cache only saves time
+        log.warning("no decode cache (%s); decoding the images every run", err)
+        cache, write_cache = None, False
+    if cache and os.path.isfile(cache):
         try:
             saved = torch.load(cache, weights_only=True)
             return saved["images"], saved["labels"], saved["classes"]
@@ -90,11 +124,7 @@ def decoded_image_folder(path, cache_dir=None, write_cache=True):
 
 def _decode(file):
     """An image file as an RGB array; a file that is not a whole image is a DataError naming it."""
-    try:
-        with Image.open(file) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for truncated or bad files
-        raise DataError(f"cannot decode image {file} ({err}); remove or replace it") from None
+    return np.asarray(_open_image(file))
 
 
 def _open_image(file):
@@ -102,9 +132,14 @@ def _open_image(file):
     file (raised in a DataLoader worker, the run stops with that one line)."""
     try:
         with Image.open(file) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as err:
+            mode = image.mode
+            rgb = None if mode in WIDE_MODES else image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for truncated or bad files
         raise DataError(f"cannot decode image {file} ({err}); remove or replace it") from None
+    if rgb is None:  # PIL's RGB conversion clips such pixels to 255: blank images
+        raise DataError(f"{file} has {mode} pixels (more than 8 bits per channel), which would "
+                        "decode as blank images; convert the data to 8 bits")
+    return rgb
 
 
 def _cache_dir(path):
@@ -174,7 +209,11 @@ def input_normalization(args, train_images):
     choice = getattr(args, "normalize", None) or default_normalization(args.datasets)
     if choice == "reference":
         return REFERENCE_MEAN, REFERENCE_STD
-    return channel_stats(train_images)
+    mean, std = channel_stats(train_images)
+    if min(std) == 0:  # dividing by it would make every input of that channel infinite
+        raise DataError(f"input channel {std.index(0)} is constant over all training images: "
+                        "nothing to normalise it by; use --normalize reference or other images")
+    return mean, std
 
 
 def is_small_image_dataset(args):
@@ -183,9 +222,16 @@ def is_small_image_dataset(args):
     if args.datasets == "ImageNet":
         return False
     train_dir, _ = split_dirs(args.data_dir)
-    first_file = image_folder(train_dir).samples[0][0]
-    with Image.open(first_file) as image:
-        return max(image.size) <= SMALL_IMAGE
+    return max(_image_size(image_folder(train_dir).samples[0][0])) <= SMALL_IMAGE
+
+
+def _image_size(file):
+    """(width, height) of an image file, or a DataError naming it."""
+    try:
+        with Image.open(file) as image:
+            return image.size
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"cannot decode image {file} ({err}); remove or replace it") from None
 
 
 class Loaders(NamedTuple):
@@ -255,8 +301,7 @@ def large_image_loaders(args, device, rank, world_size, split):
     train_dir, test_dir = split_dirs(args.data_dir)
     size = 224
     if args.datasets == "ImageFolder":
-        with Image.open(image_folder(train_dir).samples[0][0]) as image:
-            size = min(image.size)
+        size = min(_image_size(image_folder(train_dir).samples[0][0]))
     normalise = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *normalise])
     test_tf = T.Compose([T.Resize(round(size * 8 / 7)), T.CenterCrop(size), *normalise])

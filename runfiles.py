@@ -71,8 +71,11 @@ def atomic_write(path, write):
     flush the folder (which makes the rename itself durable): a crash or a power cut leaves the old
     file or the new one, never a torn one."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as err:  # a read-only folder, or a file where the folder should be
+        raise WriteFailed(f"cannot write {path} ({err.strerror or err})") from None
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp creates 0600
     try:

@@ -136,6 +136,17 @@ def check_inputs(args, ctx):
     return runfiles.verify_checkpoints(files) if ctx.is_node_main else 0
 
 
+def check_range(args):
+    """Refuse a --params range that reaches past the checkpoints in --save-dir before listing it
+    (a range of a billion paths would fill the memory first)."""
+    if args.checkpoints:
+        return
+    for i in range(args.params_start, args.params_end, args.params_stride):  # stops at the first gap
+        if not os.path.isfile(checkpoint_path(args, i)):
+            raise UsageError(f"checkpoint not found: {checkpoint_path(args, i)} (of --params_start "
+                             f"{args.params_start} --params_end {args.params_end})")
+
+
 def checkpoint_indices(args):
     if args.checkpoints:
         return list(range(len(checkpoint_files(args))))
@@ -239,6 +250,7 @@ def main(argv=None):
     ctx = utils.start_processes(args)
     state_path = os.path.join(args.output_dir, STATE)
     with distributed.agreement(ctx):  # what a node may lack or hold wrongly stops every process
+        check_range(args)
         inputs = {"checkpoints": checkpoint_files(args)}
         resume = cli.read_resume(args, state_path, SHAPING, inputs, missing_ok=True)
         recorded = args.split or os.path.join(args.save_dir, utils.SPLIT_FILE)

@@ -199,6 +199,7 @@ def test_bad_twa_inputs(sgd_run, tmp_path, capsys):
         (["--params_start", "3", "--params_end", "3"], "empty or reversed checkpoint range [3, 3)"),
         (["--params_start", "4", "--params_end", "2"], "empty or reversed"),
         (["--params_end", "9"], f"checkpoint not found: {sgd_run / '5.pt'}"),
+        (["--params_end", "1000000000"], "checkpoint not found"),  # not a billion paths first
         (["--params_end", "4", "--train_start", "4"], "--train_start 4 is outside [0, 4) step 1"),
         (["--params_stride", "0"], "--params_stride must be positive"),
         (["--extract", "PCA", "--params_end", "4"], "--extract PCA needs --n_components in [1, 4]"),

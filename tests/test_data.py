@@ -114,3 +114,48 @@ def test_a_truncated_cache_is_rebuilt_with_a_warning_and_the_folder_is_settable(
     again = data.decoded_image_folder(os.path.join(root, "train"))
     assert torch.equal(first[0], again[0]) and "rebuilding" in caplog.text
     assert os.path.getsize(cached[0]) > 100
+
+
+def small_tree(root):
+    from conftest import write_image_folder
+    return write_image_folder(str(root), per_class=4, size=8)
+
+
+def test_trees_that_would_mislead_the_loader_are_refused(tmp_path):
+    """A symbolic link loop, a dangling link, a named pipe and 16-bit images each stop the run with
+    one line naming the file, instead of relabelled copies, a hang or blank images."""
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    def refused(tree, message):
+        with pytest.raises(data.DataError, match=message):
+            data.decoded_image_folder(os.path.join(tree, "train"), cache_dir=str(tmp_path / "cache"))
+
+    loop = small_tree(tmp_path / "loop")
+    os.symlink(os.path.join(loop, "train"), os.path.join(loop, "train", "circle", "again"))
+    refused(loop, "symbolic link loop")
+    dangling = small_tree(tmp_path / "dangling")
+    os.symlink(tmp_path / "nowhere.png", os.path.join(dangling, "train", "circle", "gone.png"))
+    refused(dangling, "dangling")
+    pipe = small_tree(tmp_path / "pipe")
+    os.mkfifo(os.path.join(pipe, "train", "circle", "x.png"))
+    refused(pipe, "not a regular file")
+    wide = small_tree(tmp_path / "wide")
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(
+        os.path.join(wide, "train", "circle", "0000.png"))
+    refused(wide, "more than 8 bits")
+    flat = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    flat[:, 1:] = torch.randint(0, 255, (4, 2, 2, 2), dtype=torch.uint8)
+    with pytest.raises(data.DataError, match="channel 0 is constant"):
+        data.input_normalization(SimpleNamespace(normalize="dataset", datasets="ImageFolder"), flat)
+
+
+def test_an_unwritable_cache_is_a_warning_and_a_run_without_it(tmp_path, monkeypatch, caplog):
+    tree = small_tree(tmp_path / "tree")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TWA_CACHE_DIR", str(blocker))
+    images, labels, classes = data.decoded_image_folder(os.path.join(tree, "train"))
+    assert len(labels) == 12 and images.shape[1:] == (3, 8, 8)
+    assert "decode cache" in caplog.text

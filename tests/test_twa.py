@@ -429,3 +429,13 @@ def test_a_model_with_its_own_submodule_called_module_keeps_its_names():
     assert twa.Subspace.from_checkpoints(model, walk).rank == 3
     with pytest.raises(ValueError, match="no trainable parameters"):
         twa.Subspace.from_checkpoints(nn.ReLU(), [{}])
+
+
+def test_a_recorder_refuses_to_change_the_span_it_handed_out():
+    model = mlp()
+    recorder = twa.SubspaceRecorder(model, capacity=4)
+    recorder.add()
+    space = recorder.subspace()
+    with pytest.raises(ValueError, match="handed out"):
+        recorder.add()
+    assert space.rank == 1

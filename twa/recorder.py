@@ -21,7 +21,7 @@ class SubspaceRecorder:
         device = torch.device(device) if device is not None else self.params[0][1].device
         self.shard = Sharding(sum(p.numel() for _, p in self.params), group)
         check_tolerance(tol)
-        self.capacity, self.tol, self.names = capacity, tol, []
+        self.capacity, self.tol, self.names, self.handed_out = capacity, tol, [], False
         self.builders = span_builders(parameter_blocks(self.params, layer_size), capacity, capacity,
                                       self.shard, bits, device)
         self.total = torch.zeros(self.shard.local_size, dtype=torch.float64, device=device)
@@ -33,6 +33,9 @@ class SubspaceRecorder:
         """Stream the model's current trainable weights into the basis (the model given at
         construction when None). Raises ValueError for non-finite weights, before changing anything."""
         j = len(self.names)
+        if self.handed_out:
+            raise ValueError("subspace() has handed out the recorded span, which shares this "
+                             "recorder's basis: record into a new SubspaceRecorder")
         if j == self.capacity:
             raise ValueError(f"the recorder is full: capacity {self.capacity}")
         params = self.params if model is None else trainable_parameters(model)
@@ -46,6 +49,7 @@ class SubspaceRecorder:
         n = len(self.names)
         if n == 0:
             raise ValueError("no checkpoint recorded")
+        self.handed_out = True  # the spans below share the builders' bases
         warn_dropped(self.builders, lambda j: self.names[j], n)
         scheme = anchored(n)
         return Subspace([b.finish(scheme) for b in self.builders], (self.total / n).float(),
