@@ -196,6 +196,14 @@ def head_report(runs, n_test):
                    per_seed_rows(runs, head_comparisons, bits)))
 
 
+def read_results(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{path}: not a readable results file ({err})") from None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,7 +215,7 @@ def main():
     files = sorted(glob.glob(os.path.join(args.results, f"{args.name}-seed*.json")))
     if not files:
         raise SystemExit(f"no {args.name}-seed*.json in {args.results}")
-    runs = [json.load(open(f)) for f in files]
+    runs = [read_results(f) for f in files]
     if "head" in runs[0] and "sgd_wd" in runs[0]:  # bench/head.py's runs
         print(f"{args.name}: seeds {', '.join(str(r['seed']) for r in runs)}\n")
         head_report(runs, args.test_images)
