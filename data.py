@@ -5,6 +5,7 @@ Small images (CIFAR-10/100, ImageFolder trees of images up to 64 px): decoded on
 time there (loaders.TensorLoader). Large images (ImageNet) and `--loader torchvision`: torchvision
 datasets, transforms and a DataLoader with worker processes (loaders.EpochLoader).
 """
+import functools
 import hashlib
 import logging
 import os
@@ -63,18 +64,19 @@ def image_folder(path):
     return folder
 
 
+@functools.lru_cache(maxsize=None)  # one walk per folder and process
 def check_tree(path):
     """Refuse, naming it, what ImageFolder would follow or open wrongly: a symbolic link back into
     a folder already walked (a loop, which it follows some 40 levels deep, relabelling the images
     it finds again), and an image name that is a dangling link or no regular file (a named pipe
     blocks the decode forever)."""
-    seen = set()
     for folder, _, files in os.walk(path, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            raise DataError(f"{folder} leads back to a folder already read (a symbolic link loop); "
-                            "remove the link")
-        seen.add(real)
+        real, above = os.path.realpath(folder), folder
+        while above != path and os.path.dirname(above) != above:
+            above = os.path.dirname(above)
+            if os.path.realpath(above) == real:
+                raise DataError(f"{folder} leads back to {above} (a symbolic link loop); remove the "
+                                "link")
         for name in files:
             if not name.lower().endswith(tv_datasets.folder.IMG_EXTENSIONS):
                 continue

@@ -26,8 +26,9 @@ def train_in_subspace(args, ctx, loaders, model, space, report, state_path, inpu
     utils.seed_everything(args.randomseed, args.deterministic, ctx.rank)
     try:
         trainer = twa.TWA(model, space, train=args.coefficients)  # the model now holds the mean: SWA
-    except ValueError as err:  # nothing to train: rank 0, or alpha with every checkpoint the mean
-        raise cli.UsageError(f"{err}; check the checkpoints, --tol and --coefficients") from None
+    except ValueError as err:  # e.g. nothing to train: rank 0, or alpha with every checkpoint the mean
+        hint = "; check the checkpoints, --tol and --coefficients" if "nothing to train" in str(err) else ""
+        raise cli.UsageError(f"{err}{hint}") from None
     loaders.train.set_epoch(0)  # the same crops for SWA's BatchNorm pass, after SGD in this process too
     swa = measure(model, loaders, args, ctx)
     log.info("SWA: test loss %.4f acc %.2f", swa["loss"], swa["accuracy"])

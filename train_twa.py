@@ -63,9 +63,9 @@ def parse_args(argv=None):
     add("--split", default=None, metavar="FILE", help="the split.json of the held-out part "
         "(default: <save-dir>/split.json when it exists, as train_sgd.py --val-split writes it)")
     add("--layer-size", type=int, default=None, metavar="S",
-        help="layer-wise TWA: consecutive parameter tensors grouped into blocks of at least S "
-        "entries (0: one block per tensor), one coefficient per checkpoint and block; unset: one "
-        "coefficient per checkpoint")
+        help="layer-wise TWA, grouped as the journal code does: a tensor starts a new block once "
+        "the current one holds more than S entries (0: one block per tensor), one coefficient per "
+        "checkpoint and block; unset: one coefficient per checkpoint")
     add("--params_start", type=int, default=0, help="first checkpoint (i.pt) of the subspace")
     add("--params_end", type=int, default=101, help="one past the last checkpoint of the subspace")
     add("--params_stride", type=int, default=1, help="use every k-th checkpoint of the range")
@@ -251,7 +251,9 @@ def main(argv=None):
     state_path = os.path.join(args.output_dir, STATE)
     with distributed.agreement(ctx):  # what a node may lack or hold wrongly stops every process
         check_range(args)
-        inputs = {"checkpoints": checkpoint_files(args)}
+        # the generators name the basis the saved coordinates belong to (states saved with
+        # the earlier centred generators cannot be resumed in this one)
+        inputs = {"checkpoints": checkpoint_files(args), "generators": "anchored"}
         resume = cli.read_resume(args, state_path, SHAPING, inputs, missing_ok=True)
         recorded = args.split or os.path.join(args.save_dir, utils.SPLIT_FILE)
         recorded = recorded if os.path.isfile(recorded) else None

@@ -152,7 +152,8 @@ def per_seed_rows(runs, comparisons, bits):
     rows = []
     for run, models in zip(runs, (head_models(r) for r in runs)):
         e = run["epochs"]
-        models[f"SGD({e})"] = (e, run["sgd"]["test_correct"][e - 1])
+        for k, correct in enumerate(run["sgd"]["test_correct"], start=1):  # SGD at any epoch count
+            models.setdefault(f"SGD({k})", (k, correct))
         for a, b in comparisons(models, e):
             rows.append([run["seed"], f"{a} - {b}",
                          describe(*paired_difference(bits(models[a][1]), bits(models[b][1])))])

@@ -41,7 +41,7 @@ def test_reproduce_pipeline_and_report(tiny_data, tmp_path):
 def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
     """bench/head.py at tiny size: every scored model's per-image bits, the revision, the commands,
     and report.py's paired intervals from them."""
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "head.py"), "--seed", "2", "--epochs", "2",
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "head.py"), "--seed", "2", "--epochs", "3",
            "--twa-end", "1", "--per-epoch", "2", "--twa-epochs", "1", "-b", "8", "--data-dir", tiny_data,
            "--out", tmp_path / "runs", "--results", tmp_path, "--allow-dirty"]
     subprocess.run(list(map(str, cmd)), check=True, capture_output=True, text=True, timeout=900)
@@ -62,3 +62,5 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
                             check=True, capture_output=True, text=True, timeout=300)
     assert "TWA, 3 ckpts, 1 ep, BN running - TWA, 3 ckpts, 1 ep, BN recompute" in report.stdout
     assert "TWA, 3 ckpts, 1 ep, BN recompute - TWA, 2 ckpts, 1 ep, BN recompute" in report.stdout
+    assert "| 2 | TWA, 3 ckpts, 1 ep, BN recompute - SGD(2) |" in report.stdout  # the same epochs
+    assert "| 2 | TWA, 3 ckpts, 1 ep, BN recompute - SGD(3) |" in report.stdout  # SGD(E)

@@ -152,6 +152,8 @@ class OnePassBuilder(SpanBuilder):
         self.basis.rmatvec(h, out=w, accumulate=True, alpha=-1.0)
         residual = shard.norm(w)
         self.coords[j, :self.basis.rows] = h.cpu()
+        if self.basis.rows == self.entries:  # fewer entries than checkpoints: the basis is full
+            return
         if residual == 0.0:
             self.dropped.append((j, 0.0))
             return
