@@ -70,6 +70,36 @@ def atomic_write(path, write):
     """write(tmp_path) into a temp file beside `path`, flush it to disk, rename it over `path`, and
     flush the folder (which makes the rename itself durable): a crash or a power cut leaves the old
     file or the new one, never a torn one."""
+    atomic_write_all([(path, write)])
+
+
+def atomic_write_all(files):
+    """atomic_write for several (path, write) pairs that belong together (one run's outputs): every
+    temp file is written and flushed first, and only then are they renamed into place, so a failed
+    write leaves all the previous files, never new ones beside old ones."""
+    written = []
+    try:
+        for path, write in files:
+            written.append((_written_temp(path, write), path))
+        for tmp, path in written:
+            _replace(tmp, path)
+    finally:
+        for tmp, _ in written:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    for folder in {os.path.dirname(os.path.abspath(path)) for _, path in written}:
+        flush_folder(folder)
+
+
+def _replace(tmp, path):
+    try:
+        os.replace(tmp, path)
+    except OSError as err:
+        raise WriteFailed(f"cannot write {path} ({err.strerror})") from None
+
+
+def _written_temp(path, write):
+    """A temp file beside `path` holding write(tmp)'s output, flushed to disk."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -82,15 +112,12 @@ def atomic_write(path, write):
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as err:  # torch.save reports a short write as RuntimeError
+        os.remove(tmp)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise WriteFailed(f"cannot write {path} ({first}); the previous file, if any, is "
                           "intact") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    flush_folder(folder)
+    return tmp
 
 
 def flush_folder(folder):
@@ -110,18 +137,30 @@ def flush_folder(folder):
 
 
 def save_torch(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, torch_writer(obj))
 
 
 def save_text(text, path):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
+    atomic_write(path, text_writer(text))
 
 
 def save_json(obj, path):
-    save_text(json.dumps(obj, indent=1) + "\n", path)
+    atomic_write(path, json_writer(obj))
+
+
+def torch_writer(obj):
+    return lambda tmp: torch.save(obj, tmp)
+
+
+def text_writer(text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    return write
+
+
+def json_writer(obj):
+    return text_writer(json.dumps(obj, indent=1) + "\n")
 
 
 def load_torch(path):

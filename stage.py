@@ -137,12 +137,15 @@ def write_results(args, model, space, trainer, alpha, residual, results):
     names = [path if args.checkpoints else os.path.basename(path) for path in space.names]
     blocks = [{"parameters": span.names, "entries": span.entries, "alpha": a.tolist()}
               for span, a in zip(space.spans, alpha)]
-    runfiles.save_torch(model.state_dict(), os.path.join(args.output_dir, "twa.pt"))
-    runfiles.save_json({"checkpoints": names, "alpha": alpha[0].tolist() if len(blocks) == 1 else None,
-                     "blocks": blocks, "uniform": 1.0 / len(names),
-                     "trained": args.coefficients, "reconstruction": residual,
-                     "coordinates": trainer.coordinates.detach().cpu().double().tolist()},
-                    os.path.join(args.output_dir, "coefficients.json"))
-    runfiles.save_json({**results, "mode": "TWA-v" if args.val_split else "TWA-t", "args": vars(args),
-                     "git": runfiles.git_revision()}, os.path.join(args.log_dir, "twa_results.json"))
+    coefficients = {"checkpoints": names, "alpha": alpha[0].tolist() if len(blocks) == 1 else None,
+                    "blocks": blocks, "uniform": 1.0 / len(names), "trained": args.coefficients,
+                    "reconstruction": residual,
+                    "coordinates": trainer.coordinates.detach().cpu().double().tolist()}
+    results = {**results, "mode": "TWA-v" if args.val_split else "TWA-t", "args": vars(args),
+               "git": runfiles.git_revision()}
+    # replaced together: a failed write leaves the previous run's three files, not a mix
+    runfiles.atomic_write_all([
+        (os.path.join(args.output_dir, "twa.pt"), runfiles.torch_writer(model.state_dict())),
+        (os.path.join(args.output_dir, "coefficients.json"), runfiles.json_writer(coefficients)),
+        (os.path.join(args.log_dir, "twa_results.json"), runfiles.json_writer(results))])
     log.info("wrote twa.pt and coefficients.json to %s", args.output_dir)

@@ -101,3 +101,18 @@ def test_running_bn_pass_continues_the_statistics_with_momentum():
     with torch.no_grad():
         means = torch.stack([model[0](x).mean((0, 2, 3)) for x, _ in batches]).mean(0)
     assert torch.allclose(bn.running_mean, means, atol=1e-5)
+
+
+def test_outputs_of_one_run_are_replaced_together_or_not_at_all(tmp_path):
+    """A write that fails half-way (disk full at the second file) leaves the previous run's files,
+    never the new twa.pt beside the old coefficients, and no temp file."""
+    first, second = tmp_path / "twa.pt", tmp_path / "coefficients.json"
+    runfiles.atomic_write_all([(first, runfiles.text_writer("old weights")),
+                               (second, runfiles.json_writer({"alpha": [0.5, 0.5]}))])
+
+    def full_disk(tmp):
+        raise OSError(28, "No space left on device")
+    with pytest.raises(runfiles.WriteFailed, match="No space left"):
+        runfiles.atomic_write_all([(first, runfiles.text_writer("new weights")), (second, full_disk)])
+    assert first.read_text() == "old weights"
+    assert sorted(os.listdir(tmp_path)) == ["coefficients.json", "twa.pt"]
