@@ -47,6 +47,13 @@ def run_main(main, argv=None):
         stop("interrupted; the last saved state is kept", 128 + signal.SIGTERM)
     except (FloatingPointError, WriteFailed, data.DataError) as err:  # the last saved state is kept
         stop(err, 1)
+    except RuntimeError as err:
+        if not distributed.lost_peer(err):
+            raise
+        # a process group with a dead member can abort or hang when torn down: leave at once
+        print(f"error: {distributed.lost_peer_message()}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(1)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -65,24 +72,34 @@ def stop(err, code):
     sys.exit(code)
 
 
-def read_resume(args, state_path, flags, inputs=None, missing_ok=False):
+# what a resume state's inputs are called in the error that refuses other ones
+INPUTS = {"checkpoints": "checkpoint files", "sha256": "checkpoint contents (their SHA-256 differ)",
+          "data": "data (the images, labels, subset or split differ)",
+          "generators": "basis generators (saved by an earlier version)",
+          "recorded": "recorded weights"}
+
+
+def read_resume(args, state_path, flags, inputs=None, missing_ok=False, epochs=None):
     """The resume state at state_path when --resume, checked against the flags it was saved with
     (check_resume) and, when given, the inputs it was built from; None without --resume. With
-    missing_ok, a run stopped before its first state starts afresh (with a warning)."""
+    missing_ok, a run stopped before its first state starts afresh (with a warning). epochs: the
+    stage's length, when not --epochs."""
     if not args.resume:
         return None
     if missing_ok and not os.path.exists(state_path):
         log.warning("--resume: no %s yet (stopped before its first state): starting afresh", state_path)
         return None
     resume = runfiles.load_torch(state_path)
-    check_resume(resume, args, flags, state_path)
-    if inputs is not None and resume.get("inputs") != inputs:
-        raise UsageError(f"{state_path} was saved for other inputs (checkpoints, recorded weights or "
-                         "their settings); start without --resume or use another output folder")
+    check_resume(resume, args, flags, state_path, args.epochs if epochs is None else epochs)
+    saved = resume.get("inputs") or {}
+    for key in inputs or ():
+        if saved.get(key) != inputs[key]:
+            raise UsageError(f"{state_path} was saved for other {INPUTS.get(key, key)}; start without "
+                             "--resume or use another output folder")
     return resume
 
 
-def check_resume(resume, args, flags, state_path):
+def check_resume(resume, args, flags, state_path, epochs):
     """Refuse, before any long work, a resume state of another script or run: the first of `flags`
     whose value differs from the one it was saved with is named, and impossible counters too."""
     saved = resume.get("args") if isinstance(resume, dict) else None
@@ -95,7 +112,7 @@ def check_resume(resume, args, flags, state_path):
                              f"{saved.get(flag)}, not {getattr(args, flag)}; resume with the same "
                              "flags, or start without --resume in another folder")
     counters = [progress.get(key) for key in ("epoch", "batch")]
-    if not all(isinstance(v, int) and v >= 0 for v in counters) or counters[0] > args.epochs:
+    if not all(isinstance(v, int) and v >= 0 for v in counters) or counters[0] > epochs:
         raise UsageError(f"{state_path} holds impossible counters {progress}")
 
 

@@ -79,6 +79,16 @@ def _first_failed(ctx, failed):
     return None if vote.item() == ctx.world else vote.item()
 
 
+def from_node_main(ctx, value):
+    """The value that the first process of this node computed (is_node_main; the others pass
+    None): what a node reads alike for all its processes, read once."""
+    if ctx.world == 1:
+        return value
+    values = [None] * ctx.world
+    dist.all_gather_object(values, value)
+    return values[ctx.rank - int(os.environ.get("LOCAL_RANK", "0"))]
+
+
 def check_same(ctx, fields):
     """Stop every rank with a UsageError naming the first of `fields` (name -> value, compared by
     repr) whose value is not the same on all ranks: ranks that disagree on flags or data would
@@ -95,6 +105,23 @@ def check_same(ctx, fields):
         if a != b:
             raise UsageError(f"the {ctx.world} processes disagree on {name} (process {ctx.rank} "
                              f"has {fields[name]!r}); launch every node with the same flags and data")
+
+
+def lost_peer(err):
+    """Whether `err` is a collective that failed because another process is gone (a connection it
+    closed) or stalled past --dist-timeout, rather than a fault of this process."""
+    marks = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out",
+             "timed out", "Timeout")
+    return dist.is_initialized() and (isinstance(err, dist.DistError) or
+                                      any(mark in str(err) for mark in marks))
+
+
+def lost_peer_message():
+    """One line for the survivors of a process that stopped: which one, when there is one other."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    other = f"process {1 - rank}" if world == 2 else "another process"
+    return (f"process {rank} of {world} lost contact with {other}, which stopped or stalled past "
+            "--dist-timeout (its own output says why); the last saved state is kept")
 
 
 def shutdown(ctx):

@@ -23,6 +23,30 @@ log = logging.getLogger("twa")
 TWA_SCHEDULES = ("step", "step-fraction", "constant", "linear", "cosine")
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the epoch loop reads of a script's flags: the stage's length and base rate, the logging
+    cadence, and how a step runs. from_flags is the one place that maps the flags onto it."""
+    epochs: int
+    lr: float
+    print_freq: int = 50
+    eval_every: int = 1
+    quiet: bool = True
+    amp: bool = False
+    compile: bool = False
+    cuda_graphs: bool = False
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def from_flags(cls, args, epochs=None, lr=None):
+        """From the flags of cli.add_common_args; epochs and lr, when given, are the stage's own
+        (train_sgd's TWA stage: --twa-epochs and --twa-lr)."""
+        return cls(epochs=args.epochs if epochs is None else epochs, lr=args.lr if lr is None else lr,
+                   print_freq=args.print_freq, eval_every=args.eval_every, quiet=args.quiet,
+                   amp=args.amp, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                   label_smoothing=args.label_smoothing)
+
+
 def step_milestones(epochs):
     """Epochs at which the step schedule divides the rate by 10 (50% and 75% of training)."""
     return int(epochs * 0.5), int(epochs * 0.75 + 0.9)
@@ -97,21 +121,21 @@ def set_lr(optimizer, lr):
             group["lr"] = lr
 
 
-def learning_rate(args, device):
+def learning_rate(settings, device):
     """The rate an optimizer starts from: with --compile a tensor on the device, so that a compiled
     step that sets a new rate every step is traced once, not once per value."""
-    return torch.tensor(args.lr, device=device) if args.compile else args.lr
+    return torch.tensor(settings.lr, device=device) if settings.compile else settings.lr
 
 
-def load_optimizer(optimizer, state, args, device):
+def load_optimizer(optimizer, state, settings, device):
     """optimizer.load_state_dict(state), keeping the rate in the form learning_rate gives: the saved
     groups would otherwise bring back the form (and device) of the run that saved them."""
     optimizer.load_state_dict(state)
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(args, device)
+        group["lr"] = learning_rate(settings, device)
 
 
-def make_step(forward, update, args, ctx):
+def make_step(forward, update, settings, ctx):
     """step(images, labels, lr, scale) -> (summed loss, correct count): forward, the loss as this
     rank's sum times `scale`, backward and update(lr). With --compile the whole step is compiled
     (forward and backward graphs, the projection and the optimizer between), with lr and scale
@@ -119,16 +143,16 @@ def make_step(forward, update, args, ctx):
     captures the compiled graphs with CUDA graphs (torch.compile's "reduce-overhead"), one per batch
     shape: shapes are kept static, so the last partial batch gets graphs of its own."""
     def step(images, labels, lr, scale):
-        with autocast(ctx.device, args.amp):
+        with autocast(ctx.device, settings.amp):
             logits = forward(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing,
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.label_smoothing,
                                reduction="sum")
         (loss * scale).backward()
         update(lr)
         return loss.detach(), (logits.argmax(1) == labels).sum()
-    if not args.compile:
+    if not settings.compile:
         return step
-    graphs = args.cuda_graphs
+    graphs = settings.cuda_graphs
     if graphs and ctx.device.type != "cuda":
         log.warning("--cuda-graphs: CUDA graphs need a CUDA device; on %s the step is compiled "
                     "without them", ctx.device.type)
@@ -241,10 +265,10 @@ class StopRequest:
         return self.signal is not None
 
 
-def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, save_state, schedule,
+def run_epochs(settings, ctx, model, forward, loaders, update, progress, metrics, save_state, schedule,
                on_step=lambda batch: False, until=None):
-    """Train epochs progress["epoch"] .. args.epochs - 1 (or until - 1: the schedule still spans
-    args.epochs) at the rates of `schedule` (a Schedule) and evaluate after each. update(lr) applies
+    """Train epochs progress["epoch"] .. settings.epochs - 1 (or until - 1: the schedule still spans
+    settings.epochs) at the rates of `schedule` (a Schedule) and evaluate after each. update(lr) applies
     one optimizer step; on_step(batch) may save a checkpoint and says whether the resume state must
     be saved as well. SIGINT/SIGTERM (on any rank) save the state at the next step and exit with
     code 143."""
@@ -252,10 +276,10 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
     if schedule.name == "step" and schedule.epochs == 1:
         log.warning("the step schedule over 1 epoch runs at lr / 10 throughout (its first decay is at "
                     "epoch 0); step-fraction decays at 50% and 75% of the steps instead")
-    step = make_step(forward, update, args, ctx)
+    step = make_step(forward, update, settings, ctx)
     steps = len(train_loader)
-    bar = progress_bar(not args.quiet and ctx.is_main)
-    last = until or args.epochs
+    bar = progress_bar(not settings.quiet and ctx.is_main)
+    last = until or settings.epochs
     epochs = bar(range(progress["epoch"], last), desc=metrics.stage, initial=progress["epoch"],
                  total=last)
     with StopRequest() as stop:
@@ -269,7 +293,7 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
             def after_step(batch, totals):
                 # under torchrun the ranks agree on a stop request every -p steps (an all-reduce
                 # and a read of one number), not every step; alone, the flag is read as it is
-                agree = ctx.world == 1 or (batch + 1) % args.print_freq == 0 or batch + 1 == steps
+                agree = ctx.world == 1 or (batch + 1) % settings.print_freq == 0 or batch + 1 == steps
                 stopping = agree and distributed.any_(bool(stop), ctx)
                 if on_step(batch) and batch + 1 < steps or stopping:
                     progress.update(batch=batch + 1, totals=totals(),
@@ -277,21 +301,21 @@ def run_epochs(args, ctx, model, forward, loaders, update, progress, metrics, sa
                     save_state()
                 return stopping
 
-            totals = train_epoch(model, step, train_loader, epoch, lr_for_batch, args, ctx,
+            totals = train_epoch(model, step, train_loader, epoch, lr_for_batch, settings, ctx,
                                  progress["batch"], progress["totals"], after_step)
             if totals is None:
                 stopped(stop, f"in epoch {epoch} at step {progress['batch']}")
             elapsed = spent_before + time.time() - started
             test = {"loss": None, "accuracy": None, "correct": None}
-            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == last:
-                test = evaluate(model, test_loader, args.amp, ctx)
+            if (epoch + 1) % settings.eval_every == 0 or epoch + 1 == last:
+                test = evaluate(model, test_loader, settings.amp, ctx)
             metrics.append({"epoch": epoch + 1, "lr": lr_for_batch(steps - 1),
                             "train_loss": totals["loss"] / totals["count"],
                             "train_acc": 100 * totals["correct"] / totals["count"],
                             "test_loss": test["loss"], "test_acc": test["accuracy"],
                             "test_correct": test["correct"], "time": elapsed})
             log.info("%s epoch %d/%d: train loss %.4f%s (%.0f s)", metrics.stage, epoch + 1,
-                     args.epochs, totals["loss"] / totals["count"], "" if test["loss"] is None else
+                     settings.epochs, totals["loss"] / totals["count"], "" if test["loss"] is None else
                      f", test loss {test['loss']:.4f} acc {test['accuracy']:.2f}", elapsed)
             progress.update(epoch=epoch + 1, batch=0, totals=None, elapsed=0.0)
             save_state()
@@ -305,7 +329,7 @@ def stopped(stop, where):
     raise SystemExit(128 + signal.SIGTERM)
 
 
-def train_epoch(model, step, loader, epoch, lr_for_batch, args, ctx, start_batch=0,
+def train_epoch(model, step, loader, epoch, lr_for_batch, settings, ctx, start_batch=0,
                 totals=None, after_step=lambda batch, totals: False):
     """One epoch from batch `start_batch` on, one step(images, labels, lr, scale) (make_step) per
     batch. Loss and accuracy are summed on the device and read (over all ranks) only at each log
@@ -321,7 +345,7 @@ def train_epoch(model, step, loader, epoch, lr_for_batch, args, ctx, start_batch
         return {"loss": base["loss"] + loss, "correct": base["correct"] + int(correct),
                 "count": base["count"] + int(count)}
 
-    batches = progress_bar(not args.quiet and ctx.is_main)(
+    batches = progress_bar(not settings.quiet and ctx.is_main)(
         loader.batches(start_batch), desc=f"epoch {epoch}", total=len(loader) - start_batch)
     for batch, (images, labels) in enumerate(batches, start=start_batch):
         lr = lr_for_batch(batch)
@@ -331,7 +355,7 @@ def train_epoch(model, step, loader, epoch, lr_for_batch, args, ctx, start_batch
         sums[0] += loss
         sums[1] += correct
         sums[2] += len(labels)
-        if (batch + 1) % args.print_freq == 0 or batch + 1 == len(loader):
+        if (batch + 1) % settings.print_freq == 0 or batch + 1 == len(loader):
             now = merged()
             if not math.isfinite(now["loss"]):
                 raise FloatingPointError(f"non-finite loss in epoch {epoch} by step {batch + 1}; the "

@@ -34,7 +34,8 @@ class FolderLock:
         for folder in sorted({os.path.abspath(f) for f in folders}):
             try:
                 os.makedirs(folder, exist_ok=True)
-                handle = open(os.path.join(folder, ".twa-lock"), "a+")
+                # a path in sys.argv may hold bytes that are not UTF-8: written escaped
+                handle = open(os.path.join(folder, ".twa-lock"), "a+", errors="backslashreplace")
             except OSError as err:
                 raise UsageError(f"cannot write to {folder}: {err.strerror}") from None
             try:
@@ -223,23 +224,24 @@ def read_manifest(path):
     return entries
 
 
-def verify_checkpoints(paths):
-    """Stop with a UsageError naming the first of `paths` whose size or SHA-256 differs from its
-    entry in the checkpoints.json beside it; files without an entry are not checked. Returns how
-    many were verified."""
-    manifests, verified = {}, 0
+def hash_checkpoints(paths):
+    """(the SHA-256 of each of `paths`, how many matched an entry of the checkpoints.json beside
+    them). Stops with a UsageError naming the first file whose size or SHA-256 differs from its
+    entry; files without an entry are hashed, not checked."""
+    manifests, digests, verified = {}, [], 0
     for path in paths:
         folder = os.path.dirname(os.path.abspath(path))
         if folder not in manifests:
             manifests[folder] = read_manifest(os.path.join(folder, Manifest.FILE))
         entry = manifests[folder].get(os.path.basename(path))
+        digests.append(sha256_of(path))
         if entry is None:
             continue
-        if os.path.getsize(path) != entry["size"] or sha256_of(path) != entry["sha256"]:
+        if os.path.getsize(path) != entry["size"] or digests[-1] != entry["sha256"]:
             raise UsageError(f"{path} is not the file train_sgd.py saved (its size or SHA-256 differs "
                              f"from {os.path.join(folder, Manifest.FILE)}): changed or corrupt on disk")
         verified += 1
-    return verified
+    return digests, verified
 
 
 def git_revision():

@@ -6,7 +6,6 @@ epoch, numbered consecutively): plain state_dicts, interchangeable with the refe
 --val-split R, R% of the training images are held out and their indices written to <save-dir>/split.json,
 where train_twa.py finds them.
 """
-import argparse
 import os
 import time
 
@@ -99,14 +98,6 @@ def check_online_args(args):
         raise UsageError("--twa-lr must be positive and --twa-wd non-negative")
 
 
-def twa_settings(args):
-    """The flags of the TWA stage as train_twa.py would have them."""
-    return argparse.Namespace(**{**vars(args), "epochs": args.twa_epochs, "lr": args.twa_lr,
-                                 "weight_decay": args.twa_wd, "schedule": args.twa_schedule,
-                                 "opt": args.twa_opt, "warmup_epochs": 0.0, "bn": ["recompute"], "checkpoints": None,
-                                 "output_dir": args.save_dir, "train_start": -1})
-
-
 def save_points(batches, per_epoch, flag="--save-every"):
     """Batch indices after which a checkpoint is saved (or weights recorded): per_epoch of them,
     evenly spread."""
@@ -124,7 +115,9 @@ def main(argv=None):
         split = os.path.join(args.save_dir, utils.SPLIT_FILE)  # --val-split's held-out part
         loaders, model = utils.setup_run(args, ctx, "sgd", split if resume and os.path.exists(split)
                                        else None, split, folders=[args.save_dir])
+        data_digest = utils.data_digest(loaders)
         if resume:
+            check_same_data(resume, data_digest, state_path)
             model.load_state_dict(resume["model"])
         elif args.init:
             utils.load_weights(model, args.init, args)
@@ -138,12 +131,13 @@ def main(argv=None):
     points = save_points(len(train_loader), args.save_every)
     recording = save_points(len(train_loader), args.record_every, "--record-every") if args.twa_at \
         else set()
-    optimizer = torch.optim.SGD(model.parameters(), lr=loop.learning_rate(args, ctx.device),
+    settings = loop.LoopSettings.from_flags(args)
+    optimizer = torch.optim.SGD(model.parameters(), lr=loop.learning_rate(settings, ctx.device),
                                 momentum=args.momentum, weight_decay=args.weight_decay)
     recorder = make_recorder(args, model, ctx)
     progress = {"epoch": 0, "batch": 0, "checkpoint": 0, "totals": None, "elapsed": 0.0}
     if resume:
-        loop.load_optimizer(optimizer, resume["optimizer"], args, ctx.device)
+        loop.load_optimizer(optimizer, resume["optimizer"], settings, ctx.device)
         utils.restore_rng(resume["rng"], ctx, state_path)
         progress = resume["progress"]
         restore_recorder(recorder, resume, state_path)
@@ -163,7 +157,7 @@ def main(argv=None):
         if ctx.is_main:
             runfiles.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "rng": rng, "progress": progress, "metrics": metrics.rows,
-                                 "args": vars(args),
+                                 "args": vars(args), "data": data_digest,
                                  "recorder": recorder.state_dict() if recorder else None}, state_path)
 
 
@@ -190,7 +184,7 @@ def main(argv=None):
 
     schedule = loop.Schedule(args.schedule, args.lr, args.epochs, swa_start=args.swa_start,
                              swa_lr=args.swa_lr)
-    loop.run_epochs(args, ctx, model, forward, (train_loader, test_loader), update, progress,
+    loop.run_epochs(settings, ctx, model, forward, (train_loader, test_loader), update, progress,
                     metrics, save_state, schedule, on_step=on_step, until=args.twa_at)
     if args.save_every:
         log.info("done: %d checkpoints in %s", progress["checkpoint"] + 1, args.save_dir)
@@ -215,6 +209,17 @@ def read_resume(args, state_path):
         log.warning("%s holds 0.pt but no %s: starting afresh", args.save_dir, STATE)
         return None
     return cli.read_resume(args, state_path, SHAPING)
+
+
+def check_same_data(resume, digest, state_path):
+    """Refuse to resume on other data: images added to the tree draw another --train-subset, and
+    the run would go on on images that its first epochs never saw."""
+    if "data" not in resume:
+        log.warning("%s records no data digest (saved by an earlier version): the data cannot be "
+                    "checked against the run's", state_path)
+    elif resume["data"] != digest:
+        raise UsageError(f"{state_path} was saved on other data (the images, labels, subset or "
+                         "split differ); resume on the same data, or start without --resume")
 
 
 def make_recorder(args, model, ctx):
@@ -242,7 +247,6 @@ def restore_recorder(recorder, resume, state_path):
 def train_recorded_subspace(args, ctx, loaders, model, recorder):
     """SWA and TWA over the recorded weights, as train_twa.py does over files; resumable through
     <save-dir>/twa_state.pt."""
-    settings = twa_settings(args)
     started = time.time()
     space = recorder.subspace()
     report = {"basis": stage.basis_report(space, time.time() - started, args.pbits, ctx,
@@ -252,12 +256,12 @@ def train_recorded_subspace(args, ctx, loaders, model, recorder):
     state_path = os.path.join(args.save_dir, stage.STATE)
     inputs = {"recorded": list(space.names), "pbits": args.pbits, "layer_size": args.layer_size,
               "coefficients": args.coefficients, "val_split": args.val_split,
-              "batch_size": args.batch_size}
+              "batch_size": args.batch_size, "data": utils.data_digest(loaders)}
     with distributed.agreement(ctx):  # no TWA state yet is normal: SGD was what ran
-        resume = cli.read_resume(settings, state_path, SHAPING, inputs) \
+        resume = cli.read_resume(args, state_path, SHAPING, inputs, epochs=args.twa_epochs) \
             if os.path.exists(state_path) else None
-    stage.train_in_subspace(settings, ctx, loaders, model, space, report, state_path, inputs,
-                                resume)
+    stage.train_in_subspace(stage.TWASettings.of_train_sgd(args), ctx, loaders, model, space, report,
+                            state_path, inputs, resume)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,8 @@ def parse_args(argv=None):
         help="storage of the basis: float32, float16 (scaled), or 8/4-bit affine quantisation")
     add("--output-dir", default=None, help="folder for twa.pt, coefficients.json and the resume "
         "state (default: --save-dir)")
+    add("--overwrite", action="store_true", help="replace the outputs of an earlier TWA run in "
+        "--output-dir and --log-dir (refused without this flag or --resume)")
     add("--basis", default="orthonormal", choices=("orthonormal", "reference"),
         help="orthonormal: Gram-Schmidt applied twice to the first checkpoint and the differences "
         "from it (exact projection); reference: the ICLR code's one pass in float32 over the raw checkpoints, whose "
@@ -115,8 +117,9 @@ def check_args(args):
 
 def check_inputs(args, ctx):
     """The checks that read files (which one node of several may lack): the checkpoints exist, are
-    whole, and match checkpoints.json where train_sgd.py wrote one (how many did is returned; each
-    file is hashed once per node, by its first process)."""
+    whole, and match checkpoints.json where train_sgd.py wrote one. Returns (their SHA-256, how many
+    matched an entry) on the first process of each node, which alone hashes them; (None, 0) on the
+    others."""
     files = checkpoint_files(args)
     if args.train_start != -1 and args.train_start not in checkpoint_indices(args):
         where = (f"0..{len(files) - 1} (positions in --checkpoints)" if args.checkpoints else
@@ -133,7 +136,20 @@ def check_inputs(args, ctx):
             twa.check_readable(path)
         except twa.CheckpointError as err:
             raise UsageError(str(err)) from None
-    return runfiles.verify_checkpoints(files) if ctx.is_node_main else 0
+    return runfiles.hash_checkpoints(files) if ctx.is_node_main else (None, 0)
+
+
+def check_no_earlier_run(args):
+    """A folder that holds another TWA run's outputs is not replaced without --overwrite (or
+    continued without --resume): its results would be lost without a word."""
+    if args.resume or args.overwrite:
+        return
+    outputs = [os.path.join(args.output_dir, name) for name in ("twa.pt", "coefficients.json", STATE)]
+    found = next((path for path in [*outputs, os.path.join(args.log_dir, "twa_results.json")]
+                  if os.path.exists(path)), None)
+    if found:
+        raise UsageError(f"{found} is an earlier TWA run's; --resume continues it, --overwrite "
+                         "replaces it, or choose another --output-dir")
 
 
 def check_range(args):
@@ -225,7 +241,7 @@ def compare_soups(args, model, loaders, ctx, uniform):
     ingredients = []
     for path in files:
         utils.load_weights(model, path, args)
-        scores = stage.measure(model, loaders, args, ctx, bn=None)
+        scores = stage.measure(model, loaders, args.amp, ctx, bn=None)
         ingredients.append({"checkpoint": path, **scores})
         log.info("ingredient %s: held-out acc %.2f, test acc %.2f", path,
                  ingredients[-1]["held_out"]["accuracy"], ingredients[-1]["accuracy"])
@@ -234,7 +250,7 @@ def compare_soups(args, model, loaders, ctx, uniform):
 
     def score(members):
         model.load_state_dict(soup.average_state_dicts([files[i] for i in members]))
-        soups[tuple(members)] = stage.measure(model, loaders, args, ctx)
+        soups[tuple(members)] = stage.measure(model, loaders, args.amp, ctx)
         return soups[tuple(members)]["held_out"]["accuracy"]
     members, _ = soup.greedy_soup(ranked, score)
     greedy = soups[tuple(members)]  # as scored: BatchNorm recomputed, also for a soup of one
@@ -251,23 +267,27 @@ def main(argv=None):
     state_path = os.path.join(args.output_dir, STATE)
     with distributed.agreement(ctx):  # what a node may lack or hold wrongly stops every process
         check_range(args)
-        # the generators name the basis the saved coordinates belong to (states saved with
-        # the earlier centred generators cannot be resumed in this one)
-        inputs = {"checkpoints": checkpoint_files(args), "generators": "anchored"}
-        resume = cli.read_resume(args, state_path, SHAPING, inputs, missing_ok=True)
+        check_no_earlier_run(args)
+        files = checkpoint_files(args)
         recorded = args.split or os.path.join(args.save_dir, utils.SPLIT_FILE)
         recorded = recorded if os.path.isfile(recorded) else None
-        verified = check_inputs(args, ctx)
+        digests, verified = check_inputs(args, ctx)
         loaders, model = utils.setup_run(args, ctx, "twa", recorded,
                                        os.path.join(args.log_dir, SPLIT_RECORD), folders=[args.output_dir])
         if args.checkpoints and loaders.held_out is None:
             raise UsageError("soup mode ranks the models on held-out images: give --val-split R, or "
                              "--split FILE from train_sgd.py --val-split")
-        utils.load_weights(model, inputs["checkpoints"][0], args)  # another architecture fails here
+        utils.load_weights(model, files[0], args)  # another architecture fails here
         runfiles.read_jsonl(os.path.join(args.log_dir, "metrics.jsonl"))  # appended to at the end
+    # what the saved coordinates belong to: the files' contents, the data, and the generators
+    # (states saved with the earlier centred generators cannot be resumed in this basis)
+    inputs = {"checkpoints": files, "sha256": distributed.from_node_main(ctx, digests),
+              "data": utils.data_digest(loaders), "generators": "anchored"}
+    with distributed.agreement(ctx):
+        resume = cli.read_resume(args, state_path, SHAPING, inputs, missing_ok=True)
+    # nodes that hold other files under the same names would build a patchwork basis
     utils.check_ranks_agree(ctx, args, SHAPING, loaders, resume_progress=resume and resume["progress"],
-                          checkpoint_files=[(path, os.path.getsize(path))
-                                            for path in inputs["checkpoints"]])
+                            checkpoint_files=(files, inputs["sha256"]))
     if verified:
         log.info("%d of %d checkpoints verified against their SHA-256 in %s", verified,
                  len(inputs["checkpoints"]), runfiles.Manifest.FILE)
@@ -287,7 +307,7 @@ def main(argv=None):
         trainer.move_to(checkpoint_indices(args).index(args.train_start))
 
     report = {"basis": basis_report, "start_epoch": head_epoch(args)}
-    stage.train_in_subspace(args, ctx, loaders, model, space, report, state_path, inputs,
+    stage.train_in_subspace(stage.TWASettings.of_train_twa(args), ctx, loaders, model, space, report, state_path, inputs,
                       resume, soups_beside if args.checkpoints else None,
                       start_at_checkpoint if args.train_start >= 0 else None)
     distributed.shutdown(ctx)

@@ -149,6 +149,14 @@ def load_weights(model, path, args):
     model.load_state_dict(state)
 
 
+class EscapingFormatter(logging.Formatter):
+    """A path may hold bytes that are not UTF-8 (surrogate escapes in sys.argv): the line shows them
+    escaped, where the handlers would drop it with a logging error."""
+
+    def format(self, record):
+        return super().format(record).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def setup_logging(log_dir, log_name, enabled=True):
     """Log to the console and to <log_dir>/<log_name>.log (rank 0 only: enabled=False silences)."""
     log.handlers.clear()
@@ -157,7 +165,7 @@ def setup_logging(log_dir, log_name, enabled=True):
     if not enabled:
         return
     os.makedirs(log_dir, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    fmt = EscapingFormatter("%(asctime)s %(message)s", "%H:%M:%S")
     for handler in (logging.StreamHandler(sys.stdout),
                     logging.FileHandler(os.path.join(log_dir, f"{log_name}.log"))):
         handler.setFormatter(fmt)
@@ -218,9 +226,8 @@ def check_ranks_agree(ctx, args, flags, loaders, **inputs):
     collective, or train on other batches."""
     fields = {f"--{flag.replace('_', '-')}": getattr(args, flag, None)
               for flag in (*flags, *SCHEDULING)}
-    fields["the data (sizes and labels of the training, test and held-out parts)"] = (
-        loaders.classes, *(label_digest(loader) for loader in
-                           (loaders.train, loaders.test, loaders.held_out) if loader is not None))
+    fields["the data (sizes, labels and images of the training, test and held-out parts)"] = \
+        data_digest(loaders)
     fields.update((name.replace("_", " "), value) for name, value in inputs.items())
     distributed.check_same(ctx, fields)
 
@@ -238,15 +245,25 @@ def check_split(split):
         raise ValueError("held_out repeats an index")
 
 
-def label_digest(loader):
-    """(examples, a position-weighted sum of the labels) of a loader: equal for the same examples
-    in the same order, different for another subset, split or order (in-memory loader; the
-    torchvision loader keeps no labels at hand, so only its size counts)."""
-    labels = getattr(loader, "labels", None)
-    if labels is None:
-        return loader.n, None
+def data_digest(loaders):
+    """What identifies the data of a run: the number of classes and, for each part, (examples, a
+    position-weighted sum of the labels, one of the images' pixel sums). Equal for the same images
+    in the same order; different for another subset, split, order or content. Ranks compare it, and
+    a resume state keeps it. The torchvision loader reads its images lazily: its size only."""
+    return [loaders.classes, *(_part_digest(loader) for loader in
+                               (loaders.train, loaders.test, loaders.held_out) if loader is not None)]
+
+
+def _part_digest(loader):
+    stored = getattr(loader, "labels", None), getattr(loader, "images", None)
+    if stored[0] is None:
+        return [loader.n, None, None]
+    labels, images = stored
     weights = torch.arange(1, len(labels) + 1, device=labels.device)
-    return loader.n, int((labels * weights).sum())
+    # int64 throughout: exact on every device (a wrap past 2^63 is just as deterministic)
+    pixels = sum((chunk.flatten(1).sum(1, dtype=torch.int64) * w).sum()
+                 for chunk, w in zip(images.split(4096), weights.split(4096)))
+    return [loader.n, int((labels * weights).sum()), int(pixels)]
 
 
 def resolve_split(args, n, recorded):

@@ -97,7 +97,7 @@ class Pipeline(common.Experiment):
                 "--params_start", 0, "--params_end", self.args.twa_end * per + 1,
                 "--params_stride", stride, "--train_start", -1, "--epochs", epochs,
                 "--lr", TWA["lr"], "--wd", TWA["wd"], "--schedule", TWA["schedule"],
-                "--bn", *TWA["bn"]])
+                "--bn", *TWA["bn"], "--resume"])  # --resume: a killed run's state continues
         with open(results) as f:
             out = json.load(f)
         with open(os.path.join(folder, "coefficients.json")) as f:

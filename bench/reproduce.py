@@ -100,7 +100,8 @@ class Pipeline(common.Experiment):
                 "--save-dir", checkpoints, "--output-dir", folder, "--log-dir", folder,
                 "--params_start", start, "--params_end", end, "--params_stride", stride,
                 "--train_start", train_start, "--epochs", epochs, "--lr", hyper["lr"],
-                "--wd", hyper["wd"], "--schedule", hyper["schedule"], "--pbits", pbits])
+                "--wd", hyper["wd"], "--schedule", hyper["schedule"], "--pbits", pbits,
+                "--resume"])  # a killed run's state continues
         out = json.load(open(results))
         alpha = json.load(open(os.path.join(folder, "coefficients.json")))
         curve = [r["test_acc"] for r in runfiles.read_jsonl(os.path.join(folder, "metrics.jsonl"))

@@ -68,7 +68,7 @@ def twa_runs(args, run, run_dir, ingredients, split, variants):
         if not os.path.exists(results):
             run("train_twa.py", ["--checkpoints", *ingredients, "--split", split, "--save-dir", folder,
                                  "--log-dir", folder, "--epochs", args.twa_epochs,
-                                 "--randomseed", args.seed, *TWA, *flags])
+                                 "--randomseed", args.seed, *TWA, *flags, "--resume"])
         with open(results) as f:
             runs[name] = json.load(f)
     return runs

@@ -119,7 +119,8 @@ class Pipeline(common.Experiment):
             return None
         if not os.path.exists(results):
             self.run("train_twa.py", ["--save-dir", checkpoints, "--output-dir", folder, "--log-dir",
-                                      folder, "--params_start", first, "--params_end", end, *flags])
+                                      folder, "--params_start", first, "--params_end", end, *flags,
+                                      "--resume"])  # a killed run's state continues
         with open(results) as f:
             out = json.load(f)
         return {"swa_acc": out["swa"]["accuracy"], "twa_acc": out["twa"]["accuracy"],

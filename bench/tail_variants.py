@@ -62,7 +62,7 @@ def main():
             run("train_twa.py", ["--save-dir", tail, "--output-dir", folder, "--log-dir", folder,
                                  "--params_start", 1, "--params_end", e + 1,
                                  "--train_start", e if start == "last" else -1, "--epochs", 2,
-                                 "--lr", lr, "--wd", 5e-5, "--schedule", "step"])
+                                 "--lr", lr, "--wd", 5e-5, "--schedule", "step", "--resume"])
         out = json.load(open(results))
         rows.append({"name": name, "start": start, "lr": lr, "swa_acc": out["swa"]["accuracy"],
                      "twa_acc": out["twa"]["accuracy"]})

@@ -1,4 +1,5 @@
 """The scripts end to end on a tiny ImageFolder tree, their resume paths and their bad-input errors."""
+import dataclasses
 import json
 import os
 import signal
@@ -12,6 +13,8 @@ import torch
 import train_sgd
 import train_twa
 import cli
+import loop
+import stage
 from conftest import ROOT, write_image_folder
 from test_twa import RunsCode
 
@@ -317,3 +320,24 @@ def test_a_full_disk_is_one_line_and_leaves_no_torn_file(tiny_data, tmp_path):
                           capture_output=True, text=True, timeout=300, preexec_fn=small_files)
     assert proc.returncode == 1 and proc.stderr.startswith("error: cannot write"), proc.stderr[-500:]
     assert not [n for n in os.listdir(tmp_path / "full") if n.endswith((".pt", ".tmp"))]
+
+
+def test_each_stage_reads_its_own_flags_through_typed_settings():
+    """train_sgd --twa-at's TWA stage reads --twa-epochs, --twa-lr, --twa-wd, --twa-schedule and
+    --twa-opt, not the SGD stage's values of the same names; train_twa's reads its own flags."""
+    sgd = train_sgd.parse_args(["--epochs", "6", "--lr", "0.1", "--wd", "5e-4", "--twa-at", "3",
+                                "--twa-epochs", "2", "--twa-lr", "0.3", "--twa-wd", "1e-5",
+                                "--twa-schedule", "cosine", "-p", "7", "--save-dir", "s"])
+    assert loop.LoopSettings.from_flags(sgd) == loop.LoopSettings(epochs=6, lr=0.1, print_freq=7,
+                                                                   quiet=False)
+    online = stage.TWASettings.of_train_sgd(sgd)
+    assert (online.loop.epochs, online.loop.lr, online.weight_decay, online.schedule, online.opt,
+            online.output_dir, online.bn) == (2, 0.3, 1e-5, "cosine", "SGD", "s", ("recompute",))
+    assert online.flags["epochs"] == 6 and not online.named_checkpoints
+    files = train_twa.parse_args(["--epochs", "4", "--lr", "1.5", "--wd", "2e-5", "--params_start",
+                                  "0", "--params_end", "3", "--bn", "running", "recompute"])
+    offline = stage.TWASettings.of_train_twa(files)
+    assert (offline.loop.epochs, offline.loop.lr, offline.weight_decay, offline.bn) == \
+        (4, 1.5, 2e-5, ("running", "recompute"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        offline.loop.epochs = 5

@@ -82,8 +82,7 @@ def test_sgd_and_twa_epochs_read_nothing_back_between_log_points(monkeypatch, bi
         loop.set_lr(twa_opt, lr)
         trainer.step(twa_opt)
     loader = batches()
-    args = types.SimpleNamespace(amp=False, label_smoothing=0.0, print_freq=100, quiet=True,
-                                 compile=False)
+    args = loop.LoopSettings(epochs=2, lr=0.05, print_freq=100)
     ctx = types.SimpleNamespace(world=1, rank=0, device=DEVICE, is_main=True)
     for net, update in ((sgd_model, sgd_update), (model, twa_update)):
         step = loop.make_step(net, update, args, ctx)
@@ -165,9 +164,9 @@ def test_a_resumed_optimizer_keeps_the_rate_as_a_tensor_on_the_device():
     the device (a float would retrace the compiled step at every new value), and the other way."""
     param = nn.Parameter(torch.zeros(3, device=DEVICE))
     for saved_compile, resumed_compile in ((False, True), (True, False)):
-        saved = types.SimpleNamespace(lr=0.1, compile=saved_compile)
+        saved = loop.LoopSettings(epochs=1, lr=0.1, compile=saved_compile)
         state = torch.optim.SGD([param], lr=loop.learning_rate(saved, DEVICE), momentum=0.9).state_dict()
-        resumed = types.SimpleNamespace(lr=0.1, compile=resumed_compile)
+        resumed = loop.LoopSettings(epochs=1, lr=0.1, compile=resumed_compile)
         optimizer = torch.optim.SGD([param], lr=loop.learning_rate(resumed, DEVICE), momentum=0.9)
         loop.load_optimizer(optimizer, state, resumed, DEVICE)
         lr = optimizer.param_groups[0]["lr"]
@@ -205,8 +204,8 @@ def test_a_compiled_step_trains_as_the_eager_one(subspace, graphs, monkeypatch):
     for compiled in (False, True):
         model = small_cnn()
         model[5].p = 0.0
-        args = types.SimpleNamespace(amp=False, label_smoothing=0.0, print_freq=100, quiet=True,
-                                     compile=compiled, cuda_graphs=compiled and graphs, lr=0.1)
+        args = loop.LoopSettings(epochs=2, lr=0.1, print_freq=100, compile=compiled,
+                                 cuda_graphs=compiled and graphs)
         ctx = types.SimpleNamespace(world=1, rank=0, device=DEVICE, is_main=True)
         if subspace:
             trainer = twa.TWA(model, twa.Subspace.from_checkpoints(

@@ -31,15 +31,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch_nodes(script, per_rank_args, timeout=180):
+def launch_nodes(script, per_rank_args, timeout=180, cwds=None):
     """Start one process per rank as separate launches (two nodes of one process each), with its
-    own flags; returns [(returncode, stderr, seconds)] by rank."""
+    own flags (and working folder); returns [(returncode, stderr, seconds)] by rank."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(len(per_rank_args)),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LOCAL_RANK": "0"}
     started = time.time()
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args), "--quiet"],
                               env={**env, "RANK": str(rank)}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+                              stderr=subprocess.PIPE, text=True, cwd=cwds and cwds[rank])
              for rank, args in enumerate(per_rank_args)]
     out = []
     for proc in procs:
@@ -95,6 +95,109 @@ def test_nodes_that_disagree_on_the_data_stop_naming_the_flag(tiny_data, tmp_pat
     for rc, err, _ in results:
         assert rc == 2 and "the 2 processes disagree on --train-subset" in err, err[-500:]
     assert not (tmp_path / "run" / "0.pt").exists()  # stopped before the first file
+
+
+def rewrite(path, shift=1.0):
+    """The file saved again under its name, one weight moved by `shift` (another run's, a stale
+    copy); the same size for any shift."""
+    state = torch.load(path, weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key] + shift
+    torch.save(state, path)
+
+
+@pytest.mark.slow
+def test_nodes_holding_other_files_under_the_same_names_stop_naming_them(sgd_run, tiny_data,
+                                                                          tmp_path):
+    """Checkpoints of the same names and sizes, another content on one node (no manifest to catch
+    it): compared by SHA-256, hashed once per node, refused before a patchwork basis is built."""
+    for node in ("a", "b"):
+        shutil.copytree(sgd_run, tmp_path / node / "ck")
+        os.remove(tmp_path / node / "ck" / runfiles.Manifest.FILE)
+    rewrite(tmp_path / "a" / "ck" / "2.pt", shift=0.0)
+    rewrite(tmp_path / "b" / "ck" / "2.pt")
+    assert os.path.getsize(tmp_path / "a" / "ck" / "2.pt") == os.path.getsize(tmp_path / "b" / "ck" / "2.pt")
+    flags = common(tiny_data, "ck", "--params_end", 5, "--epochs", 1, "--device", "cpu",
+                   "--output-dir", "out", "--log-dir", "out")
+    results = launch_nodes("train_twa.py", [flags, flags], cwds=[tmp_path / "a", tmp_path / "b"])
+    for rc, err, _ in results:
+        assert rc == 2 and "the 2 processes disagree on checkpoint files" in err, err[-500:]
+    assert not (tmp_path / "a" / "out" / "twa.pt").exists()
+
+
+def test_twa_resume_refuses_checkpoints_replaced_under_the_same_names(sgd_run, tiny_data, tmp_path):
+    shutil.copytree(sgd_run, tmp_path / "ck")
+    flags = ["--params_end", 5, "--epochs", 1, "--output-dir", tmp_path / "out"]
+    run("train_twa.py", *common(tiny_data, tmp_path / "ck", *flags))
+    os.remove(tmp_path / "ck" / runfiles.Manifest.FILE)  # replaced with their manifest: as good
+    rewrite(tmp_path / "ck" / "2.pt")
+    proc = run("train_twa.py", *common(tiny_data, tmp_path / "ck", *flags, "--resume"), check=False)
+    assert proc.returncode == 2 and "saved for other checkpoint contents" in proc.stderr, proc.stderr
+
+
+PEER_STOPS = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import cli
+
+def main(argv):
+    dist.init_process_group("gloo")
+    for step in range(10 ** 6):
+        if dist.get_rank() == 1 and step == 20:
+            os._exit(9)  # as if killed: no goodbye to the group
+        dist.all_reduce(torch.zeros(10))
+
+cli.run_main(main)
+"""
+
+
+def test_the_survivor_of_a_killed_process_says_one_line_naming_it(tmp_path):
+    script = tmp_path / "peer.py"
+    script.write_text(PEER_STOPS.format(root=ROOT))
+    (rc0, err0, _), (rc1, _, _) = launch_nodes(script, [[], []], timeout=120)
+    assert rc1 == 9
+    assert rc0 == 1 and err0.strip().splitlines() == [
+        "error: process 0 of 2 lost contact with process 1, which stopped or stalled past "
+        "--dist-timeout (its own output says why); the last saved state is kept"], err0
+
+
+def test_a_finished_twa_folder_is_replaced_only_with_overwrite(sgd_run, tiny_data, tmp_path):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    flags = common(tiny_data, sgd_run, "--params_end", 5, "--epochs", 1, "--output-dir", out,
+                   "--log-dir", logs)
+    os.makedirs(logs)
+    (logs / "twa_results.json").write_text("{}")  # an earlier run's results, its twa.pt elsewhere
+    proc = run("train_twa.py", *flags, check=False)
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: {logs / 'twa_results.json'} is an earlier TWA run's; --resume continues it, "
+        "--overwrite replaces it, or choose another --output-dir\n")
+    assert not out.exists() or not (out / "twa.pt").exists()
+    run("train_twa.py", *flags, "--overwrite")
+    assert json.loads((logs / "twa_results.json").read_text())["twa"]["accuracy"] >= 0
+
+
+def test_a_save_path_that_is_not_utf8_is_written_escaped_in_the_lock_and_log(tiny_data, tmp_path):
+    save = os.path.join(tmp_path, b"run-\xfe".decode("utf-8", "surrogateescape"))
+    args = [sys.executable, os.path.join(ROOT, "train_sgd.py"),
+            *map(str, common(tiny_data, save, "--epochs", 1, "--train-subset", 16)), "--quiet"]
+    proc = subprocess.run([os.fsencode(a) for a in args], capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert b"Logging error" not in proc.stderr
+    assert "run-\\udcfe" in open(os.path.join(save, "log.log"), encoding="utf-8").read()
+
+
+def test_sgd_resume_refuses_data_that_changed_since(tmp_path):
+    """Images added to the tree: --train-subset would draw another subset, and the run go on
+    on images its first epochs never saw."""
+    write_image_folder(tmp_path / "data", per_class=12)
+    flags = ["--epochs", 1, "--train-subset", 24, "--save-every", 1]
+    run("train_sgd.py", *common(tmp_path / "data", tmp_path / "run", *flags))
+    write_image_folder(tmp_path / "more", per_class=2, seed=5)
+    for image in (tmp_path / "more" / "train").rglob("*.png"):
+        shutil.copy(image, tmp_path / "data" / "train" / image.parent.name / f"new-{image.name}")
+    proc = run("train_sgd.py", *common(tmp_path / "data", tmp_path / "run", *flags, "--resume"),
+               check=False)
+    assert proc.returncode == 2 and "was saved on other data" in proc.stderr, proc.stderr
 
 
 # -- 9: data that cannot be decoded ---------------------------------------------------------------
