@@ -171,7 +171,8 @@ def load_torch(path):
     except FileNotFoundError:
         raise UsageError(f"file not found: {path}") from None
     except Exception as err:
-        raise UsageError(f"cannot load {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        message = (str(err).strip().splitlines() or ["(no message)"])[0]
+        raise UsageError(f"cannot load {path}: {type(err).__name__}: {message}") from None
 
 
 def sha256_of(path):

@@ -102,6 +102,9 @@ def check_args(args):
         raise UsageError(f"empty or reversed checkpoint range [{args.params_start}, {args.params_end})")
     if args.params_stride <= 0:
         raise UsageError(f"--params_stride must be positive, not {args.params_stride}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --output-dir, --overwrite replaces it: "
+                         "give one of them")
     if args.layer_size is not None and args.layer_size < 0:
         raise UsageError(f"--layer-size must be non-negative, not {args.layer_size}")
     if not 0 < args.tol < 1:
@@ -267,13 +270,13 @@ def main(argv=None):
     state_path = os.path.join(args.output_dir, STATE)
     with distributed.agreement(ctx):  # what a node may lack or hold wrongly stops every process
         check_range(args)
-        check_no_earlier_run(args)
         files = checkpoint_files(args)
         recorded = args.split or os.path.join(args.save_dir, utils.SPLIT_FILE)
         recorded = recorded if os.path.isfile(recorded) else None
         digests, verified = check_inputs(args, ctx)
         loaders, model = utils.setup_run(args, ctx, "twa", recorded,
                                        os.path.join(args.log_dir, SPLIT_RECORD), folders=[args.output_dir])
+        check_no_earlier_run(args)  # under the folders' lock: a run still going is named as such
         if args.checkpoints and loaders.held_out is None:
             raise UsageError("soup mode ranks the models on held-out images: give --val-split R, or "
                              "--split FILE from train_sgd.py --val-split")

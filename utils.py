@@ -131,7 +131,7 @@ def load_weights(model, path, args):
     """Load a checkpoint file (parameters and buffers) into the model, or stop with one line that
     says plainly why it does not fit."""
     try:
-        state = twa.load_state_dict(path)
+        state = twa.load_state_dict(path, names=model.state_dict().keys())
     except twa.CheckpointError as err:
         raise UsageError(str(err)) from None
     expected = model.state_dict()

@@ -13,29 +13,21 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 
-import common
+import hostile_round3
 import runfiles
-
-PY = sys.executable
-SGD, TWA = (os.path.join(common.ROOT, name) for name in ("train_sgd.py", "train_twa.py"))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-class Broken(AssertionError):
-    """A case that did not hold."""
+from hostile_kit import (PY, SGD, TWA, ENV, TWA_BASE, Broken, Fixture, default_sigint, expect,
+                         file_limit, files_whole_and_finite, flags, image_tree, nodes, run, start,
+                         wait_for)
+import common
 
 
 def parse_args():
@@ -48,115 +40,14 @@ def parse_args():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Running the scripts
-# ---------------------------------------------------------------------------------------------------
-
-def image_tree(root, per_class=16, size=32, classes=("a", "b", "c")):
-    rng = np.random.default_rng(0)
-    for split, count in (("train", per_class), ("test", 4)):
-        for label, name in enumerate(classes):
-            os.makedirs(os.path.join(root, split, name), exist_ok=True)
-            for i in range(count):
-                pixels = rng.integers(0, 120, (size, size, 3))
-                pixels[..., label] += 120
-                Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(root, split, name, f"{i}.png"))
-    return root
-
-
-def flags(data, save_dir, *extra):
-    return ["--datasets", "ImageFolder", "--data-dir", data, "--arch", "resnet20", "-b", 8,
-            "--save-dir", save_dir, "--device", "cpu", "-p", 2, "--quiet", *extra]
-
-
-def run(script, args, preexec=None, timeout=300):
-    proc = subprocess.run([PY, script, *map(str, args)], capture_output=True, text=True, env=ENV,
-                          timeout=timeout, preexec_fn=preexec)
-    return proc.returncode, proc.stderr
-
-
-def default_sigint():
-    # a sweep started in the background (nohup ... &) hands its children an ignored SIGINT
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def start(script, args, env=None):
-    return subprocess.Popen([PY, script, *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env or ENV,
-                            preexec_fn=default_sigint)
-
-
-def expect(result, code, *phrases):
-    """The run exited with `code`; an error is one line holding every phrase."""
-    rc, err = result
-    if rc != code:
-        raise Broken(f"exit {rc}, not {code}: {err.strip()[-300:]}")
-    if code in (1, 2):
-        lines = err.strip().splitlines()
-        if len(lines) != 1 or not lines[0].startswith("error: "):
-            raise Broken(f"not one error line: {err.strip()[-300:]}")
-        missing = [p for p in phrases if p not in lines[0]]
-        if missing:
-            raise Broken(f"{missing[0]!r} not in {lines[0]!r}")
-
-
-def files_whole_and_finite(folder, temp_files_allowed=False):
-    """Every .pt file loads (weights_only) and holds only finite floats; no temp file is left
-    (unless allowed: after kill -9, which the next run in the folder cleans up)."""
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if name.endswith(".tmp") and not temp_files_allowed:
-            raise Broken(f"temp file left: {name}")
-        if name.endswith(".pt"):
-            state = torch.load(path, weights_only=True)
-            tensors = state.get("model", state) if isinstance(state, dict) else {}
-            if any(torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()
-                   for t in tensors.values()):
-                raise Broken(f"{name} holds non-finite values")
-
-
-def wait_for(path, proc, seconds=300):
-    deadline = time.time() + seconds
-    while not os.path.exists(path):
-        if proc.poll() is not None or time.time() > deadline:
-            raise Broken(f"{path} never appeared")
-        time.sleep(0.05)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def nodes(script, per_rank, timeout=200):
-    """One launch per rank (as two nodes would), each with its own flags: [(rc, stderr)]."""
-    env = {**ENV, "WORLD_SIZE": str(len(per_rank)), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "LOCAL_RANK": "0"}
-    procs = [start(script, args, {**env, "RANK": str(rank)}) for rank, args in enumerate(per_rank)]
-    return [(proc.wait(timeout=timeout), proc.stderr.read()) for proc in procs]
-
-
-def file_limit(size):
-    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-
-
-# ---------------------------------------------------------------------------------------------------
 # The cases: each takes a fresh folder `t` and the shared fixtures, and raises Broken if it fails
 # ---------------------------------------------------------------------------------------------------
 
 def cases(data, base):
-    """(name, function) pairs; `base`: a finished train_sgd run of 2 epochs, 2 checkpoints per epoch."""
-    twa_base = ["--params_end", 5, "--epochs", 1]
-
-    def sgd(t, *extra, **kw):
-        return run(SGD, flags(data, t, "--epochs", 1, *extra), **kw)
-
-    def twa(folder, t, *extra, **kw):
-        return run(TWA, flags(data, folder, *twa_base, "--output-dir", t, "--log-dir", t, *extra), **kw)
-
-    def copy_base(t):
-        shutil.copytree(base, t, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".twa-lock"))
-        return t
+    """(name, function) pairs of the first two rounds."""
+    twa_base = TWA_BASE
+    fixture = Fixture(data, base)
+    sgd, twa, copy_base = fixture.sgd, fixture.twa, fixture.copy_base
 
     def blow_up(t):
         expect(sgd(t, "--epochs", 2, "--lr", 1e4, "--schedule", "constant", "--save-every", 6), 1,
@@ -498,7 +389,7 @@ def main():
     base = os.path.join(root, "base")
     expect(run(SGD, flags(data, base, "--epochs", 2, "--save-every", 2)), 0)
     lines = []
-    for number, (name, case) in enumerate(cases(data, base)):
+    for number, (name, case) in enumerate([*cases(data, base), *hostile_round3.cases(Fixture(data, base))]):
         if args.only and args.only not in name:
             continue
         folder = os.path.join(root, f"case{number}")

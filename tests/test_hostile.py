@@ -186,6 +186,14 @@ def test_a_save_path_that_is_not_utf8_is_written_escaped_in_the_lock_and_log(tin
     assert "run-\\udcfe" in open(os.path.join(save, "log.log"), encoding="utf-8").read()
 
 
+def test_an_empty_resume_state_is_one_line(sgd_run, tiny_data, tmp_path):
+    flags = common(tiny_data, sgd_run, "--params_end", 3, "--epochs", 1, "--output-dir", tmp_path)
+    open(tmp_path / "twa_state.pt", "w").close()
+    proc = run("train_twa.py", *flags, "--resume", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: cannot load {tmp_path / 'twa_state.pt'}")
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
 def test_sgd_resume_refuses_data_that_changed_since(tmp_path):
     """Images added to the tree: --train-subset would draw another subset, and the run go on
     on images its first epochs never saw."""

@@ -427,6 +427,14 @@ def test_a_model_with_its_own_submodule_called_module_keeps_its_names():
     model.add_module("head", nn.Linear(3, 2))
     walk = random_walk(model, 3)
     assert twa.Subspace.from_checkpoints(model, walk).rank == 3
+    # every key then starts with "module.": still the model's own names, in memory and from files
+    alone = nn.Sequential()
+    alone.add_module("module", nn.Linear(4, 3))
+    walk = random_walk(alone, 3)
+    assert all(key.startswith("module.") for key in walk[0])
+    assert twa.Subspace.from_checkpoints(alone, walk).rank == 3
+    wrapped = [{f"module.{k}": v for k, v in state.items()} for state in walk]  # and under DDP
+    assert twa.Subspace.from_checkpoints(alone, wrapped).rank == 3
     with pytest.raises(ValueError, match="no trainable parameters"):
         twa.Subspace.from_checkpoints(nn.ReLU(), [{}])
 

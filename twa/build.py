@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .checkpoints import (check_readable, describe, flatten_checkpoint, load_state_dict,
+from .checkpoints import (check_readable, describe, flatten_checkpoint, read_parameters,
                           trainable_parameters)
 from .sharding import Sharding
 from .storage import QUANT_GROUP, Basis
@@ -195,8 +195,7 @@ def from_checkpoints(model, checkpoints, bits=32, tol=1e-5, device=None, progres
     builders = span_builders(parameter_blocks(params, layer_size), n, n, shard, bits, device)
     w, anchor = torch.empty_like(mean), torch.empty_like(mean)
     for j in wrap(range(n), "orthonormal basis"):
-        flatten_checkpoint(load_state_dict(sources[j]), params, names[j], out=w,
-                           entries=(shard.lo, shard.hi))
+        read_parameters(sources[j], params, names[j], out=w, entries=(shard.lo, shard.hi))
         add_generator(builders, j, w, anchor, shard, tol)
     warn_dropped(builders, lambda j: names[j], n)
     scheme = anchored(n)
@@ -227,8 +226,7 @@ def reference_from_checkpoints(model, checkpoints, device=None, progress=None, g
     builder, = span_builders(parameter_blocks(params), n, n, shard, 32, device, OnePassBuilder)
     w = torch.empty(shard.local_size, device=device)
     for j in wrap(range(n), "one-pass Gram-Schmidt (reference)"):
-        flatten_checkpoint(load_state_dict(sources[j]), params, names[j], out=w,
-                           entries=(shard.lo, shard.hi))
+        read_parameters(sources[j], params, names[j], out=w, entries=(shard.lo, shard.hi))
         builder.add(j, w, None, shard)
     for j, _ in builder.dropped:
         log.warning("%s adds no new direction; left out of the reference basis", names[j])
@@ -248,8 +246,7 @@ def combination_residual(space, model, checkpoints, alpha):
     total = torch.zeros(shard.local_size, dtype=torch.float64, device=space.device)
     buffer = torch.empty(shard.local_size, device=space.device)
     for i, source in enumerate(checkpoints):
-        x = flatten_checkpoint(load_state_dict(source), params, describe(source, i), out=buffer,
-                               entries=entries)
+        x = read_parameters(source, params, describe(source, i), out=buffer, entries=entries)
         for span, a in zip(space.spans, alpha):
             total[span.shard_slice].add_(x[span.shard_slice], alpha=float(a[i]))
     miss = shard.norm(total - w.double())
@@ -296,6 +293,6 @@ def _mean_of(sources, params, device, wrap, shard):
     total = torch.zeros(shard.local_size, dtype=torch.float64, device=device)
     w = torch.empty(shard.local_size, device=device)
     for i, source in enumerate(wrap(sources, "mean of the checkpoints")):
-        total += flatten_checkpoint(load_state_dict(source), params, describe(source, i), out=w,
-                                    entries=(shard.lo, shard.hi))
+        total += read_parameters(source, params, describe(source, i), out=w,
+                                 entries=(shard.lo, shard.hi))
     return total.div_(len(sources)).float()

@@ -31,8 +31,10 @@ def check_readable(path):
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a torch.save file)")
 
 
-def load_state_dict(source):
-    """A state_dict from a file or a mapping, without wrapper prefixes; files load weights only."""
+def load_state_dict(source, names=None):
+    """A state_dict from a file or a mapping, without wrapper prefixes; files load weights only.
+    names: the model's own keys, when known; a prefix is then removed only while some are missing
+    (so that a model with a submodule called `module` keeps its names)."""
     if isinstance(source, Mapping):
         state = source
     else:
@@ -45,7 +47,7 @@ def load_state_dict(source):
                 raise CheckpointError(f"refusing to load {source}: it holds pickled Python objects, "
                                       "not just tensors (loaded with weights_only=True)") from None
             raise CheckpointError(f"checkpoint {source} is unreadable "
-                                  f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+                                  f"({type(err).__name__}: {first_line(err)})") from None
         state = _unwrap_training_checkpoint(state)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint {source} holds a {type(state).__name__}, not a state_dict")
@@ -56,7 +58,7 @@ def load_state_dict(source):
     if any(torch.is_tensor(value) and value.is_meta for value in state.values()):
         raise CheckpointError(f"checkpoint {source} holds tensors on the meta device (shapes without "
                               "values): save the model after materialising its weights")
-    return _strip_prefixes(dict(state))
+    return _strip_prefixes(dict(state), names)
 
 
 def _unwrap_training_checkpoint(state):
@@ -68,10 +70,15 @@ def _unwrap_training_checkpoint(state):
     return state
 
 
-def _strip_prefixes(state):
-    """The state_dict without a wrapper's prefix: one that every key carries (a model of its own
-    with a submodule called `module` keeps its names)."""
-    while state:
+def first_line(err):
+    """The first line of an exception's message (some have none)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _strip_prefixes(state, names=None):
+    """The state_dict without a wrapper's prefix: one that every key carries, removed while any
+    of the model's `names` (when given) is missing."""
+    while state and (names is None or not all(name in state for name in names)):
         prefix = next((p for p in WRAPPER_PREFIXES if all(str(k).startswith(p) for k in state)), None)
         if prefix is None:
             return state
@@ -127,3 +134,8 @@ def flatten_checkpoint(state, params, source="state_dict", out=None, entries=Non
         offset += p.numel()
     return out
 
+
+def read_parameters(source, params, name, out=None, entries=None):
+    """flatten_checkpoint of a file or mapping, read with the model's own names (load_state_dict)."""
+    return flatten_checkpoint(load_state_dict(source, [n for n, _ in params]), params, name, out,
+                              entries)
