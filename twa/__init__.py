@@ -29,7 +29,9 @@ Where each piece lives (imports run downwards only):
                 stored rows' span (an approximation of it) at 16, 8 or 4 bits.
 - storage.py    the basis' storage formats (float32, float16 with a gain, affine 8/4-bit) and
                 their products; the one workaround for torch.compile.
-- sharding.py   which columns of P each process keeps under torch.distributed.
+- sharding.py   which columns of P each process keeps under torch.distributed: equal column
+                ranges (Sharding), or the entries of the process's own FSDP2 parameter shards
+                (ModelSharding), with which a TWA step needs no weight gather at all.
 - checkpoints.py reading state_dicts and flattening them.
 """
 from .build import combination_residual, from_checkpoints, parameter_blocks, reference_from_checkpoints

@@ -16,9 +16,9 @@ from typing import NamedTuple
 
 import torch
 
-from .checkpoints import (check_readable, describe, flatten_checkpoint, read_parameters,
+from .checkpoints import (check_readable, current_weights, describe, read_parameters,
                           trainable_parameters)
-from .sharding import Sharding
+from .sharding import sharding_of
 from .storage import QUANT_GROUP, Basis
 from .subspace import Span, Subspace
 
@@ -195,7 +195,7 @@ def from_checkpoints(model, checkpoints, bits=32, tol=1e-5, device=None, progres
     builders = span_builders(parameter_blocks(params, layer_size), n, n, shard, bits, device)
     w, anchor = torch.empty_like(mean), torch.empty_like(mean)
     for j in wrap(range(n), "orthonormal basis"):
-        read_parameters(sources[j], params, names[j], out=w, entries=(shard.lo, shard.hi))
+        read_parameters(sources[j], params, names[j], out=w, shard=shard)
         add_generator(builders, j, w, anchor, shard, tol)
     warn_dropped(builders, lambda j: names[j], n)
     scheme = anchored(n)
@@ -226,7 +226,7 @@ def reference_from_checkpoints(model, checkpoints, device=None, progress=None, g
     builder, = span_builders(parameter_blocks(params), n, n, shard, 32, device, OnePassBuilder)
     w = torch.empty(shard.local_size, device=device)
     for j in wrap(range(n), "one-pass Gram-Schmidt (reference)"):
-        read_parameters(sources[j], params, names[j], out=w, entries=(shard.lo, shard.hi))
+        read_parameters(sources[j], params, names[j], out=w, shard=shard)
         builder.add(j, w, None, shard)
     for j, _ in builder.dropped:
         log.warning("%s adds no new direction; left out of the reference basis", names[j])
@@ -241,12 +241,11 @@ def combination_residual(space, model, checkpoints, alpha):
     in mean + the stored rows' span, which only approximates the checkpoints'. Streams the
     checkpoints once more (every process its shard)."""
     params, shard = trainable_parameters(model), space.shard
-    entries = (shard.lo, shard.hi)
-    w = flatten_checkpoint(dict(params), params, "the model", entries=entries).to(space.device)
+    w = current_weights(params, "the model's weights", shard=shard).to(space.device)
     total = torch.zeros(shard.local_size, dtype=torch.float64, device=space.device)
     buffer = torch.empty(shard.local_size, device=space.device)
     for i, source in enumerate(checkpoints):
-        x = read_parameters(source, params, describe(source, i), out=buffer, entries=entries)
+        x = read_parameters(source, params, describe(source, i), out=buffer, shard=shard)
         for span, a in zip(space.spans, alpha):
             total[span.shard_slice].add_(x[span.shard_slice], alpha=float(a[i]))
     miss = shard.norm(total - w.double())
@@ -284,7 +283,7 @@ def _first_pass(model, checkpoints, device, progress, group):
             check_readable(source)  # fail before any long work, naming the file
     names = [describe(s, i) for i, s in enumerate(sources)]
     wrap = progress or (lambda items, desc: items)
-    shard = Sharding(sum(p.numel() for _, p in params), group)
+    shard = sharding_of(params, group)
     return params, device, sources, names, wrap, shard, _mean_of(sources, params, device, wrap, shard)
 
 
@@ -294,5 +293,5 @@ def _mean_of(sources, params, device, wrap, shard):
     w = torch.empty(shard.local_size, device=device)
     for i, source in enumerate(wrap(sources, "mean of the checkpoints")):
         total += read_parameters(source, params, describe(source, i), out=w,
-                                 entries=(shard.lo, shard.hi))
+                                 shard=shard)
     return total.div_(len(sources)).float()

@@ -101,12 +101,11 @@ def trainable_parameters(model):
     return params
 
 
-def flatten_checkpoint(state, params, source="state_dict", out=None, entries=None):
+def flatten_checkpoint(state, params, source="state_dict", out=None, shard=None):
     """The trainable parameters of `state` as one float32 vector, checked against the model's and
-    to be finite; entries=(lo, hi) keeps only entries [lo, hi) of that vector (a shard)."""
-    total = sum(p.numel() for _, p in params)
-    lo, hi = entries or (0, total)
-    out = torch.empty(hi - lo, dtype=torch.float32) if out is None else out
+    to be finite; with `shard` (a Sharding) only this process's entries of that vector."""
+    out = torch.empty(shard.local_size if shard else sum(p.numel() for _, p in params),
+                      dtype=torch.float32) if out is None else out
     offset, names = 0, {name for name, _ in params}
     for name, p in params:
         if name not in state:
@@ -128,14 +127,25 @@ def flatten_checkpoint(state, params, source="state_dict", out=None, entries=Non
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             # the whole tensor, not just this shard: every process stops at the same file
             raise CheckpointError(f"{source}: '{name}' holds NaN or Inf values")
-        start, stop = max(offset, lo), min(offset + p.numel(), hi)
-        if start < stop:
-            out[start - lo:stop - lo].copy_(value.reshape(-1)[start - offset:stop - offset])
+        flat = value.reshape(-1)
+        for first, stop, at in shard.overlaps(offset, p.numel()) if shard else [(0, p.numel(), offset)]:
+            out[at:at + stop - first].copy_(flat[first:stop])
         offset += p.numel()
     return out
 
 
-def read_parameters(source, params, name, out=None, entries=None):
+def read_parameters(source, params, name, out=None, shard=None):
     """flatten_checkpoint of a file or mapping, read with the model's own names (load_state_dict)."""
     return flatten_checkpoint(load_state_dict(source, [n for n, _ in params]), params, name, out,
-                              entries)
+                              shard)
+
+
+def current_weights(params, name, out=None, shard=None):
+    """This process's entries of the model's own trainable weights: under FSDP2 (a shard that
+    follows the model) its local shards as they are, with no gather; else flatten_checkpoint."""
+    if shard is None or not shard.follows_model:
+        return flatten_checkpoint(dict(params), params, name, out, shard)
+    local = torch.cat([p.detach().to_local().reshape(-1).float() for _, p in params])
+    if not bool(torch.isfinite(local).all()):
+        raise CheckpointError(f"{name} hold NaN or Inf values")
+    return local if out is None else out.copy_(local)

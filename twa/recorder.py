@@ -3,8 +3,8 @@ import torch
 
 from .build import (add_generator, anchored, check_tolerance, parameter_blocks, span_builders,
                     warn_dropped)
-from .checkpoints import flatten_checkpoint, trainable_parameters
-from .sharding import Sharding
+from .checkpoints import current_weights, trainable_parameters
+from .sharding import sharding_of
 from .subspace import Subspace
 
 
@@ -19,7 +19,7 @@ class SubspaceRecorder:
     def __init__(self, model, capacity, bits=32, tol=1e-5, layer_size=None, device=None, group=None):
         self.params = trainable_parameters(model)
         device = torch.device(device) if device is not None else self.params[0][1].device
-        self.shard = Sharding(sum(p.numel() for _, p in self.params), group)
+        self.shard = sharding_of(self.params, group)
         check_tolerance(tol)
         self.capacity, self.tol, self.names, self.handed_out = capacity, tol, [], False
         self.builders = span_builders(parameter_blocks(self.params, layer_size), capacity, capacity,
@@ -39,8 +39,7 @@ class SubspaceRecorder:
         if j == self.capacity:
             raise ValueError(f"the recorder is full: capacity {self.capacity}")
         params = self.params if model is None else trainable_parameters(model)
-        w = flatten_checkpoint(dict(params), self.params, f"the weights recorded as #{j}",
-                               out=self.work, entries=(self.shard.lo, self.shard.hi))
+        w = current_weights(params, f"the weights recorded as #{j}", out=self.work, shard=self.shard)
         self.total += w
         add_generator(self.builders, j, w, self.anchor, self.shard, self.tol)
         self.names.append(name or f"recorded #{j}")

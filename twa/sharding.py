@@ -7,6 +7,12 @@ import torch.distributed as dist
 
 from .storage import QUANT_GROUP
 
+try:  # a torch built without distributed support has no DTensor, and no FSDP model to follow
+    from torch.distributed.tensor import DTensor
+except ImportError:
+    class DTensor:  # noqa: D101  (isinstance is then always false)
+        pass
+
 # the current names of the single-tensor collectives, and those of torch releases before them
 _all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or \
@@ -25,6 +31,8 @@ class Sharding:
     and weights to meet every rank's rows, and rank deficiency would leave shards uneven. Shards
     hold whole quantisation groups (QUANT_GROUP entries), so that a low-bit basis splits cleanly."""
 
+    follows_model = False  # see ModelSharding
+
     def __init__(self, dim, group=None):
         distributed = dist.is_available() and dist.is_initialized()
         self.group = group
@@ -34,16 +42,33 @@ class Sharding:
         self.lo = min(self.rank * self.per_rank, dim)
         self.hi = min(self.lo + self.per_rank, dim)
         self.dim = dim
+        self.pieces = [(self.lo, self.hi)]
 
     @property
     def local_size(self):
-        """Entries this process keeps (hi - lo)."""
-        return self.hi - self.lo
+        """Entries this process keeps."""
+        return sum(stop - start for start, stop in self.pieces)
 
     def local_slice(self, start, stop):
-        """Entries [start, stop) of the D-vector, as a slice of this process's shard (maybe empty)."""
-        lo, hi = min(max(start, self.lo), self.hi), max(min(stop, self.hi), self.lo)
-        return slice(lo - self.lo, max(lo, hi) - self.lo)
+        """Entries [start, stop) of the D-vector, as a slice of this process's shard (maybe empty):
+        the pieces are in increasing order, so the entries of a range are consecutive here too."""
+        first = sum(min(max(start, lo), hi) - lo for lo, hi in self.pieces)
+        last = sum(min(max(stop, lo), hi) - lo for lo, hi in self.pieces)
+        return slice(first, max(first, last))
+
+    def overlaps(self, offset, numel):
+        """Where entries [offset, offset + numel) of the D-vector (one tensor's) lie in this shard:
+        (first, stop) within the tensor and the position in the shard, for each piece it meets."""
+        position = 0
+        for lo, hi in self.pieces:
+            first, stop = max(lo, offset), min(hi, offset + numel)
+            if first < stop:
+                yield first - offset, stop - offset, position + first - lo
+            position += hi - lo
+
+    def local_part(self, full):
+        """This shard's entries of a whole D-vector."""
+        return torch.cat([full[lo:hi] for lo, hi in self.pieces])
 
     def sum_(self, tensor):
         """Sum over the processes, in place (k-sized tensors only)."""
@@ -66,3 +91,54 @@ class Sharding:
         `full` holds world x per_rank entries, `part` per_rank)."""
         _reduce_scatter(part, full, group=self.group)
         return part
+
+
+class ModelSharding(Sharding):
+    """The columns of the basis follow the model's own shards (FSDP2: each parameter a DTensor
+    split along its first dimension): this process keeps the entries of its local shard of every
+    parameter, in parameter order, so that gradients and weights move between the model and the
+    basis with no collective at all, and the basis' products sum k-sized pieces over the mesh."""
+    follows_model = True
+
+    def __init__(self, params):
+        local = [p.to_local() for p in params]
+        mesh = params[0].device_mesh
+        if mesh.ndim != 1 or any(not _row_sharded(p) for p in params):
+            raise ValueError("TWA follows FSDP2's sharding of each parameter along its first "
+                             "dimension (fully_shard on a 1-D mesh); this model is sharded otherwise")
+        self.group = mesh.get_group()
+        self.world, self.rank = mesh.size(), mesh.get_local_rank()
+        self.dim = sum(p.numel() for p in params)
+        self.pieces, offset = [], 0
+        for p, part in zip(params, local):
+            row = p.numel() // max(p.shape[0], 1)
+            first = _first_row(p.shape[0], self.world, self.rank) * row
+            if part.numel():
+                self.pieces.append((offset + first, offset + first + part.numel()))
+            offset += p.numel()
+
+    def gather_(self, full, part):
+        raise RuntimeError("a basis that follows the model's shards never gathers weights")
+
+    scatter_sum_ = gather_
+
+
+def sharding_of(params, group=None):
+    """How a basis for these (name, parameter) pairs is split over the processes: along the model's
+    own shards for an FSDP2 model (DTensor parameters), else by columns over `group`."""
+    tensors = [p for _, p in params]
+    if any(isinstance(p, DTensor) for p in tensors):
+        if group is not None:
+            raise ValueError("an FSDP2 model's basis follows its own device mesh: give no group")
+        return ModelSharding(tensors)
+    return Sharding(sum(p.numel() for p in tensors), group)
+
+
+def _row_sharded(p):
+    return len(p.placements) == 1 and getattr(p.placements[0], "dim", None) == 0
+
+
+def _first_row(rows, world, rank):
+    """The first row of `rank`'s shard under torch.chunk's split (FSDP2's)."""
+    per = math.ceil(rows / world)
+    return min(rank * per, rows)

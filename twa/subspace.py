@@ -104,7 +104,7 @@ class Subspace:
 
     def nearest_coordinates(self, w):
         """P w, the coordinates of the point of the subspace nearest to w (all D entries)."""
-        part = w[self.shard.lo:self.shard.hi].to(device=self.device, dtype=torch.float32)
+        part = self.shard.local_part(w).to(device=self.device, dtype=torch.float32)
         centred = part - self.mean
         products = self._concat(span.basis.matvec(centred[span.shard_slice], float64_sums=True)
                                 for span in self.spans)
@@ -166,7 +166,7 @@ class Subspace:
 
     def relative_residual(self, w):
         """||w - (nearest point of the subspace)|| / ||w||: 0 for points of the subspace."""
-        part = w[self.shard.lo:self.shard.hi].to(device=self.device, dtype=torch.float32)
+        part = self.shard.local_part(w).to(device=self.device, dtype=torch.float32)
         inside = self.weights(self.nearest_coordinates(w), torch.empty_like(part))
         return self.shard.norm(part.double() - inside.double()) / max(self.shard.norm(part), 1e-300)
 

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from .checkpoints import trainable_parameters
+from .sharding import DTensor
 
 
 def flatten_parameters_(params, size=None):
@@ -31,6 +32,20 @@ def flatten_parameters_(params, size=None):
             p.data, p.grad = view, grad_views[-1]
         offset += p.numel()
     return weights, grads, grad_views, copied
+
+
+def _local_buffers(params, device):
+    """Under FSDP2: flat float32 buffers of this process's entries (its local shard of every
+    parameter, in order) for the weights and the gradients, and their views per parameter."""
+    local = [p.detach().to_local() for p in params]
+    weights = torch.cat([t.reshape(-1).float() for t in local]).to(device)
+    grads = torch.zeros_like(weights)
+    weight_views, grad_views, offset = [], [], 0
+    for t in local:
+        weight_views.append(weights[offset:offset + t.numel()].view_as(t))
+        grad_views.append(grads[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return weights, grads, grad_views, weight_views
 
 
 def _channels_last(p):
@@ -66,13 +81,20 @@ class TWA:
         dim = sum(p.numel() for p in self.params)
         if dim != shard.dim:
             raise ValueError(f"the model has {dim} trainable parameters, the subspace {shard.dim}")
-        self.flat_weights, self.flat_grads, self.views, self.copied = flatten_parameters_(
-            self.params, shard.per_rank * shard.world)
-        self.own_layout = {p for p, _ in self.copied}
-        # the shard's weights are computed here, then gathered into flat_weights; its gradient
-        # is reduce-scattered here from flat_grads
-        self.shard_weights, self.shard_grads = (self.flat_weights[:dim], None) if shard.world == 1 \
-            else torch.zeros(2, shard.per_rank, dtype=self.flat_weights.dtype, device=space.device)
+        if shard.follows_model:  # FSDP2: the local shards stay the model's, copied in and out
+            self.flat_weights, self.flat_grads, self.views, self.local_weights = _local_buffers(
+                self.params, space.device)
+            self.copied, self.own_layout = [], set(self.params)
+            self.shard_weights, self.shard_grads = self.flat_weights, None
+        else:
+            self.flat_weights, self.flat_grads, self.views, self.copied = flatten_parameters_(
+                self.params, shard.per_rank * shard.world)
+            self.own_layout = {p for p, _ in self.copied}
+            # the shard's weights are computed here, then gathered into flat_weights; its gradient
+            # is reduce-scattered here from flat_grads
+            self.shard_weights, self.shard_grads = (self.flat_weights[:dim], None) \
+                if shard.world == 1 else \
+                torch.zeros(2, shard.per_rank, dtype=self.flat_weights.dtype, device=space.device)
         self.directions = space.deviation_directions() if train == "alpha" else None
         size = space.rank if train == "coordinates" else len(space.names) * len(space.spans)
         if space.rank == 0 or (self.directions and not any(n.any() for _, n in self.directions)):
@@ -107,7 +129,7 @@ class TWA:
         """dL/dc = P g; one optimizer step on c (or beta); then the weights become mean + P^T (c - P mean)."""
         self._collect_gradients()
         shard = self.space.shard
-        if shard.world == 1:
+        if shard.world == 1 or shard.follows_model:  # FSDP2 has reduce-scattered and averaged
             g = self.flat_grads
         else:  # this process's shard of the gradient averaged over the processes
             g = shard.scatter_sum_(self.shard_grads, self.flat_grads).div_(shard.world)
@@ -139,7 +161,10 @@ class TWA:
     def write_weights(self):
         shard = self.space.shard
         self.space.weights(self.coordinates, out=self.shard_weights[:shard.local_size])
-        if shard.world > 1:
+        if shard.follows_model:  # into the local shards, which FSDP gathers in the next forward
+            for p, view in zip(self.params, self.local_weights):
+                p.detach().to_local().copy_(view)
+        elif shard.world > 1:
             shard.gather_(self.flat_weights, self.shard_weights)
         for p, view in self.copied:
             p.data.copy_(view)
@@ -149,8 +174,9 @@ class TWA:
         # (zero_grad(set_to_none=True)), a wrapper with its own buckets or a channels-last parameter
         # (whose gradient keeps its layout) gets them copied in.
         for p, view in zip(self.params, self.views):
-            if p.grad is None:
+            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            if grad is None:
                 view.zero_()
-            elif p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad)
+            elif grad.data_ptr() != view.data_ptr():
+                view.copy_(grad.reshape(view.shape))
             p.grad = None if p in self.own_layout else view
