@@ -25,6 +25,15 @@ def library(code, timeout=120):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def library_case(code, *printed):
+    """A case that runs `code` against the library: it must exit 0 and print every phrase."""
+    def case(t):
+        rc, out = library(code)
+        if rc != 0 or any(phrase not in out for phrase in printed):
+            raise Broken(out[-300:])
+    return case
+
+
 def expect_argparse(result, *phrases):
     """argparse's own refusal: exit 2, its usage, then one error line holding every phrase."""
     rc, err = result
@@ -187,40 +196,25 @@ def cases(fx):
         procs[1].wait(timeout=60)
         expect((procs[0].returncode, err), 1, "lost contact with process 1")
 
-    def recorder_after_handout(t):
-        rc, out = library(
-            "import torch, twa\n"
-            "model = torch.nn.Linear(4, 2)\n"
-            "rec = twa.SubspaceRecorder(model, 4)\n"
-            "rec.add(model); model.weight.data += 1; rec.add(model)\n"
-            "space = rec.subspace()\n"
-            "model.weight.data += 1\n"
-            "try:\n    rec.add(model)\nexcept Exception as err:\n    print('refused:', err)\n"
-            "print('rank', space.rank)\n")
-        if rc != 0 or "refused:" not in out or "rank 2" not in out:  # the space handed out stays
-            raise Broken(out[-300:])
-
-    def submodule_named_module(t):
-        rc, out = library(
-            "import torch, twa\n"
-            "class Net(torch.nn.Module):\n"
-            "    def __init__(self):\n"
-            "        super().__init__(); self.module = torch.nn.Linear(4, 2)\n"
-            "    def forward(self, x):\n        return self.module(x)\n"
-            "net = Net()\n"
-            "states = [{k: v + i for k, v in net.state_dict().items()} for i in range(3)]\n"
-            "space = twa.Subspace.from_checkpoints(net, states)\n"
-            "print('rank', space.rank)\n")
-        if rc != 0 or "rank 2" not in out:
-            raise Broken(out[-300:])
-
-    def no_trainable_parameters(t):
-        rc, out = library(
-            "import torch, twa\n"
-            "model = torch.nn.ReLU()\n"
-            "try:\n    twa.SubspaceRecorder(model, 3)\nexcept ValueError as err:\n    print('refused:', err)\n")
-        if rc != 0 or "refused:" not in out:
-            raise Broken(out[-300:])
+    recorder_after_handout = library_case(  # the space handed out keeps its rank
+        "import torch, twa\n"
+        "model = torch.nn.Linear(4, 2)\n"
+        "rec = twa.SubspaceRecorder(model, 4)\n"
+        "rec.add(model); model.weight.data += 1; rec.add(model)\n"
+        "space = rec.subspace()\n"
+        "model.weight.data += 1\n"
+        "try:\n    rec.add(model)\nexcept Exception as err:\n    print('refused:', err)\n"
+        "print('rank', space.rank)\n", "refused:", "rank 2")
+    submodule_named_module = library_case(
+        "import torch, twa\n"
+        "net = torch.nn.Sequential()\n"
+        "net.add_module('module', torch.nn.Linear(4, 2))\n"
+        "states = [{k: v + i for k, v in net.state_dict().items()} for i in range(3)]\n"
+        "print('rank', twa.Subspace.from_checkpoints(net, states).rank)\n", "rank 2")
+    no_trainable_parameters = library_case(
+        "import torch, twa\n"
+        "try:\n    twa.SubspaceRecorder(torch.nn.ReLU(), 3)\n"
+        "except ValueError as err:\n    print('refused:', err)\n", "refused:")
 
     def resume_before_first_state(t):
         expect(fx.twa(base, t, "--resume"), 0)
@@ -305,25 +299,19 @@ def cases(fx):
     def tiny_val_split(t):
         expect(fx.sgd(t, "--val-split", 0.01), 2, "--val-split")
 
-    def sigterm_twice(t):
-        proc = start(SGD, flags(data, t, "--epochs", 5))
-        wait_for(os.path.join(t, "state.pt"), proc)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-        if proc.returncode not in (143, -signal.SIGTERM):
-            raise Broken(f"exit {proc.returncode}: {proc.stderr.read()[-300:]}")
-        expect(fx.sgd(t, "--epochs", 5, "--resume"), 0)
-
-    def stopped_and_continued(t):
-        proc = start(SGD, flags(data, t, "--epochs", 2))
-        wait_for(os.path.join(t, "state.pt"), proc)
-        proc.send_signal(signal.SIGSTOP)
-        time.sleep(2)
-        proc.send_signal(signal.SIGCONT)
-        if proc.wait(timeout=300) != 0:
-            raise Broken(f"exit {proc.returncode}: {proc.stderr.read()[-300:]}")
+    def two_signals(first, second, pause, codes):
+        """Two signals `pause` seconds apart once SGD has saved a state: it ends with one of
+        `codes`, and --resume then finishes it."""
+        def case(t):
+            proc = start(SGD, flags(data, t, "--epochs", 3))
+            wait_for(os.path.join(t, "state.pt"), proc)
+            proc.send_signal(first)
+            time.sleep(pause)
+            proc.send_signal(second)
+            if proc.wait(timeout=300) not in codes:
+                raise Broken(f"exit {proc.returncode}: {proc.stderr.read()[-300:]}")
+            expect(fx.sgd(t, "--epochs", 3, "--resume"), 0)
+        return case
 
     def log_dir_is_a_file(t):
         blocker = os.path.join(t, "logs")
@@ -454,8 +442,9 @@ def cases(fx):
         ("r3 own: grayscale and RGBA images among RGB", grayscale_and_rgba),
         ("r3 own: -b above the number of images", batch_above_data),
         ("r3 own: --val-split 0.01 of 48 images", tiny_val_split),
-        ("r3 own: SIGTERM twice in a row", sigterm_twice),
-        ("r3 own: SIGSTOP, then SIGCONT", stopped_and_continued),
+        ("r3 own: SIGTERM twice in a row", two_signals(signal.SIGTERM, signal.SIGTERM, 0.05,
+                                                        (143, -signal.SIGTERM))),
+        ("r3 own: SIGSTOP, then SIGCONT", two_signals(signal.SIGSTOP, signal.SIGCONT, 2, (0,))),
         ("r3 own: --log-dir is a file", log_dir_is_a_file),
         ("r3 own: --save-dir in a read-only folder", read_only_parent),
         ("r3 own: --init is a folder", init_is_a_folder),
