@@ -24,7 +24,7 @@ from runfiles import UsageError
 STATE = "state.pt"
 # the flags that shape a run: --resume refuses a state saved with other values
 SHAPING = cli.SHAPING + ("swa_start", "swa_lr", "save_every", "init", "twa_at", "record_every",
-                         "twa_epochs", "twa_lr", "twa_wd", "twa_schedule", "twa_opt", "coefficients",
+                         "twa_epochs", "twa_opt", "twa_lr", "twa_wd", "twa_schedule", "coefficients",
                          "pbits", "layer_size", "tol")
 
 

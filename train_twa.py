@@ -30,8 +30,9 @@ from runfiles import UsageError
 
 STATE = stage.STATE
 NOT_CHECKPOINTS = ("state.pt", STATE, "twa.pt")  # what the scripts write beside checkpoints; globs skip them
-# the flags that shape a TWA run: --resume refuses a state saved with other values
-SHAPING = cli.SHAPING + ("opt", "warmup_epochs", "params_start", "params_end", "params_stride",
+# the flags that shape a TWA run: --resume refuses a state saved with other values, naming the
+# first that differs (--opt before --lr, whose default it sets)
+SHAPING = ("opt",) + cli.SHAPING + ("warmup_epochs", "params_start", "params_end", "params_stride",
                          "train_start", "extract", "n_components", "pbits", "layer_size", "tol",
                          "basis", "coefficients")
 SPLIT_RECORD = "twa_split.json"  # the split a TWA run used, in its log folder (never read back)

@@ -341,3 +341,11 @@ def test_each_stage_reads_its_own_flags_through_typed_settings():
         (4, 1.5, 2e-5, ("running", "recompute"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         offline.loop.epochs = 5
+
+
+def test_a_resume_with_another_optimizer_names_it_not_the_rate_it_implies():
+    saved = train_twa.parse_args(["--params_end", "3"])
+    other = train_twa.parse_args(["--params_end", "3", "--opt", "AdamW"])  # --lr's default follows
+    state = {"args": vars(saved), "progress": {"epoch": 0, "batch": 0}}
+    with pytest.raises(cli.UsageError, match="--opt SGD, not AdamW"):
+        cli.check_resume(state, other, train_twa.SHAPING, "twa_state.pt", other.epochs)
