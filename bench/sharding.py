@@ -25,8 +25,8 @@ import models
 import twa
 
 
-def write_checkpoints(folder, n, step=0.01):
-    model = models.build_model("resnet20", 10)
+def write_checkpoints(folder, n, step=0.01, arch="resnet20"):
+    model = models.build_model(arch, 10)
     gen = torch.Generator().manual_seed(0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for i in range(n):
