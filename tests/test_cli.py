@@ -82,7 +82,7 @@ def test_twa_reads_dataparallel_checkpoints(sgd_run, tmp_path):
     # --resume where a run was killed before its first state: it starts afresh
     proc = run("train_twa.py", *common(_data_of(sgd_run), tmp_path, "--epochs", "1", "--params_end",
                                        "3", "--train_start", "1", "--resume"))
-    assert (tmp_path / "twa.pt").exists() and "starting afresh" in proc.stderr
+    assert (tmp_path / "twa.pt").exists() and "starting afresh" in proc.stdout
 
 
 def test_pca_low_precision_stride_and_output_dir(sgd_run, tmp_path):
@@ -219,15 +219,16 @@ def test_bad_twa_inputs(sgd_run, tmp_path, capsys):
     expect_usage_error(train_twa.main, [*common(_data_of(sgd_run), broken), "--params_end", "2"],
                        capsys, f"checkpoint {broken / '1.pt'} is truncated or corrupt")
     two_classes = write_image_folder(str(tmp_path / "two"), per_class=4, classes=("a", "b"))
-    expect_usage_error(train_twa.main, [*common(two_classes, sgd_run), "--params_end", "2"], capsys,
-                       "'fc.weight' has shape (3, 64), the model (2, 64)")
+    out = ["--output-dir", tmp_path / "out", "--log-dir", tmp_path / "out"]  # sgd_run holds a TWA run
+    expect_usage_error(train_twa.main, [*common(two_classes, sgd_run, *out), "--params_end", "2"],
+                       capsys, "'fc.weight' has shape (3, 64), the model (2, 64)")
     unsafe = tmp_path / "unsafe"
     os.makedirs(unsafe)
     torch.save({"w": torch.zeros(1), "code": RunsCode(str(tmp_path / "ran"))}, unsafe / "0.pt")
     expect_usage_error(train_twa.main, [*common(_data_of(sgd_run), unsafe), "--params_end", "1"],
                        capsys, "refusing to load")
     assert not (tmp_path / "ran").exists()
-    expect_usage_error(train_twa.main, [*base, "--params_end", "2", "--arch", "resnet32"], capsys,
+    expect_usage_error(train_twa.main, [*base, *out, "--params_end", "2", "--arch", "resnet32"], capsys,
                        f"{sgd_run / '0.pt'} does not match --arch resnet32 on ImageFolder: 72 missing")
 
 
