@@ -19,13 +19,12 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 import common
 import distributed
 import models
 import twa
-from sharding import write_checkpoints
+from sharding import time_steps, write_checkpoints
 
 
 def shard_model(model):
@@ -51,19 +50,7 @@ def worker(args):
     space = twa.Subspace.from_checkpoints(model, files, bits=args.pbits)
     build = time.perf_counter() - started
     trainer = twa.TWA(model, space)
-    optimizer = torch.optim.SGD(trainer.parameters(), lr=0.1, momentum=0.9)
-    gen = torch.Generator().manual_seed(ctx.rank)
-    local = args.batch_size // ctx.world
-    images, labels = torch.randn(local, 3, 32, 32, generator=gen), torch.randint(0, 10, (local,))
-
-    def step():
-        F.cross_entropy(model(images), labels).backward()
-        trainer.step(optimizer)
-    step()
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    seconds = (time.perf_counter() - started) / args.steps
+    seconds, optimizer = time_steps(model, trainer, ctx, args.batch_size, args.steps)
     basis = {id(t) for span in space.spans for t in span.basis.tensors().values()}
     own = [t for t in trainer.tensors() if id(t) not in basis and t is not trainer.trained]
     optimizer_state = [v for state in optimizer.state.values() for v in state.values()

@@ -35,6 +35,24 @@ def write_checkpoints(folder, n, step=0.01, arch="resnet20"):
         torch.save(state, os.path.join(folder, f"{i}.pt"))
 
 
+def time_steps(model, trainer, ctx, batch_size, steps):
+    """Seconds per TWA step (forward, backward, trainer.step) on random CIFAR-sized batches, this
+    process's share of the global batch, after one untimed step; and the optimizer."""
+    optimizer = torch.optim.SGD(trainer.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(ctx.rank)
+    local = batch_size // ctx.world
+    images, labels = torch.randn(local, 3, 32, 32, generator=gen), torch.randint(0, 10, (local,))
+
+    def step():
+        F.cross_entropy(model(images), labels).backward()
+        trainer.step(optimizer)
+    step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - started) / steps, optimizer
+
+
 def worker(args):
     ctx = distributed.init(torch.device("cpu"))
     model = distributed.synchronise_batchnorm(models.build_model("resnet20", 10), ctx)
@@ -44,19 +62,7 @@ def worker(args):
     space = twa.Subspace.from_checkpoints(model, files)
     build = time.perf_counter() - started
     trainer = twa.TWA(model, space)  # reduce-scatters the gradients itself: no DDP
-    optimizer = torch.optim.SGD(trainer.parameters(), lr=0.1, momentum=0.9)
-    gen = torch.Generator().manual_seed(ctx.rank)
-    local = args.batch_size // ctx.world
-    images, labels = torch.randn(local, 3, 32, 32, generator=gen), torch.randint(0, 10, (local,))
-
-    def step():
-        F.cross_entropy(model(images), labels).backward()
-        trainer.step(optimizer)
-    step()
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    seconds = (time.perf_counter() - started) / args.steps
+    seconds, _ = time_steps(model, trainer, ctx, args.batch_size, args.steps)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     row = {"rank": ctx.rank, "world": ctx.world, "build_s": build, "step_s": seconds,
            "peak_mib": peak / 1024, "peak_above_start_mib": (peak - before) / 1024,
