@@ -5,6 +5,8 @@ from collections.abc import Mapping
 
 import torch
 
+from .sharding import FSDPModule
+
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and torch.compile
 # where training checkpoints keep the model's weights, e.g. {"model": ..., "optimizer": ...}
 MODEL_KEYS = ("state_dict", "model", "model_state_dict")
@@ -94,11 +96,22 @@ def describe(source, index=None):
 
 
 def trainable_parameters(model):
-    """(name, parameter) pairs that TWA averages: trainable parameters, buffers excluded."""
+    """(name, parameter) pairs that TWA averages: trainable parameters, buffers excluded (of an FSDP2
+    model: its sharded parameters, see reshard)."""
+    reshard(model)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: nothing to average")
     return params
+
+
+def reshard(model):
+    """Return every FSDP2 unit of the model to its shards. After a forward with no backward (an
+    evaluation) FSDP2 keeps the root's parameters gathered, and reuses that gathered copy in the
+    next forward: weights read from the shards, or written into them, must find it released."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def flatten_checkpoint(state, params, source="state_dict", out=None, shard=None):

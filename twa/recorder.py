@@ -17,7 +17,7 @@ class SubspaceRecorder:
     vectors), no extra pass."""
 
     def __init__(self, model, capacity, bits=32, tol=1e-5, layer_size=None, device=None, group=None):
-        self.params = trainable_parameters(model)
+        self.model, self.params = model, trainable_parameters(model)
         device = torch.device(device) if device is not None else self.params[0][1].device
         self.shard = sharding_of(self.params, group)
         check_tolerance(tol)
@@ -38,7 +38,7 @@ class SubspaceRecorder:
                              "recorder's basis: record into a new SubspaceRecorder")
         if j == self.capacity:
             raise ValueError(f"the recorder is full: capacity {self.capacity}")
-        params = self.params if model is None else trainable_parameters(model)
+        params = trainable_parameters(self.model if model is None else model)
         w = current_weights(params, f"the weights recorded as #{j}", out=self.work, shard=self.shard)
         self.total += w
         add_generator(self.builders, j, w, self.anchor, self.shard, self.tol)

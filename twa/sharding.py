@@ -8,9 +8,13 @@ import torch.distributed as dist
 from .storage import QUANT_GROUP
 
 try:  # a torch built without distributed support has no DTensor, and no FSDP model to follow
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 except ImportError:
     class DTensor:  # noqa: D101  (isinstance is then always false)
+        pass
+
+    class FSDPModule:  # noqa: D101
         pass
 
 # the current names of the single-tensor collectives, and those of torch releases before them
