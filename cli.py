@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sys
+import traceback
 
 import data
 import distributed
@@ -41,6 +42,7 @@ def run_main(main, argv=None):
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         main(argv)
+        distributed.leave(together=True)  # main's models are gone: see distributed.leave
     except UsageError as err:
         stop(err, 2)
     except KeyboardInterrupt:
@@ -68,6 +70,7 @@ def stop(err, code):
     if "Original Traceback" in str(err):  # raised in a DataLoader worker: "<type>: <message>" is last
         message = lines[-1].split(": ", 1)[-1]
     print(f"error: {message}", file=sys.stderr)
+    traceback.clear_frames(sys.exc_info()[2])  # the models of the frames that raised go too
     distributed.leave()
     sys.exit(code)
 
@@ -107,9 +110,10 @@ def check_resume(resume, args, flags, state_path, epochs):
     if not isinstance(saved, dict) or not isinstance(progress, dict):
         raise UsageError(f"{state_path} is not a resume state of this script")
     for flag in flags:
-        if saved.get(flag) != getattr(args, flag):
+        value = getattr(args, flag)  # a switch that a state predates was off
+        if saved.get(flag, False if isinstance(value, bool) else None) != value:
             raise UsageError(f"{state_path} was saved with --{flag.replace('_', '-')} "
-                             f"{saved.get(flag)}, not {getattr(args, flag)}; resume with the same "
+                             f"{saved.get(flag)}, not {value}; resume with the same "
                              "flags, or start without --resume in another folder")
     counters = [progress.get(key) for key in ("epoch", "batch")]
     if not all(isinstance(v, int) and v >= 0 for v in counters) or counters[0] > epochs:
@@ -174,6 +178,9 @@ def add_common_args(parser):
     add("--dist-timeout", type=float, default=600, metavar="SECONDS",
         help="under torchrun: how long a process waits for the others in one exchange before the "
         "run fails (a node that died or never started)")
+    add("--fsdp", action="store_true", help="under torchrun: shard the model, its optimizer state "
+        "and TWA's basis over the processes (FSDP2's fully_shard per block), where plain torchrun "
+        "keeps a whole model on each (DistributedDataParallel); checkpoint files are the same")
     add("--resume", action="store_true", help="continue from the last complete state in --save-dir")
     add("--quiet", action="store_true", help="no progress bars")
 
@@ -190,6 +197,8 @@ def check_common_args(args):
         raise UsageError(f"--train-subset must be non-negative, not {args.train_subset}")
     if args.cuda_graphs and not args.compile:
         raise UsageError("--cuda-graphs captures the compiled step: add --compile")
+    if args.fsdp and args.compile:
+        raise UsageError("--fsdp with --compile is not supported yet: drop one of them")
     if args.threads < 0:
         raise UsageError(f"--threads must be non-negative, not {args.threads}")
     if not 0 < args.dist_timeout < float("inf"):

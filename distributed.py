@@ -4,9 +4,13 @@ One process per GPU (NCCL) or per CPU worker (Gloo); a plain `python script.py` 
 the same code. Each rank trains on its share of every global batch (the loaders split it by rank),
 DistributedDataParallel averages the gradients, BatchNorm statistics are those of the global batch
 (SyncBatchNorm on GPUs, CrossProcessBatchNorm below on CPUs), and only rank 0 writes files and logs.
+With --fsdp the model is sharded instead (FSDP2's fully_shard, shard): each process keeps its rows of
+every parameter and of the optimizer state, and files hold whole tensors gathered one at a time
+(full_state_dict), so that they stay interchangeable with every other route.
 """
 import contextlib
 import datetime
+import gc
 import hashlib
 import inspect
 import os
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint import state_dict as dcp_state
+from torch.distributed.tensor import DTensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
@@ -126,12 +132,18 @@ def lost_peer_message():
 
 def shutdown(ctx):
     if ctx.world > 1:
-        leave()
+        leave(together=True)
 
 
-def leave():
-    """Leave the process group, if this process joined one (also on the way out after an error)."""
+def leave(together=False):
+    """Leave the process group, if this process joined one (also on the way out after an error);
+    together: after every process has come here (a normal end). FSDP's work still pending when its
+    group is gone aborts the interpreter now and then: the caller drops its models, and they are
+    collected here, before the group goes."""
     if dist.is_initialized():
+        gc.collect()
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -151,15 +163,85 @@ def any_(flag, ctx):
 
 
 def wrap(model, ctx):
-    """The model for SGD's training forward passes: DistributedDataParallel when there are several.
-    Its buffers are not broadcast from rank 0 before every forward: BatchNorm is synchronised
-    (synchronise_batchnorm), so every rank updates its statistics identically."""
-    if ctx.world == 1:
+    """The model for SGD's training forward passes: DistributedDataParallel when there are several
+    (a sharded model is its own: FSDP reduce-scatters the gradients). Its buffers are not
+    broadcast from rank 0 before every forward: BatchNorm is synchronised (synchronise_batchnorm),
+    so every rank updates its statistics identically."""
+    if ctx.world == 1 or is_sharded(model):
         return model
     no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
         inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False}
     return DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
                                    **no_buffer_sync)
+
+
+def shard(model, ctx):
+    """--fsdp: the model sharded over all processes with FSDP2's fully_shard, unit by unit
+    (fsdp_units) and then the root; one process keeps the plain model. Weights must be loaded
+    before (load_full_state_dict loads into a sharded model)."""
+    if ctx.world == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(ctx.device.type, (ctx.world,))
+    for unit in fsdp_units(model):
+        fully_shard(unit, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def fsdp_units(module):
+    """The modules that are sharded, and gathered for their forward, one at a time: the elements
+    of the outermost nn.Sequential / nn.ModuleList / nn.ModuleDict containers that hold parameters
+    (a residual block, a network stage, a VGG convolution or its BatchNorm); the search goes into
+    any other module. Parameters outside every unit (a stem, a classifier) belong to the root's."""
+    units = []
+    for child in module.children():
+        if isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            units += [m for m in child.children() if any(True for _ in m.parameters())]
+        else:
+            units += fsdp_units(child)
+    return units
+
+
+def is_sharded(model):
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model, ctx):
+    """The model's state_dict as the files hold it: whole tensors. A sharded model's are gathered
+    one parameter at a time onto rank 0's CPU (the other ranks get {}): every rank must call it."""
+    if not is_sharded(model):
+        return model.state_dict()
+    options = dcp_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return dcp_state.get_model_state_dict(model, options=options)
+
+
+def load_full_state_dict(model, state):
+    """Load whole tensors (a file's state_dict) into the model, sharded or not (each rank keeps its
+    rows; every rank must call it)."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    options = dcp_state.StateDictOptions(full_state_dict=True)
+    dcp_state.set_model_state_dict(model, state, options=options)
+
+
+def optimizer_state(model, optimizer):
+    """optimizer.state_dict(), whole tensors for a sharded model (on rank 0's CPU, keyed by
+    parameter name; every rank must call it)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    options = dcp_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return dcp_state.get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model, optimizer, state):
+    """The reverse of optimizer_state."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    options = dcp_state.StateDictOptions(full_state_dict=True)
+    dcp_state.set_optimizer_state_dict(model, optimizer, state, options=options)
 
 
 def synchronise_batchnorm(model, ctx):

@@ -11,11 +11,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
 import distributed
 import runfiles
+from twa.checkpoints import reshard
 
 log = logging.getLogger("twa")
 
@@ -104,11 +106,21 @@ def swa_factor(t, ratio):
 
 def check_finite(tensors, what):
     """Raise FloatingPointError (exit 1, the last saved state kept) unless every value is finite: run
-    before anything is saved, so that no checkpoint or resume state ever holds a NaN or an Inf."""
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all()
+    before anything is saved, so that no checkpoint or resume state ever holds a NaN or an Inf. Of a
+    sharded model each process sees its own rows: they agree, so that all stop together."""
+    tensors = [t for t in tensors if t.is_floating_point()]
+    finite = torch.stack([torch.isfinite(_local(t)).all() for t in tensors]).all().to(torch.int32)
+    sharded = next((t for t in tensors if isinstance(t, DTensor)), None)
+    if sharded is not None:
+        torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN,
+                                     group=sharded.device_mesh.get_group())
     if not bool(finite):  # one device-to-host read per save, not per step
         raise FloatingPointError(f"non-finite values in {what}; nothing was saved, the last saved "
                                  "state is kept")
+
+
+def _local(tensor):
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def set_lr(optimizer, lr):
@@ -127,10 +139,14 @@ def learning_rate(settings, device):
     return torch.tensor(settings.lr, device=device) if settings.compile else settings.lr
 
 
-def load_optimizer(optimizer, state, settings, device):
-    """optimizer.load_state_dict(state), keeping the rate in the form learning_rate gives: the saved
-    groups would otherwise bring back the form (and device) of the run that saved them."""
-    optimizer.load_state_dict(state)
+def load_optimizer(optimizer, state, settings, device, model=None):
+    """Load an optimizer_state (of `model`'s parameters when given: a sharded model's is keyed by
+    name), keeping the rate in the form learning_rate gives: the saved groups would otherwise bring
+    back the form (and device) of the run that saved them."""
+    if model is None:
+        optimizer.load_state_dict(state)
+    else:
+        distributed.load_optimizer_state(model, optimizer, state)
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(settings, device)
 
@@ -188,11 +204,19 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-@torch.inference_mode()
 def evaluate(model, loader, amp=False, ctx=None):
     """{'loss', 'accuracy' (percent), 'correct'} of `model` over the unshuffled `loader` (each rank's
     share, summed); 'correct' says which examples it got right, in the data's order, as packed bits
     (runfiles.pack_bits), so that two models scored on the same data can be compared pairwise."""
+    # FSDP2 keeps the storage of the weights it gathers for later forwards: allocated in inference
+    # mode, no training step could write it again
+    with torch.no_grad() if distributed.is_sharded(model) else torch.inference_mode():
+        result = _evaluate(model, loader, amp, ctx)
+    reshard(model)  # FSDP2 keeps the root's weights gathered after a forward with no backward
+    return result
+
+
+def _evaluate(model, loader, amp, ctx):
     model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 import cli
+import distributed
 import loop
 import runfiles
 import twa
@@ -125,8 +126,9 @@ def train_in_subspace(settings, ctx, loaders, model, space, report, state_path, 
     if residual and residual["relative"] is not None:
         log.info("sum_i alpha_i w_i misses the TWA weights by %.2g of their move from the mean",
                  residual["relative"])
+    weights = distributed.full_state_dict(model, ctx)  # every rank: a sharded model gathers
     if ctx.is_main:
-        write_results(settings, model, space, trainer, alpha, residual,
+        write_results(settings, weights, space, trainer, alpha, residual,
                       {"swa": swa, "twa": final, "twa_by_bn": by_bn, "soup": soups, **report,
                        "train_seconds": time.time() - train_started})
 
@@ -173,7 +175,7 @@ def make_optimizer(settings, params):
                            weight_decay=settings.weight_decay)
 
 
-def write_results(settings, model, space, trainer, alpha, residual, results):
+def write_results(settings, weights, space, trainer, alpha, residual, results):
     names = [path if settings.named_checkpoints else os.path.basename(path) for path in space.names]
     blocks = [{"parameters": span.names, "entries": span.entries, "alpha": a.tolist()}
               for span, a in zip(space.spans, alpha)]
@@ -185,7 +187,7 @@ def write_results(settings, model, space, trainer, alpha, residual, results):
                "git": runfiles.git_revision()}
     # replaced together: a failed write leaves the previous run's three files, not a mix
     runfiles.atomic_write_all([
-        (os.path.join(settings.output_dir, "twa.pt"), runfiles.torch_writer(model.state_dict())),
+        (os.path.join(settings.output_dir, "twa.pt"), runfiles.torch_writer(weights)),
         (os.path.join(settings.output_dir, "coefficients.json"), runfiles.json_writer(coefficients)),
         (os.path.join(settings.log_dir, "twa_results.json"), runfiles.json_writer(results))])
     log.info("wrote twa.pt and coefficients.json to %s", settings.output_dir)

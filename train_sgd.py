@@ -23,7 +23,7 @@ from runfiles import UsageError
 
 STATE = "state.pt"
 # the flags that shape a run: --resume refuses a state saved with other values
-SHAPING = cli.SHAPING + ("swa_start", "swa_lr", "save_every", "init", "twa_at", "record_every",
+SHAPING = cli.SHAPING + ("fsdp", "swa_start", "swa_lr", "save_every", "init", "twa_at", "record_every",
                          "twa_epochs", "twa_opt", "twa_lr", "twa_wd", "twa_schedule", "coefficients",
                          "pbits", "layer_size", "tol")
 
@@ -126,6 +126,7 @@ def main(argv=None):
         manifest = runfiles.Manifest(args.save_dir, enabled=ctx.is_main and bool(args.save_every),
                                      keep=resume is not None)
     utils.check_ranks_agree(ctx, args, SHAPING, loaders, resume_progress=resume and resume["progress"])
+    model = distributed.shard(model, ctx) if args.fsdp else model  # the weights are loaded
     train_loader, test_loader = loaders.train, loaders.test
     # checked before 0.pt is written
     points = save_points(len(train_loader), args.save_every)
@@ -137,7 +138,7 @@ def main(argv=None):
     recorder = make_recorder(args, model, ctx)
     progress = {"epoch": 0, "batch": 0, "checkpoint": 0, "totals": None, "elapsed": 0.0}
     if resume:
-        loop.load_optimizer(optimizer, resume["optimizer"], settings, ctx.device)
+        loop.load_optimizer(optimizer, resume["optimizer"], settings, ctx.device, model)
         utils.restore_rng(resume["rng"], ctx, state_path)
         progress = resume["progress"]
         restore_recorder(recorder, resume, state_path)
@@ -145,8 +146,10 @@ def main(argv=None):
                  progress["checkpoint"])
     else:
         loop.check_finite(model.state_dict().values(), "the initial weights")
-        if ctx.is_main and args.save_every:
-            manifest.save(model.state_dict(), "0.pt", epochs=0.0, step=0)
+        if args.save_every:
+            weights = distributed.full_state_dict(model, ctx)  # every rank: a sharded one gathers
+            if ctx.is_main:
+                manifest.save(weights, "0.pt", epochs=0.0, step=0)
         if recorder:
             recorder.add(model)
     forward = distributed.wrap(model, ctx)  # --compile compiles the whole step (loop.make_step)
@@ -154,9 +157,11 @@ def main(argv=None):
     def save_state():
         loop.check_finite(model.state_dict().values(), "the model")
         rng = utils.all_rng_states(ctx)
+        weights = distributed.full_state_dict(model, ctx)
+        moments = distributed.optimizer_state(model, optimizer)
         if ctx.is_main:
-            runfiles.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "rng": rng, "progress": progress, "metrics": metrics.rows,
+            runfiles.save_torch({"model": weights, "optimizer": moments, "rng": rng,
+                                 "progress": progress, "metrics": metrics.rows,
                                  "args": vars(args), "data": data_digest,
                                  "recorder": recorder.state_dict() if recorder else None}, state_path)
 
@@ -171,9 +176,10 @@ def main(argv=None):
             return False
         progress["checkpoint"] += 1
         loop.check_finite(model.state_dict().values(), f"checkpoint {progress['checkpoint']}")
+        weights = distributed.full_state_dict(model, ctx)
         if ctx.is_main:
             step = progress["epoch"] * len(train_loader) + batch + 1  # optimizer steps so far
-            manifest.save(model.state_dict(), f"{progress['checkpoint']}.pt",
+            manifest.save(weights, f"{progress['checkpoint']}.pt",
                           epochs=step / len(train_loader), step=step)
         return True
 
@@ -190,7 +196,6 @@ def main(argv=None):
         log.info("done: %d checkpoints in %s", progress["checkpoint"] + 1, args.save_dir)
     if recorder:
         train_recorded_subspace(args, ctx, loaders, model, recorder)
-    distributed.shutdown(ctx)
 
 
 def read_resume(args, state_path):

@@ -103,6 +103,9 @@ def check_args(args):
         raise UsageError(f"empty or reversed checkpoint range [{args.params_start}, {args.params_end})")
     if args.params_stride <= 0:
         raise UsageError(f"--params_stride must be positive, not {args.params_stride}")
+    if args.fsdp and args.checkpoints:
+        raise UsageError("soup mode (--checkpoints) loads whole models one after another: run it "
+                         "without --fsdp")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --output-dir, --overwrite replaces it: "
                          "give one of them")
@@ -292,6 +295,7 @@ def main(argv=None):
     # nodes that hold other files under the same names would build a patchwork basis
     utils.check_ranks_agree(ctx, args, SHAPING, loaders, resume_progress=resume and resume["progress"],
                             checkpoint_files=(files, inputs["sha256"]))
+    model = distributed.shard(model, ctx) if args.fsdp else model  # the basis follows its shards
     if verified:
         log.info("%d of %d checkpoints verified against their SHA-256 in %s", verified,
                  len(inputs["checkpoints"]), runfiles.Manifest.FILE)
@@ -314,7 +318,6 @@ def main(argv=None):
     stage.train_in_subspace(stage.TWASettings.of_train_twa(args), ctx, loaders, model, space, report, state_path, inputs,
                       resume, soups_beside if args.checkpoints else None,
                       start_at_checkpoint if args.train_start >= 0 else None)
-    distributed.shutdown(ctx)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ log = logging.getLogger("twa")
 SPLIT_FILE = "split.json"  # the held-out indices of --val-split, beside the checkpoints
 CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)  # ImageNet-style --arch names
 # flags that do not shape the weights but decide which collectives run when: ranks must agree
-SCHEDULING = ("print_freq", "eval_every", "resume", "amp", "loader", "bn")
+SCHEDULING = ("print_freq", "eval_every", "resume", "amp", "loader", "bn", "fsdp")
 
 
 def pick_device(name):
@@ -146,7 +146,7 @@ def load_weights(model, path, args):
         raise UsageError(f"{path} does not match --arch {args.arch} on {args.datasets}: "
                          f"{len(missing)} missing, {len(unexpected)} unexpected, "
                          f"{len(reshaped)} reshaped entries ({first})")
-    model.load_state_dict(state)
+    distributed.load_full_state_dict(model, state)
 
 
 class EscapingFormatter(logging.Formatter):

@@ -27,15 +27,6 @@ import twa
 from sharding import time_steps, write_checkpoints
 
 
-def shard_model(model):
-    """FSDP2 over every layer that holds parameters of its own, then the root."""
-    from torch.distributed.fsdp import fully_shard
-    for module in model.modules():
-        if module is not model and any(True for _ in module.parameters(recurse=False)):
-            fully_shard(module)
-    return fully_shard(model)
-
-
 def local_bytes(tensors):
     return sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes for t in tensors)
 
@@ -44,7 +35,7 @@ def worker(args):
     ctx = distributed.init(torch.device("cpu"))
     model = models.build_model(args.arch, 10)
     if args.route == "fsdp":
-        shard_model(model)
+        model = distributed.shard(model, ctx)  # the scripts' --fsdp: per block, then the root
     files = [os.path.join(args.dir, f"{i}.pt") for i in range(args.checkpoints)]
     started = time.perf_counter()
     space = twa.Subspace.from_checkpoints(model, files, bits=args.pbits)
@@ -62,6 +53,7 @@ def worker(args):
            "columns": space.shard.local_size}
     with open(os.path.join(args.dir, f"result-{args.route}-{ctx.world}-{ctx.rank}.json"), "w") as f:
         json.dump(row, f)  # one file per rank: their stdout lines would interleave
+    del model, space, trainer, optimizer  # before the group goes: see distributed.leave
     distributed.shutdown(ctx)
 
 
