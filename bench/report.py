@@ -197,6 +197,41 @@ def head_report(runs, n_test):
                    per_seed_rows(runs, head_comparisons, bits)))
 
 
+# ---------------------------------------------------------------------------------------------------
+# bench/tail_swa.py's runs: TWA against SWA of the same tail checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+def tail_report(runs, n_test):
+    """TWA - SWA for every variant: paired within each seed (a bootstrap over the test images) where
+    the run recorded which images each model got right, and a t interval over the seeds."""
+    summary, per_seed = [], []
+    for key in sorted({key for r in runs for key in r["runs"]}):  # one SGD run per swa_lr
+        present = [r for r in runs if key in r["runs"]]
+        names = dict.fromkeys(name for r in present for name, v in r["runs"][key]["tail"].items() if v)
+        for name in names:
+            differences, accuracies = [], []
+            for run in present:
+                v = run["runs"][key]["tail"].get(name)
+                if not v:
+                    continue
+                if v.get("twa_correct") and v.get("swa_correct"):
+                    difference = paired_difference(unpack_bits(v["twa_correct"], n_test),
+                                                   unpack_bits(v["swa_correct"], n_test))
+                else:  # an earlier runner kept accuracies only
+                    difference = (v["twa_acc"] - v["swa_acc"], None, None)
+                per_seed.append([run["seed"], key, name, f"{v['swa_acc']:.2f}", f"{v['twa_acc']:.2f}",
+                                 describe(*difference) + ("" if difference[1] is not None else
+                                                          " (no per-image results)")])
+                differences.append(difference[0])
+                accuracies.append(v["twa_acc"])
+            summary.append([key, name, len(differences), mean_std(accuracies),
+                            describe(*over_seeds(differences))])
+    print(markdown(["run", "TWA variant", "seeds", "TWA test acc",
+                    "TWA - SWA (mean [95% t interval over seeds])"], summary))
+    print(f"\nWithin each seed, 95% bootstrap interval over the {n_test} test images:\n")
+    print(markdown(["seed", "run", "TWA variant", "SWA", "TWA", "TWA - SWA"], per_seed))
+
+
 def read_results(path):
     try:
         with open(path) as f:
@@ -217,6 +252,10 @@ def main():
     if not files:
         raise SystemExit(f"no {args.name}-seed*.json in {args.results}")
     runs = [read_results(f) for f in files]
+    if "swa_start" in runs[0]:  # bench/tail_swa.py's runs
+        print(f"{args.name}: seeds {', '.join(str(r['seed']) for r in runs)}\n")
+        tail_report(runs, args.test_images)
+        return
     if "head" in runs[0] and "sgd_wd" in runs[0]:  # bench/head.py's runs
         print(f"{args.name}: seeds {', '.join(str(r['seed']) for r in runs)}\n")
         head_report(runs, args.test_images)

@@ -64,3 +64,25 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
     assert "TWA, 3 ckpts, 1 ep, BN recompute - TWA, 2 ckpts, 1 ep, BN recompute" in report.stdout
     assert "| 2 | TWA, 3 ckpts, 1 ep, BN recompute - SGD(2) |" in report.stdout  # the same epochs
     assert "| 2 | TWA, 3 ckpts, 1 ep, BN recompute - SGD(3) |" in report.stdout  # SGD(E)
+
+
+def test_tail_report_pairs_twa_with_swa_within_and_over_seeds(tmp_path):
+    """bench/report.py on tail_swa.py's results: a paired interval where the per-image bits exist,
+    the plain difference where an earlier run kept accuracies only, a t interval over the seeds."""
+    n = 1000
+    swa = runfiles.pack_bits([1] * 800 + [0] * 200)
+    twa = runfiles.pack_bits([1] * 790 + [0] * 10 + [1] * 30 + [0] * 170)  # +2 points
+    for seed, bits in ((1, False), (2, True), (3, True)):
+        variant = {"swa_acc": 80.0, "twa_acc": 82.0 if bits else 81.0,
+                   "swa_correct": swa if bits else None, "twa_correct": twa if bits else None}
+        run = {"seed": seed, "swa_start": 16, "runs": {"swalr0.1": {"tail": {"orth-lr2-e2": variant}}}}
+        with open(tmp_path / f"tail-swa-seed{seed}.json", "w") as f:
+            json.dump(run, f)
+    report = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), "--name",
+                             "tail-swa", "--results", str(tmp_path), "--test-images", str(n)],
+                            check=True, capture_output=True, text=True, timeout=300)
+    assert "| 1 | swalr0.1 | orth-lr2-e2 | 80.00 | 81.00 | +1.00 (no per-image results) |" in report.stdout
+    line = next(x for x in report.stdout.splitlines() if x.startswith("| 2 | swalr0.1"))
+    low, high = (float(v) for v in line.split("[")[1].rstrip("] |").split(", "))
+    assert low < 2.0 < high and high - low < 4  # 40 images differ of 1000
+    assert "| swalr0.1 | orth-lr2-e2 | 3 | 81.67 +- 0.58 | +1.67 [" in report.stdout
