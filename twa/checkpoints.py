@@ -109,9 +109,13 @@ def reshard(model):
     """Return every FSDP2 unit of the model to its shards. After a forward with no backward (an
     evaluation) FSDP2 keeps the root's parameters gathered, and reuses that gathered copy in the
     next forward: weights read from the shards, or written into them, must find it released."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    for unit in fsdp_modules(model):
+        unit.reshard()
+
+
+def fsdp_modules(model):
+    """The model's FSDP2 units (none for a model that fully_shard did not wrap)."""
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
 
 
 def flatten_checkpoint(state, params, source="state_dict", out=None, shard=None):

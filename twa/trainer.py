@@ -3,7 +3,7 @@ that TWA.step rewrites as mean + P^T (c - m) after each optimizer step on the co
 import torch
 from torch import nn
 
-from .checkpoints import reshard, trainable_parameters
+from .checkpoints import fsdp_modules, trainable_parameters
 from .sharding import DTensor
 
 
@@ -76,8 +76,9 @@ class TWA:
     def __init__(self, model, space, start="mean", train="coordinates"):
         if train not in ("coordinates", "alpha"):
             raise ValueError(f"train must be 'coordinates' or 'alpha', not {train!r}")
-        self.space, self.model, shard = space, model, space.shard
+        self.space, shard = space, space.shard
         self.params = [p for _, p in trainable_parameters(model)]
+        self.fsdp_modules = fsdp_modules(model)  # found once: write_weights runs every step
         dim = sum(p.numel() for p in self.params)
         if dim != shard.dim:
             raise ValueError(f"the model has {dim} trainable parameters, the subspace {shard.dim}")
@@ -162,7 +163,8 @@ class TWA:
         shard = self.space.shard
         self.space.weights(self.coordinates, out=self.shard_weights[:shard.local_size])
         if shard.follows_model:  # into the local shards, which FSDP gathers in the next forward
-            reshard(self.model)
+            for unit in self.fsdp_modules:  # see checkpoints.reshard
+                unit.reshard()
             for p, view in zip(self.params, self.local_weights):
                 p.detach().to_local().copy_(view)
         elif shard.world > 1:
