@@ -1,6 +1,7 @@
 """The paper's tail stage with the reference's structure, at CPU scale, one seed per call.
 
     python bench/tail_swa.py --seed 1 [--swa-lrs 0.1 0.05] [--epochs 30 --swa-start 16]
+                             [--variants orth-lr2-e2 ...] [--tag NAME]
 
 1. SGD: ResNet-20 on CIFAR-10 with 10% of the training images held out (for TWA-v), lr 0.1,
    wd 5e-4, the SWA schedule (--schedule swa: lr 0.1 for the first half of swa_start, linear decay to
@@ -74,6 +75,11 @@ def parse_args():
     parser.add_argument("--low-lr-tail", action="store_true", help="also step 4")
     parser.add_argument("--skip-variants", action="store_true",
                         help="only the SGD runs and step 4 (the variants' results are read if present)")
+    parser.add_argument("--variants", nargs="+", choices=[*VARIANTS, *HEAD], default=[*VARIANTS, *HEAD],
+                        metavar="NAME", help="the TWA variants to run, in this order (default: all of "
+                        f"{', '.join([*VARIANTS, *HEAD])})")
+    parser.add_argument("--tag", default="", help="suffix of the results name, for a run that must not "
+                        "share a seed's file: --tag swalr0.05 writes tail-swa-seed<k>-swalr0.05.json")
     args = parser.parse_args()
     if not 0 < args.swa_start < args.epochs:
         parser.error("--swa-start must lie in (0, --epochs)")
@@ -82,7 +88,8 @@ def parse_args():
 
 class Pipeline(common.Experiment):
     def __init__(self, args):
-        super().__init__(args, f"tail-swa-seed{args.seed}", {
+        tag = f"-{args.tag}" if args.tag else ""
+        super().__init__(args, f"tail-swa-seed{args.seed}{tag}", {
             "seed": args.seed, "epochs": args.epochs, "swa_start": args.swa_start,
             "checkpoints_per_epoch": PER_EPOCH, "runs": {}, "complete": False})
 
@@ -145,17 +152,15 @@ def main():
         run = pipe.report["runs"].setdefault(f"swalr{swa_lr:g}", {"swa_lr": swa_lr, "sgd_test_acc": sgd,
                                                                   "tail": {}, "head": {}})
         run["sgd_correct"] = sgd_correct
-        for name, (flags, which) in VARIANTS.items():
-            if which == "all" or number == 0:
-                variant = [*tail_flags(flags), "--train_start", end - 1]
+        for name in args.variants:
+            if name in HEAD and number == 0:
+                run["head"][name] = pipe.twa(checkpoints, f"swalr{swa_lr:g}-{name}", 0, head_end,
+                                             ["--schedule", "step", *HEAD[name]], skip=args.skip_variants)
+            elif name in VARIANTS and (VARIANTS[name][1] == "all" or number == 0):
+                variant = [*tail_flags(VARIANTS[name][0]), "--train_start", end - 1]
                 run["tail"][name] = pipe.twa(checkpoints, f"swalr{swa_lr:g}-{name}", first, end,
                                              variant, skip=args.skip_variants)
-                pipe.save()
-        for name, flags in HEAD.items():
-            if number == 0:
-                run["head"][name] = pipe.twa(checkpoints, f"swalr{swa_lr:g}-{name}", 0, head_end,
-                                             ["--schedule", "step", *flags], skip=args.skip_variants)
-                pipe.save()
+            pipe.save()
         if number == 0 and args.low_lr_tail:
             low = pipe.low_lr_tail(os.path.join(checkpoints, f"{end - 1}.pt"))
             run["low_lr_tail"] = {"sgd_test_acc": [r["test_acc"] for r in runfiles.read_jsonl(
@@ -164,7 +169,7 @@ def main():
                 run["low_lr_tail"][name] = pipe.twa(low, f"swalr{swa_lr:g}-{name}", 0, 9,
                                                     [*tail_flags(flags), "--train_start", 8])
                 pipe.save()
-    pipe.report["complete"] = True
+    pipe.report["complete"] = set(args.variants) == {*VARIANTS, *HEAD}  # False: a chosen subset
     pipe.save()
     print(f"wrote {pipe.path}")
 
