@@ -14,6 +14,9 @@ import gc
 import hashlib
 import inspect
 import os
+import secrets
+import shutil
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +27,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
+import runfiles
+import twa
 from runfiles import UsageError
 
 
@@ -154,6 +159,12 @@ def sum_(tensor, ctx):
     return tensor
 
 
+def common_token(ctx):
+    """A random 48-bit number drawn by rank 0, the same on every rank (torch's generators untouched)."""
+    token = torch.tensor([secrets.randbits(48) if ctx.is_main else 0], device=ctx.device)
+    return int(sum_(token, ctx).item())
+
+
 def any_(flag, ctx):
     """True on every process when it is true on any (so that all stop at the same step)."""
     if ctx.world == 1:
@@ -242,6 +253,43 @@ def load_optimizer_state(model, optimizer, state):
         return
     options = dcp_state.StateDictOptions(full_state_dict=True)
     dcp_state.set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
+def save_sharded(model, path, ctx, optimizer=None):
+    """--sharded-checkpoints: the model's state_dict (with the optimizer's: {"model", "optimizer"})
+    saved by torch.distributed.checkpoint as the folder `path`, every process writing its own shards
+    (nothing gathered), into a temp folder that rank 0 renames once all have written. Every rank
+    must call it."""
+    from torch.distributed import checkpoint as dcp
+    if optimizer is None:
+        state = dcp_state.get_model_state_dict(model)
+    else:
+        weights, moments = dcp_state.get_state_dict(model, optimizer)
+        state = {"model": weights, "optimizer": moments}
+    tmp = f"{path}.tmp"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's
+    barrier(ctx)
+    with warnings.catch_warnings():  # one process alone is told it "assumes" a single process
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=tmp)  # returns once every process's shards are written
+    if ctx.is_main:
+        runfiles.replace_folder(tmp, path)
+    barrier(ctx)
+
+
+def load_sharded_state(model, optimizer, path):
+    """The reverse of save_sharded(model, path, ctx, optimizer): each process reads its shards."""
+    weights, moments = dcp_state.get_state_dict(model, optimizer)  # creates the momentum to fill
+    state = {"model": weights, "optimizer": moments}
+    twa.checkpoints.load_sharded(state, path)
+    dcp_state.set_state_dict(model, optimizer, model_state_dict=state["model"],
+                             optim_state_dict=state["optimizer"])
+
+
+def barrier(ctx):
+    if ctx.world > 1:
+        dist.barrier()
 
 
 def synchronise_batchnorm(model, ctx):

@@ -147,6 +147,11 @@ def load_optimizer(optimizer, state, settings, device, model=None):
         optimizer.load_state_dict(state)
     else:
         distributed.load_optimizer_state(model, optimizer, state)
+    restore_rate_form(optimizer, settings, device)
+
+
+def restore_rate_form(optimizer, settings, device):
+    """The rate of every group in the form learning_rate gives (after loading a saved state)."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(settings, device)
 

@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -176,11 +177,52 @@ def load_torch(path):
 
 
 def sha256_of(path):
+    """The SHA-256 of a file, or of a folder's files (their names and digests, in sorted order)."""
+    if not os.path.isdir(path):
+        return _sha256_of_file(path)
+    digest = hashlib.sha256()
+    for name, file in _files_of(path):
+        digest.update(f"{name}\0{_sha256_of_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _sha256_of_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def size_of(path):
+    """Bytes of a file, or of a folder's files."""
+    return sum(os.path.getsize(file) for _, file in _files_of(path)) if os.path.isdir(path) \
+        else os.path.getsize(path)
+
+
+def _files_of(folder):
+    if not os.path.isdir(folder):
+        return []
+    return [(name, os.path.join(folder, name)) for name in sorted(os.listdir(folder))]
+
+
+def replace_folder(tmp, path):
+    """Rename the written folder `tmp` to `path` (replacing a folder there) and make it durable: a
+    crash leaves the old folder or the new one at `path`, or (between the two renames) none."""
+    for _, file in _files_of(tmp):
+        with open(file, "rb+") as f:
+            os.fsync(f.fileno())
+    flush_folder(tmp)
+    old = f"{path}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise WriteFailed(f"cannot write {path} ({err.strerror})") from None
+    flush_folder(os.path.dirname(os.path.abspath(path)))
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class Manifest:
@@ -205,6 +247,13 @@ class Manifest:
             entry.update(size=os.path.getsize(tmp), sha256=sha256_of(tmp))
         atomic_write(os.path.join(self.folder, name), write)
         self.entries[name] = entry
+        if self.enabled:
+            save_json(self.entries, self.path)
+
+    def record(self, name, **where):
+        """The entry of <folder>/<name>, a checkpoint (file or sharded folder) written already."""
+        path = os.path.join(self.folder, name)
+        self.entries[name] = {**where, "size": size_of(path), "sha256": sha256_of(path)}
         if self.enabled:
             save_json(self.entries, self.path)
 
@@ -238,7 +287,7 @@ def hash_checkpoints(paths):
         digests.append(sha256_of(path))
         if entry is None:
             continue
-        if os.path.getsize(path) != entry["size"] or digests[-1] != entry["sha256"]:
+        if size_of(path) != entry["size"] or digests[-1] != entry["sha256"]:
             raise UsageError(f"{path} is not the file train_sgd.py saved (its size or SHA-256 differs "
                              f"from {os.path.join(folder, Manifest.FILE)}): changed or corrupt on disk")
         verified += 1

@@ -1,12 +1,15 @@
 """Regular SGD training that saves the checkpoints TWA averages.
 
 <save-dir>/0.pt holds the initial weights, then 1.pt, 2.pt, ... one per save point (--save-every per
-epoch, numbered consecutively): plain state_dicts, interchangeable with the reference code's.
+epoch, numbered consecutively): plain state_dicts, interchangeable with the reference code's. With
+--sharded-checkpoints they are folders 0.dcp, 1.dcp, ... written by torch.distributed.checkpoint, each
+process its own shards, and the model and momentum of the resume state go to a folder state-<id>.dcp.
 <save-dir>/state.pt holds what --resume needs; <log-dir>/metrics.jsonl one row per epoch. With
 --val-split R, R% of the training images are held out and their indices written to <save-dir>/split.json,
 where train_twa.py finds them.
 """
 import os
+import shutil
 import time
 
 import torch
@@ -23,7 +26,7 @@ from runfiles import UsageError
 
 STATE = "state.pt"
 # the flags that shape a run: --resume refuses a state saved with other values
-SHAPING = cli.SHAPING + ("fsdp", "swa_start", "swa_lr", "save_every", "init", "twa_at", "record_every",
+SHAPING = cli.SHAPING + ("fsdp", "sharded_checkpoints", "swa_start", "swa_lr", "save_every", "init", "twa_at", "record_every",
                          "twa_epochs", "twa_opt", "twa_lr", "twa_wd", "twa_schedule", "coefficients",
                          "pbits", "layer_size", "tol")
 
@@ -46,6 +49,11 @@ def parse_args(argv=None):
         "with --twa-at 0: none)")
     add("--init", default=None, help="start from the weights in this state_dict file (e.g. to branch "
         "a run at one of its checkpoints) instead of a fresh initialisation")
+    add("--sharded-checkpoints", action="store_true",
+        help="save each checkpoint as a folder <i>.dcp written with torch.distributed.checkpoint, every "
+        "process its own shards (with --fsdp nothing is gathered onto one process: for models whose "
+        "whole state_dict does not fit one), and the resume state's model and momentum likewise; "
+        "train_twa.py reads them shard by shard, and any script reads them whole")
     online = parser.add_argument_group("TWA in the same run (no checkpoint files needed)")
     add = online.add_argument
     add("--twa-at", type=int, default=None, metavar="E", help="stop SGD after E epochs (of the "
@@ -118,7 +126,8 @@ def main(argv=None):
         data_digest = utils.data_digest(loaders)
         if resume:
             check_same_data(resume, data_digest, state_path)
-            model.load_state_dict(resume["model"])
+            if "shards" not in resume:  # else loaded once sharded, below
+                model.load_state_dict(resume["model"])
         elif args.init:
             utils.load_weights(model, args.init, args)
         metrics = runfiles.Metrics(os.path.join(args.log_dir, "metrics.jsonl"), "sgd",
@@ -138,7 +147,7 @@ def main(argv=None):
     recorder = make_recorder(args, model, ctx)
     progress = {"epoch": 0, "batch": 0, "checkpoint": 0, "totals": None, "elapsed": 0.0}
     if resume:
-        loop.load_optimizer(optimizer, resume["optimizer"], settings, ctx.device, model)
+        load_resume_state(args, model, optimizer, settings, ctx, resume)
         utils.restore_rng(resume["rng"], ctx, state_path)
         progress = resume["progress"]
         restore_recorder(recorder, resume, state_path)
@@ -147,9 +156,7 @@ def main(argv=None):
     else:
         loop.check_finite(model.state_dict().values(), "the initial weights")
         if args.save_every:
-            weights = distributed.full_state_dict(model, ctx)  # every rank: a sharded one gathers
-            if ctx.is_main:
-                manifest.save(weights, "0.pt", epochs=0.0, step=0)
+            save_checkpoint(args, model, ctx, manifest, 0, epochs=0.0, step=0)
         if recorder:
             recorder.add(model)
     forward = distributed.wrap(model, ctx)  # --compile compiles the whole step (loop.make_step)
@@ -157,13 +164,17 @@ def main(argv=None):
     def save_state():
         loop.check_finite(model.state_dict().values(), "the model")
         rng = utils.all_rng_states(ctx)
-        weights = distributed.full_state_dict(model, ctx)
-        moments = distributed.optimizer_state(model, optimizer)
+        if args.sharded_checkpoints:  # a new folder each time: state.pt names the one it goes with
+            tensors = {"shards": f"state-{distributed.common_token(ctx):012x}.dcp"}
+            distributed.save_sharded(model, os.path.join(args.save_dir, tensors["shards"]), ctx, optimizer)
+        else:
+            tensors = {"model": distributed.full_state_dict(model, ctx),
+                       "optimizer": distributed.optimizer_state(model, optimizer)}
         if ctx.is_main:
-            runfiles.save_torch({"model": weights, "optimizer": moments, "rng": rng,
-                                 "progress": progress, "metrics": metrics.rows,
+            runfiles.save_torch({**tensors, "rng": rng, "progress": progress, "metrics": metrics.rows,
                                  "args": vars(args), "data": data_digest,
                                  "recorder": recorder.state_dict() if recorder else None}, state_path)
+            remove_old_states(args.save_dir, tensors.get("shards"))
 
 
     def on_step(batch):
@@ -176,11 +187,9 @@ def main(argv=None):
             return False
         progress["checkpoint"] += 1
         loop.check_finite(model.state_dict().values(), f"checkpoint {progress['checkpoint']}")
-        weights = distributed.full_state_dict(model, ctx)
-        if ctx.is_main:
-            step = progress["epoch"] * len(train_loader) + batch + 1  # optimizer steps so far
-            manifest.save(weights, f"{progress['checkpoint']}.pt",
-                          epochs=step / len(train_loader), step=step)
+        step = progress["epoch"] * len(train_loader) + batch + 1  # optimizer steps so far
+        save_checkpoint(args, model, ctx, manifest, progress["checkpoint"],
+                        epochs=step / len(train_loader), step=step)
         return True
 
     def update(lr):
@@ -198,17 +207,54 @@ def main(argv=None):
         train_recorded_subspace(args, ctx, loaders, model, recorder)
 
 
+def save_checkpoint(args, model, ctx, manifest, i, **where):
+    """Checkpoint i: <save-dir>/<i>.pt, whole tensors written by rank 0 (a sharded model's gathered
+    one parameter at a time), or with --sharded-checkpoints the folder <i>.dcp of every process's
+    shards. Every rank must call it."""
+    if args.sharded_checkpoints:
+        distributed.save_sharded(model, os.path.join(args.save_dir, f"{i}.dcp"), ctx)
+        if ctx.is_main:
+            manifest.record(f"{i}.dcp", **where)
+        return
+    weights = distributed.full_state_dict(model, ctx)
+    if ctx.is_main:
+        manifest.save(weights, f"{i}.pt", **where)
+
+
+def load_resume_state(args, model, optimizer, settings, ctx, resume):
+    """The model and optimizer state of a resume state (the model's already, unless sharded)."""
+    if "shards" in resume:
+        try:
+            distributed.load_sharded_state(model, optimizer, os.path.join(args.save_dir, resume["shards"]))
+        except twa.CheckpointError as err:
+            raise UsageError(f"the resume state's shards: {err}") from None
+        loop.restore_rate_form(optimizer, settings, ctx.device)
+    else:
+        loop.load_optimizer(optimizer, resume["optimizer"], settings, ctx.device, model)
+
+
+def remove_old_states(folder, keep):
+    """The state-<id>.dcp folders of earlier resume states (all but `keep`)."""
+    for name in os.listdir(folder):
+        if name.startswith("state-") and name.endswith((".dcp", ".dcp.tmp")) and name != keep:
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def has_checkpoint(folder, i):
+    return any(os.path.exists(os.path.join(folder, f"{i}{suffix}")) for suffix in (".pt", ".dcp"))
+
+
 def read_resume(args, state_path):
     """The resume state when --resume (checked against the flags), else None. A folder killed
     between its 0.pt and its first state (nothing past 0.pt) holds no progress: --resume starts
     it afresh."""
     if not args.resume:
-        if any(os.path.exists(os.path.join(args.save_dir, name)) for name in ("0.pt", STATE)):
+        if has_checkpoint(args.save_dir, 0) or os.path.exists(state_path):
             raise UsageError(f"{args.save_dir} already holds checkpoints; use --resume or another "
                              "--save-dir")
         return None
-    if not os.path.exists(state_path) and os.path.exists(os.path.join(args.save_dir, "0.pt")):
-        if os.path.exists(os.path.join(args.save_dir, "1.pt")):
+    if not os.path.exists(state_path) and has_checkpoint(args.save_dir, 0):
+        if has_checkpoint(args.save_dir, 1):
             raise UsageError(f"{args.save_dir} holds checkpoints past 0.pt but no {STATE}: it cannot "
                              "be resumed, and starting afresh would overwrite them")
         log.warning("%s holds 0.pt but no %s: starting afresh", args.save_dir, STATE)

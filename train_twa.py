@@ -1,6 +1,8 @@
 """Trainable Weight Averaging (Algorithm 1 of the paper) over saved checkpoints.
 
-Reads <save-dir>/i.pt for i in [params_start, params_end), or the files of --checkpoints (soup mode),
+Reads <save-dir>/i.pt for i in [params_start, params_end) (or the folder i.dcp that train_sgd.py
+--sharded-checkpoints writes: under --fsdp each process reads only its shards), or the files of
+--checkpoints (soup mode),
 builds an orthonormal basis P of their span (per block of layers with --layer-size), evaluates their
 uniform average (SWA, BatchNorm recomputed), then trains inside the span from that average (or from
 checkpoint --train_start): each step's gradient g becomes P g for the coordinates, i.e. P^T P g for the
@@ -30,6 +32,7 @@ from runfiles import UsageError
 
 STATE = stage.STATE
 NOT_CHECKPOINTS = ("state.pt", STATE, "twa.pt")  # what the scripts write beside checkpoints; globs skip them
+NOT_CHECKPOINT_FOLDERS = ("state-", ".tmp", ".old")  # and the resume states' shards, unfinished folders
 # the flags that shape a TWA run: --resume refuses a state saved with other values, naming the
 # first that differs (--opt before --lr, whose default it sets)
 SHAPING = ("opt",) + cli.SHAPING + ("warmup_epochs", "params_start", "params_end", "params_stride",
@@ -137,7 +140,7 @@ def check_inputs(args, ctx):
     if args.split and not os.path.isfile(args.split):
         raise UsageError(f"--split {args.split} does not exist")
     for path in files:
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise UsageError(f"checkpoint not found: {path}")
         try:
             twa.check_readable(path)
@@ -165,7 +168,7 @@ def check_range(args):
     if args.checkpoints:
         return
     for i in range(args.params_start, args.params_end, args.params_stride):  # stops at the first gap
-        if not os.path.isfile(checkpoint_path(args, i)):
+        if not os.path.exists(checkpoint_path(args, i)):
             raise UsageError(f"checkpoint not found: {checkpoint_path(args, i)} (of --params_start "
                              f"{args.params_start} --params_end {args.params_end})")
 
@@ -182,18 +185,29 @@ def checkpoint_files(args):
         return [checkpoint_path(args, i) for i in checkpoint_indices(args)]
     files = []
     for pattern in args.checkpoints:
-        matches = [path for path in sorted(glob.glob(pattern)) if os.path.basename(path) not in
-                   NOT_CHECKPOINTS] if glob.has_magic(pattern) else [pattern]
+        matches = [path for path in sorted(glob.glob(pattern)) if is_checkpoint(path)] \
+            if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise UsageError(f"--checkpoints {pattern} matches no file")
         files += matches
     return files
 
 
+def is_checkpoint(path):
+    """Whether a file or folder that a glob matched may be a checkpoint (not another output)."""
+    name = os.path.basename(path.rstrip(os.sep))
+    if os.path.isdir(path):
+        return not (name.startswith(NOT_CHECKPOINT_FOLDERS) or name.endswith(NOT_CHECKPOINT_FOLDERS))
+    return name not in NOT_CHECKPOINTS
+
+
 def checkpoint_path(args, i):
+    """Checkpoint i of --save-dir: i.pt, or the sharded folder i.dcp where only that exists."""
     if args.checkpoints:
         return checkpoint_files(args)[i]
-    return os.path.join(args.save_dir, f"{i}.pt")
+    path = os.path.join(args.save_dir, f"{i}.pt")
+    sharded = os.path.join(args.save_dir, f"{i}.dcp")
+    return sharded if not os.path.exists(path) and os.path.isdir(sharded) else path
 
 
 def head_epoch(args):

@@ -13,8 +13,10 @@ import torchvision
 import cli
 import distributed
 import models
+import runfiles
 import train_sgd
 import train_twa
+import twa
 from conftest import ROOT
 from test_distributed import flags, launch, relative_difference
 
@@ -43,6 +45,8 @@ def runs(tiny_data, tmp_path_factory):
     for n in (1, 2):
         launch("train_sgd.py", n, *flags(tiny_data, root / f"sgd{n}"), "--epochs", "2",
                "--save-every", "2", "--lr", "0.02", *(["--fsdp"] if n > 1 else []))
+    launch("train_sgd.py", 2, *flags(tiny_data, root / "sgd2-dcp"), "--epochs", "2", "--save-every",
+           "2", "--lr", "0.02", "--fsdp", "--sharded-checkpoints")
     for n in (1, 2, 4):
         launch("train_twa.py", n, *flags(tiny_data, root / "sgd1"), "--epochs", "2", "--lr", "0.1",
                "--params_end", "5", "--output-dir", root / f"twa{n}", "--log-dir", root / f"twa{n}",
@@ -60,6 +64,33 @@ def test_sgd_sharded_matches_one_process_and_writes_whole_files(runs):
     state = torch.load(runs / "sgd2" / "state.pt", weights_only=True)
     momentum = state["optimizer"]["state"]["conv1.weight"]["momentum_buffer"]  # whole, by name
     assert momentum.shape == state["model"]["conv1.weight"].shape
+
+
+def test_sharded_checkpoint_folders_hold_the_same_weights_as_whole_files(runs):
+    folder = runs / "sgd2-dcp"
+    for i in range(5):
+        whole = torch.load(runs / "sgd2" / f"{i}.pt", weights_only=True)
+        sharded = twa.load_state_dict(str(folder / f"{i}.dcp"))
+        assert set(sharded) == set(whole)
+        assert all(torch.equal(sharded[k], whole[k]) for k in whole), i
+        assert sorted(os.listdir(folder / f"{i}.dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert [p.name for p in folder.glob("*.pt")] == ["state.pt"]  # the resume state's small rest
+    assert len(list(folder.glob("state-*.dcp"))) == 1  # and its shards; earlier states' are gone
+    assert set(runfiles.read_manifest(folder / "checkpoints.json")) == {f"{i}.dcp" for i in range(5)}
+
+
+def test_twa_reads_sharded_folders_shard_by_shard_or_whole(runs, tiny_data):
+    """2 processes reading each its rows of the folders, 1 process reading them whole: the same as
+    over the whole files."""
+    for source, n in (("sgd2", 2), ("sgd2-dcp", 2), ("sgd2-dcp", 1)):
+        out = runs / f"twa-{source}-{n}"
+        launch("train_twa.py", n, *flags(tiny_data, runs / source), "--epochs", "2", "--lr", "0.1",
+               "--params_end", "5", "--output-dir", out, "--log-dir", out, *(["--fsdp"] if n > 1 else []))
+    files, shards = parameters(runs / "twa-sgd2-2" / "twa.pt"), parameters(runs / "twa-sgd2-dcp-2" / "twa.pt")
+    assert all(torch.equal(files[k], shards[k]) for k in files)
+    whole = parameters(runs / "twa-sgd2-dcp-1" / "twa.pt")
+    assert relative_difference(files, whole) <= 1e-5
+    assert results(runs / "twa-sgd2-dcp-2")["basis"]["processes"] == 2
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -120,15 +151,17 @@ def interrupt_and_resume(script, args, marker):
     launch(script, 2, *args, "--fsdp", "--resume")
 
 
-def test_sharded_sgd_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):
-    args = ["--epochs", "4", "--save-every", "2", "--lr", "0.02", "--deterministic"]
+@pytest.mark.parametrize("files", ["whole", "sharded"])
+def test_sharded_sgd_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path, files):
+    args = ["--epochs", "4", "--save-every", "2", "--lr", "0.02", "--deterministic",
+            *(["--sharded-checkpoints"] if files == "sharded" else [])]
+    suffix = ".dcp" if files == "sharded" else ".pt"
     launch("train_sgd.py", 2, *flags(tiny_data, tmp_path / "full"), *args, "--fsdp")
     interrupt_and_resume("train_sgd.py", [*flags(tiny_data, tmp_path / "cut"), *args],
-                         tmp_path / "cut" / "3.pt")
+                         tmp_path / "cut" / f"3{suffix}")
     for i in range(9):
-        a = torch.load(tmp_path / "full" / f"{i}.pt", weights_only=True)
-        b = torch.load(tmp_path / "cut" / f"{i}.pt", weights_only=True)
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{i}.pt differs"
+        a, b = (twa.load_state_dict(str(tmp_path / run / f"{i}{suffix}")) for run in ("full", "cut"))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{i}{suffix} differs"
 
 
 def test_sharded_twa_interrupted_and_resumed_equals_uninterrupted(runs, tiny_data, tmp_path):

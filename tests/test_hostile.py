@@ -3,6 +3,7 @@ corrupt images and checkpoints, folders killed half-way, durability and low-bit 
 names the case of the reliability list in README.md that it keeps closed."""
 import json
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 import data
+import distributed
 import runfiles
 import twa
 import utils
@@ -266,6 +268,53 @@ def test_a_flipped_byte_in_a_checkpoint_is_caught_by_its_manifest(sgd_run, tiny_
                                        "--output-dir", out, "--log-dir", out), check=False)
     assert proc.returncode == 2 and f"{rotted / '2.pt'} is not the file train_sgd.py saved" in \
         proc.stderr, proc.stderr[-500:]
+
+
+def sharded_checkpoint(folder, name="1.dcp"):
+    """A sharded checkpoint folder (as train_sgd.py --sharded-checkpoints writes, here by one
+    process) of a small model, with its manifest entry; returns (its path, the model's state)."""
+    model = mlp()
+    ctx = distributed.Context(rank=0, world=1, device=torch.device("cpu"))
+    distributed.save_sharded(model, str(folder / name), ctx)
+    runfiles.Manifest(str(folder)).record(name, step=1)
+    return folder / name, model.state_dict()
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_sharded_checkpoint_reads_whole_and_its_damage_is_one_line(tmp_path, monkeypatch):
+    path, state = sharded_checkpoint(tmp_path)
+    assert not os.path.exists(f"{path}.tmp") and not os.path.exists(f"{path}.old")
+    twa.check_readable(path)
+    loaded = twa.load_state_dict(str(path))
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert runfiles.hash_checkpoints([str(path)])[1] == 1  # verified against checkpoints.json
+    shard = path / "__0_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(runfiles.UsageError, match="is not the file train_sgd.py saved"):
+        runfiles.hash_checkpoints([str(path)])
+    shard.write_bytes(bytes(raw[:100]))
+    with pytest.raises(twa.CheckpointError, match="shard file __0_0.distcp is truncated"):
+        twa.check_readable(path)
+    shard.unlink()
+    with pytest.raises(twa.CheckpointError, match="lacks its shard file __0_0.distcp"):
+        twa.check_readable(path)
+    (path / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(twa.CheckpointError, match="unreadable .metadata"):
+        twa.load_state_dict(str(path))
+    monkeypatch.chdir(tmp_path)  # the payload would create ./pwned
+    (path / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(twa.CheckpointError, match="refusing to load .*posix.system"):
+        twa.check_readable(path)
+    assert not (tmp_path / "pwned").exists()
+    (path / ".metadata").unlink()
+    with pytest.raises(twa.CheckpointError, match="a folder without .metadata"):
+        twa.load_state_dict(str(path))
 
 
 # -- 13: durability, random states per process ----------------------------------------------------

@@ -1,5 +1,9 @@
-"""Reading checkpoints: state_dicts from files (weights only) or mappings, wrapper prefixes
-removed, flattened into the float32 vector of a model's trainable parameters (or one shard of it)."""
+"""Reading checkpoints: state_dicts from files (weights only), sharded checkpoint folders or mappings,
+wrapper prefixes removed, flattened into the float32 vector of a model's trainable parameters (or one
+shard of it)."""
+import os
+import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 
@@ -17,7 +21,11 @@ class CheckpointError(ValueError):
 
 def check_readable(path):
     """Cheap up-front check that a torch.save file is whole: a zip archive's directory sits at its
-    end, so reading it catches truncation without loading any tensor."""
+    end, so reading it catches truncation without loading any tensor. A sharded checkpoint folder:
+    its index reads, and every shard file it names is there and long enough."""
+    if os.path.isdir(path):
+        _check_shard_files(path, _read_index(path))
+        return
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -39,6 +47,8 @@ def load_state_dict(source, names=None):
     (so that a model with a submodule called `module` keeps its names)."""
     if isinstance(source, Mapping):
         state = source
+    elif os.path.isdir(source):
+        state = load_sharded_whole(source)
     else:
         try:
             state = torch.load(source, map_location="cpu", weights_only=True)
@@ -152,7 +162,12 @@ def flatten_checkpoint(state, params, source="state_dict", out=None, shard=None)
 
 
 def read_parameters(source, params, name, out=None, shard=None):
-    """flatten_checkpoint of a file or mapping, read with the model's own names (load_state_dict)."""
+    """flatten_checkpoint of a file, folder or mapping, read with the model's own names
+    (load_state_dict); a sharded checkpoint folder read into a model's own shards reads only this
+    process's rows."""
+    if shard is not None and shard.follows_model and not isinstance(source, Mapping) and \
+            os.path.isdir(source):
+        return read_local_shards(source, params, name, out, shard)
     return flatten_checkpoint(load_state_dict(source, [n for n, _ in params]), params, name, out,
                               shard)
 
@@ -165,4 +180,125 @@ def current_weights(params, name, out=None, shard=None):
     local = torch.cat([p.detach().to_local().reshape(-1).float() for _, p in params])
     if not bool(torch.isfinite(local).all()):
         raise CheckpointError(f"{name} hold NaN or Inf values")
+    return local if out is None else out.copy_(local)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharded checkpoints: folders written by torch.distributed.checkpoint (train_sgd.py
+# --sharded-checkpoints saves <i>.dcp), a shard file per process and a pickled index, ".metadata"
+# ---------------------------------------------------------------------------------------------------
+
+INDEX = ".metadata"
+# what the index of a checkpoint of tensors is made of; like torch.load(weights_only=True), nothing else
+# is unpickled
+_INDEX_CLASSES = {("torch", "Size"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                  ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                  ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
+
+
+class _NotAnIndexClass(pickle.UnpicklingError):
+    pass
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in _INDEX_CLASSES or \
+                (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise _NotAnIndexClass(f"it names {module}.{name}, which is not part of a checkpoint index")
+
+
+def _reader(path):
+    """torch.distributed.checkpoint's reader of the folder, with its index unpickled safely."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            index = _read_index(path)
+            index.storage_meta.load_id = self.load_id
+            return index
+
+    return SafeReader(path)
+
+
+def _read_index(path):
+    try:
+        with open(os.path.join(path, INDEX), "rb") as f:
+            index = _IndexUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is a folder without {INDEX}: not a sharded "
+                              "checkpoint") from None
+    except _NotAnIndexClass as err:
+        raise CheckpointError(f"refusing to load {path}: {err}") from None
+    except Exception as err:  # a truncated or garbled pickle raises EOFError, ValueError and others
+        raise CheckpointError(f"checkpoint {path} has an unreadable {INDEX} ({type(err).__name__}: "
+                              f"{first_line(err)})") from None
+    if not hasattr(index, "state_dict_metadata") or not hasattr(index, "storage_data"):
+        raise CheckpointError(f"checkpoint {path}: its {INDEX} is not a checkpoint index")
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    if getattr(index, "storage_meta", None) is None:
+        index.storage_meta = StorageMeta()
+    return index
+
+
+def _check_shard_files(path, index):
+    ends = {}
+    for info in index.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"checkpoint {path} lacks its shard file {name}")
+        if os.path.getsize(file) < end:
+            raise CheckpointError(f"checkpoint {path}: shard file {name} is truncated")
+
+
+def _tensors(path):
+    """{name: (shape, dtype)} of the tensors a sharded checkpoint holds."""
+    return {name: (tuple(meta.size), meta.properties.dtype)
+            for name, meta in _read_index(path).state_dict_metadata.items() if hasattr(meta, "size")}
+
+
+def load_sharded(state, path, **options):
+    """Fill the tensors of `state` (DTensors: only their local shards) from a sharded checkpoint folder
+    (dcp.load's options); every process of the load raises a CheckpointError if one fails."""
+    from torch.distributed import checkpoint as dcp
+    try:
+        with warnings.catch_warnings():  # one process alone is told it "assumes" a single process
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=_reader(path), **options)
+    except CheckpointError:
+        raise
+    except Exception as err:  # one process's failure is raised on every process of the load
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
+                              f"{first_line(err)})") from None
+
+
+def load_sharded_whole(path):
+    """Every tensor of a sharded checkpoint, whole, read by this process alone."""
+    state = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in _tensors(path).items()}
+    load_sharded(state, path, no_dist=True)
+    return state
+
+
+def read_local_shards(path, params, source, out, shard):
+    """This process's entries of the trainable parameters of a sharded checkpoint, read into tensors
+    sharded as the model's own (FSDP2 DTensors): each process reads only its rows of each file."""
+    saved = _tensors(path)
+    for name, p in params:  # the same index on every process: all stop at the same file, or none
+        if name not in saved:
+            raise CheckpointError(f"{source} does not match the model: it has no '{name}'")
+        shape, dtype = saved[name]
+        if not dtype.is_floating_point:
+            raise CheckpointError(f"{source}: '{name}' holds {dtype} values, not floating-point weights")
+        if shape != tuple(p.shape):
+            raise CheckpointError(f"{source} does not match the model: '{name}' has shape {shape}, "
+                                  f"the model {tuple(p.shape)}")
+    state = {name: torch.empty_like(p.detach()) for name, p in params}
+    load_sharded(state, path, process_group=shard.group)
+    local = torch.cat([state[name].to_local().reshape(-1).float() for name, _ in params])
+    bad = shard.sum_(torch.tensor([0.0 if bool(torch.isfinite(local).all()) else 1.0],
+                                  device=local.device))
+    if bad.item():  # one process's rows suffice: every process stops at the same file
+        raise CheckpointError(f"{source}: holds NaN or Inf values")
     return local if out is None else out.copy_(local)
