@@ -26,9 +26,9 @@ from runfiles import UsageError
 
 STATE = "state.pt"
 # the flags that shape a run: --resume refuses a state saved with other values
-SHAPING = cli.SHAPING + ("fsdp", "sharded_checkpoints", "swa_start", "swa_lr", "save_every", "init", "twa_at", "record_every",
-                         "twa_epochs", "twa_opt", "twa_lr", "twa_wd", "twa_schedule", "coefficients",
-                         "pbits", "layer_size", "tol")
+SHAPING = cli.SHAPING + ("fsdp", "sharded_checkpoints", "swa_start", "swa_lr", "save_every", "init",
+                         "twa_at", "record_every", "twa_epochs", "twa_opt", "twa_lr", "twa_wd",
+                         "twa_schedule", "coefficients", "pbits", "layer_size", "tol")
 
 
 def parse_args(argv=None):
@@ -225,7 +225,8 @@ def load_resume_state(args, model, optimizer, settings, ctx, resume):
     """The model and optimizer state of a resume state (the model's already, unless sharded)."""
     if "shards" in resume:
         try:
-            distributed.load_sharded_state(model, optimizer, os.path.join(args.save_dir, resume["shards"]))
+            distributed.load_sharded_state(model, optimizer,
+                                           os.path.join(args.save_dir, resume["shards"]))
         except twa.CheckpointError as err:
             raise UsageError(f"the resume state's shards: {err}") from None
         loop.restore_rate_form(optimizer, settings, ctx.device)

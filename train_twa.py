@@ -86,8 +86,9 @@ def parse_args(argv=None):
         "--output-dir and --log-dir (refused without this flag or --resume)")
     add("--basis", default="orthonormal", choices=("orthonormal", "reference"),
         help="orthonormal: Gram-Schmidt applied twice to the first checkpoint and the differences "
-        "from it (exact projection); reference: the ICLR code's one pass in float32 over the raw checkpoints, whose "
-        "P^T P g is only a preconditioned projection in the tail (an ablation; one block, 32 bits)")
+        "from it (exact projection); reference: the ICLR code's one pass in float32 over the raw "
+        "checkpoints, whose P^T P g is only a preconditioned projection in the tail (an ablation; "
+        "one block, 32 bits)")
     add("--coefficients", default="coordinates", choices=("coordinates", "alpha"),
         help="what the optimizer trains: the orthonormal coordinates, or (as the journal code) one "
         "coefficient per checkpoint and block along its unit deviation from the mean, which makes "
@@ -329,9 +330,9 @@ def main(argv=None):
         trainer.move_to(checkpoint_indices(args).index(args.train_start))
 
     report = {"basis": basis_report, "start_epoch": head_epoch(args)}
-    stage.train_in_subspace(stage.TWASettings.of_train_twa(args), ctx, loaders, model, space, report, state_path, inputs,
-                      resume, soups_beside if args.checkpoints else None,
-                      start_at_checkpoint if args.train_start >= 0 else None)
+    stage.train_in_subspace(stage.TWASettings.of_train_twa(args), ctx, loaders, model, space, report,
+                            state_path, inputs, resume, soups_beside if args.checkpoints else None,
+                            start_at_checkpoint if args.train_start >= 0 else None)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
    swa_lr by 90% of it, then swa_lr), 2 checkpoints per epoch.
 2. SWA and TWA over the tail checkpoints (epochs swa_start..E, about 29), TWA from the LAST one as the
    reference's swa/run_twa.sh does (lr 2, wd 5e-5, step schedule), in the variants of VARIANTS: 2 and
-   4 epochs, over all tail checkpoints and over the reference's one per epoch (each epoch's end), the reference's one-pass basis against ours at lr 2 and 0.5, PCA with 5 components,
+   4 epochs, over all tail checkpoints and over the reference's one per epoch (each epoch's end),
+   the reference's one-pass basis against ours at lr 2 and 0.5, PCA with 5 components,
    TWA-v (coefficients trained on the held-out part) with SGD and with AdamW on coordinates or alpha.
 3. For the first swa_lr, HEAD: the same basis ablation on the checkpoints of epochs 0..swa_start-1.
 4. With --low-lr-tail: the first run's last checkpoint continued at lr 0.001 for 2 epochs, 4

@@ -85,8 +85,10 @@ def test_twa_reads_sharded_folders_shard_by_shard_or_whole(runs, tiny_data):
     for source, n in (("sgd2", 2), ("sgd2-dcp", 2), ("sgd2-dcp", 1)):
         out = runs / f"twa-{source}-{n}"
         launch("train_twa.py", n, *flags(tiny_data, runs / source), "--epochs", "2", "--lr", "0.1",
-               "--params_end", "5", "--output-dir", out, "--log-dir", out, *(["--fsdp"] if n > 1 else []))
-    files, shards = parameters(runs / "twa-sgd2-2" / "twa.pt"), parameters(runs / "twa-sgd2-dcp-2" / "twa.pt")
+               "--params_end", "5", "--output-dir", out, "--log-dir", out,
+               *(["--fsdp"] if n > 1 else []))
+    files = parameters(runs / "twa-sgd2-2" / "twa.pt")
+    shards = parameters(runs / "twa-sgd2-dcp-2" / "twa.pt")
     assert all(torch.equal(files[k], shards[k]) for k in files)
     whole = parameters(runs / "twa-sgd2-dcp-1" / "twa.pt")
     assert relative_difference(files, whole) <= 1e-5
