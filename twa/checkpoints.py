@@ -222,6 +222,8 @@ def _reader(path):
 
 
 def _read_index(path):
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with open(os.path.join(path, INDEX), "rb") as f:
             index = _IndexUnpickler(f).load()
@@ -263,13 +265,12 @@ def load_sharded(state, path, **options):
     """Fill the tensors of `state` (DTensors: only their local shards) from a sharded checkpoint folder
     (dcp.load's options); every process of the load raises a CheckpointError if one fails."""
     from torch.distributed import checkpoint as dcp
+    _check_shard_files(path, _read_index(path))  # our one-line errors, before dcp's tracebacks
     try:
         with warnings.catch_warnings():  # one process alone is told it "assumes" a single process
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, storage_reader=_reader(path), **options)
-    except CheckpointError:
-        raise
-    except Exception as err:  # one process's failure is raised on every process of the load
+    except (Exception, dcp.api.CheckpointException) as err:  # raised on every process of the load
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
                               f"{first_line(err)})") from None
 
