@@ -252,8 +252,8 @@ def main():
     if not files:
         raise SystemExit(f"no {args.name}-seed*.json in {args.results}")
     runs = [read_results(f) for f in files]
-    if "swa_start" in runs[0]:  # bench/tail_swa.py's runs
-        print(f"{args.name}: seeds {', '.join(str(r['seed']) for r in runs)}\n")
+    if "swa_start" in runs[0]:  # bench/tail_swa.py's runs (a seed may have a file per swa_lr)
+        print(f"{args.name}: seeds {', '.join(str(s) for s in sorted({r['seed'] for r in runs}))}\n")
         tail_report(runs, args.test_images)
         return
     if "head" in runs[0] and "sgd_wd" in runs[0]:  # bench/head.py's runs
