@@ -240,15 +240,8 @@ class Manifest:
 
     def save(self, state_dict, name, **where):
         """Save a checkpoint atomically as <folder>/<name>, then its entry."""
-        entry = dict(where)
-
-        def write(tmp):
-            torch.save(state_dict, tmp)
-            entry.update(size=os.path.getsize(tmp), sha256=sha256_of(tmp))
-        atomic_write(os.path.join(self.folder, name), write)
-        self.entries[name] = entry
-        if self.enabled:
-            save_json(self.entries, self.path)
+        atomic_write(os.path.join(self.folder, name), torch_writer(state_dict))
+        self.record(name, **where)
 
     def record(self, name, **where):
         """The entry of <folder>/<name>, a checkpoint (file or sharded folder) written already."""
