@@ -1,9 +1,10 @@
 """Run by tests/test_fsdp.py, alone or under torchrun: TWA on a small network, plain or wrapped
-by FSDP2's fully_shard, from in-memory checkpoints ("files") or weights recorded while SGD trains
-("recorded"). Rank 0 saves the SWA and TWA weights (gathered here, for the comparison only),
-the alphas, and every collective that TWA.step made, to the path given.
+by FSDP2's fully_shard, from in-memory checkpoints ("files"), from weights recorded while SGD trains
+("recorded"), or from the checkpoints' weights recorded in the model ("walk"). Rank 0 saves the
+SWA and TWA weights (gathered here, for the comparison only), the alphas, and every collective
+that TWA.step made, to the path given.
 
-    python tests/fsdp_worker.py OUT {files,recorded} {plain,fsdp} BITS LAYER_SIZE
+    python tests/fsdp_worker.py OUT {files,recorded,walk} {plain,fsdp} BITS LAYER_SIZE
 """
 import gc
 import os
@@ -73,6 +74,17 @@ def record(model, n, bits, layer_size):
     return recorder.subspace()
 
 
+def record_walk(model, n, bits, layer_size):
+    """The walk's states loaded into the model one by one, recorded from its (local) weights: the
+    same weights on every world size, unlike SGD's, whose float32 rounding depends on it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    recorder = twa.SubspaceRecorder(model, n, bits=bits, layer_size=layer_size)
+    for state in walk(model, n):
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        recorder.add(model)
+    return recorder.subspace()
+
+
 def full_weights(model):
     return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
             for name, p in model.named_parameters()}
@@ -102,6 +114,8 @@ def main(out, route, wrap, bits, layer_size):
     layer_size = None if layer_size < 0 else layer_size
     if route == "files":
         space = twa.Subspace.from_checkpoints(model, walk(model, 5), bits=bits, layer_size=layer_size)
+    elif route == "walk":
+        space = record_walk(model, 5, bits, layer_size)
     else:
         space = record(model, 5, bits, layer_size)
     trainer = twa.TWA(model, space)

@@ -19,7 +19,7 @@ import torch
 from .checkpoints import (check_readable, current_weights, describe, read_parameters,
                           trainable_parameters)
 from .sharding import sharding_of
-from .storage import QUANT_GROUP, Basis
+from .storage import QUANT_GROUP
 from .subspace import Span, Subspace
 
 log = logging.getLogger("twa")
@@ -89,9 +89,11 @@ class SpanBuilder:
     """Gram-Schmidt over the generators of one block, fed one at a time: each is orthogonalised
     against the rows so far, and its direction kept unless it is (nearly) in their span."""
 
-    def __init__(self, capacity, generators, shard_slice, bits, device, names, entries):
-        self.shard_slice, self.names, self.entries = shard_slice, names, entries
-        self.basis = Basis(min(capacity, entries), shard_slice.stop - shard_slice.start, bits, device)
+    def __init__(self, capacity, generators, shard, block, bits, device, names):
+        """block: the (start, stop) entries of the D-vector that it spans."""
+        self.shard_slice, self.names = shard.local_slice(*block), names
+        self.entries = block[1] - block[0]
+        self.basis = shard.basis(min(capacity, self.entries), block, bits, device)
         self.coords = torch.zeros(generators, capacity, dtype=torch.float64)  # generator j in the rows
         self.kept, self.dropped = [], []
         self.largest = 0.0  # the largest checkpoint norm seen in this block
@@ -162,9 +164,8 @@ class OnePassBuilder(SpanBuilder):
 
 def span_builders(blocks, capacity, generators, shard, bits, device, builder=SpanBuilder):
     """One builder per block; small blocks of several stay in float32."""
-    return [builder(capacity, generators, shard.local_slice(start, stop),
-                    32 if len(blocks) > 1 and stop - start < SMALL_BLOCK else bits,
-                    device, names, stop - start)
+    return [builder(capacity, generators, shard, (start, stop),
+                    32 if len(blocks) > 1 and stop - start < SMALL_BLOCK else bits, device, names)
             for start, stop, names in blocks]
 
 

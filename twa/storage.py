@@ -68,11 +68,11 @@ class Storage:
         size = CHUNK if self.device.type == "cpu" else DEVICE_CHUNK
         return [(start, min(start + size, self.dim)) for start in range(0, self.dim, size)]
 
-    def _buffer(self):
-        """Room for one chunk as float32 (padded to whole groups), reused by all the chunks of a
-        product so that it stays in cache."""
+    def _buffer(self, dtype=torch.float32):
+        """Room for one chunk as float32 or float64 (padded to whole groups), reused by all the
+        chunks of a product so that it stays in cache."""
         size = CHUNK if self.device.type == "cpu" else DEVICE_CHUNK
-        return torch.empty(self.rows * min(size, padded(self.dim)), device=self.device)
+        return torch.empty(self.rows * min(size, padded(self.dim)), dtype=dtype, device=self.device)
 
     def as_float32(self, start, stop):
         """Columns [start, stop) of the stored rows as float32."""
@@ -89,23 +89,28 @@ class Storage:
         self.rows += 1
 
     def matvec(self, v, float64_sums=False):
-        """P v (length k, float64). float64_sums: the chunks' products summed in float64 (used while
-        building the basis, where dot products of millions of entries would otherwise lose
-        float32's relative accuracy); the fused kernels are then bypassed."""
+        """P v (length k, float64). float64_sums: the chunks' products summed in float64, and for
+        the rounded formats taken in float64 too (used while building the basis, where dot
+        products of millions of entries would otherwise lose float32's relative accuracy, and
+        where their rounding would depend on how the columns are split over processes: 8-bit
+        codes then differed between world sizes); the fused kernels are then bypassed."""
         if self.fused and not float64_sums:
             product = self._try_fused(_fused_matvec, self._padded_to_groups(v))
             if product is not None:
                 return product.double() / self.gain
         out = torch.zeros(self.rows, dtype=torch.float64, device=self.device)
-        buffer = self._buffer()
+        # float64 products for the rounded formats only: a float32 product's rounding moves a
+        # float32 row by as little, but a rounded row by a whole step where it tips a code
+        precision = torch.float64 if float64_sums and self.bits < 32 else torch.float32
+        buffer = self._buffer(precision)
         for start, stop in self.chunks():
             tile, low = self._converted(start, stop, buffer)
             if low is None:
-                out += torch.mv(tile, v[start:stop]).double() / self.gain
+                out += torch.mv(tile, v[start:stop].to(precision)).double() / self.gain
                 continue
             # sum_g (scale_g codes_g) . v_g + low_g sum(v_g): the offsets multiply group sums
-            v_groups = _grouped(v, start, stop)
-            out += (torch.mv(tile, v_groups.view(-1)) + low @ v_groups.sum(1)).double()
+            v_groups = _grouped(v, start, stop).to(precision)
+            out += (torch.mv(tile, v_groups.view(-1)) + low.to(precision) @ v_groups.sum(1)).double()
         return out
 
     def rmatvec(self, c, out, accumulate=False, alpha=1.0):
@@ -133,22 +138,30 @@ class Storage:
             _write(piece, values.view(-1)[:stop - start], accumulate, alpha)
         return out
 
-    def gram(self):
-        """P P^T in float64, accumulated chunk by chunk."""
+    def gram(self, owned=None):
+        """P P^T in float64, accumulated chunk by chunk (owned: the columns to count, else all)."""
         out = torch.zeros(self.rows, self.rows, dtype=torch.float64, device=self.device)
         for start, stop in self.chunks():
             tile = self.as_float32(start, stop).double()
+            if owned is not None:
+                tile *= owned[start:stop]
             out += tile @ tile.t()
         return out
 
-    def mix_rows_(self, mix):
-        """Replace the rows by mix^T P (mix: k x m, m <= k) and keep only those m rows."""
+    def mix_rows_(self, mix, bounds=None, owned=None):
+        """Replace the rows by mix^T P (mix: k x m, m <= k) and keep only those m rows. bounds and
+        owned: as Affine.store takes them, for every new row and group, and for every column."""
         mix = mix.to(device=self.device, dtype=torch.float32)
         self.rounding.zero_()
         for start, stop in self.chunks():
             mixed = mix.t() @ self.as_float32(start, stop)  # whole before any row is overwritten
+            groups = slice(start // QUANT_GROUP, padded(stop) // QUANT_GROUP)
             for i, values in enumerate(mixed):
-                self.store(i, start, stop, values)
+                if bounds is None:
+                    self.store(i, start, stop, values)
+                else:
+                    self.store(i, start, stop, values, (bounds[0][i, groups], bounds[1][i, groups]),
+                               owned[start:stop])
         self.rows = mix.shape[1]
         self.rounding = self.rounding[:self.rows].clone()
         for name, tensor in self.tensors().items():
@@ -192,7 +205,7 @@ class Float32(Storage):
     def as_float32(self, start, stop):
         return self.data[:self.rows, start:stop]  # a view, no copy
 
-    def _buffer(self):
+    def _buffer(self, dtype=torch.float32):
         return torch.empty(0, device=self.device)  # nothing is converted
 
     def store(self, i, start, stop, values):
@@ -307,24 +320,110 @@ class Affine(Rounded):
         tile.mul_(self.scale[:self.rows, g0:g1, None])
         return tile.view(self.rows, end - start), self.low[:self.rows, g0:g1]
 
-    def store(self, i, start, stop, values):
-        """Row i, columns [start, stop) (chunk-aligned, so whole groups but maybe the last)."""
+    def store(self, i, start, stop, values, bounds=None, owned=None):
+        """Row i, columns [start, stop) (chunk-aligned, so whole groups but maybe the last).
+        bounds: each group's (low, high), else the range of its values; owned: which columns hold
+        entries (the others, places kept for a group's entries on other processes, count for no
+        rounding and take any code)."""
         end = padded(stop)
         g0, g1 = start // QUANT_GROUP, end // QUANT_GROUP
         values = torch.cat((values, values[-1:].expand(end - stop)))  # pad with an in-range value
         groups = values.view(g1 - g0, QUANT_GROUP)
-        low, high = groups.amin(1), groups.amax(1)
+        low, high = bounds if bounds is not None else (groups.amin(1), groups.amax(1))
         levels = (1 << self.bits) - 1
         scale = ((high - low) / levels).clamp_min(torch.finfo(torch.float32).tiny)
         codes = ((groups - low[:, None]) / scale[:, None]).round_().clamp_(0, levels)
-        lost = codes * scale[:, None] + low[:, None] - groups
-        self.rounding[i] += lost.view(-1)[:stop - start].double().square().sum()
+        lost = (codes * scale[:, None] + low[:, None] - groups).view(-1)[:stop - start]
+        self.rounding[i] += (lost if owned is None else lost[owned]).double().square().sum()
         codes = codes.to(torch.uint8).view(-1)
         self.scale[i, g0:g1], self.low[i, g0:g1] = scale, low
         if self.bits == 8:
             self.data[i, start:end] = codes
         else:
             self.data[i, start // 2:end // 2] = codes[0::2] | (codes[1::2] << 4)
+
+
+class GroupAligned(Affine):
+    """An 8 or 4-bit basis of a block that FSDP splits over the processes at places that need not
+    fall between quantisation groups. It stores the groups that hold this process's entries, each
+    entry at its place in its group as one process storing the whole block would put it, and leaves
+    holes where a group's other entries live on other processes; a group split between processes
+    takes the range of all its entries (`agree`, a collective, once per stored row). Every entry then
+    gets the code, scale and offset one process would give it, so that the weights match one
+    process's to float32 rounding at any world size (the groups of this process's entries alone
+    differed by the 8-bit rounding, 3e-4 of the weights).
+
+    segments: (position among this process's entries of the block, stored column, length) for each
+    run of entries; agree(low, high) returns each group's range over all processes given this
+    process's (both rows x groups)."""
+
+    def __init__(self, capacity, segments, groups, bits, agree, device="cpu"):
+        super().__init__(capacity, groups * QUANT_GROUP, bits, device)
+        self.segments, self.agree = segments, agree
+        self.holes = _complement([(at, at + n) for _, at, n in segments], self.dim)
+        self.spread = torch.zeros(self.dim, device=device)  # a vector at its stored columns
+
+    def nbytes(self):
+        return super().nbytes() + self.spread.nbytes
+
+    def _spread(self, v):
+        """v (this process's entries of the block) at the stored columns, zero in the holes."""
+        for position, at, n in self.segments:
+            self.spread[at:at + n] = v[position:position + n]
+        for start, stop in self.holes:
+            self.spread[start:stop] = 0.0
+        return self.spread
+
+    def _owned(self):
+        owned = torch.zeros(self.dim, dtype=torch.bool, device=self.device)
+        for _, at, n in self.segments:
+            owned[at:at + n] = True
+        return owned
+
+    def append(self, row):
+        values, owned = self._spread(row), self._owned()
+        low, high = self.agree(*_ranges(values[None], owned))
+        for start, stop in self.chunks():
+            groups = slice(start // QUANT_GROUP, stop // QUANT_GROUP)
+            self.store(self.rows, start, stop, values[start:stop], (low[0, groups], high[0, groups]),
+                       owned[start:stop])
+        self.rows += 1
+
+    def matvec(self, v, float64_sums=False):
+        return super().matvec(self._spread(v), float64_sums)
+
+    def rmatvec(self, c, out, accumulate=False, alpha=1.0):
+        product = super().rmatvec(c, self.spread)
+        for position, at, n in self.segments:
+            _write(out[position:position + n], product[at:at + n], accumulate, alpha)
+        return out
+
+    def gram(self, owned=None):
+        return super().gram(self._owned())
+
+    def mix_rows_(self, mix, bounds=None, owned=None):
+        """Two passes over the columns: the new rows' ranges, agreed, then the new rows."""
+        mix = mix.to(device=self.device, dtype=torch.float32)
+        owned = self._owned()
+        low = torch.empty(mix.shape[1], self.dim // QUANT_GROUP, device=self.device)
+        high = torch.empty_like(low)
+        for start, stop in self.chunks():
+            groups = slice(start // QUANT_GROUP, stop // QUANT_GROUP)
+            low[:, groups], high[:, groups] = _ranges(mix.t() @ self.as_float32(start, stop),
+                                                      owned[start:stop])
+        super().mix_rows_(mix, self.agree(low, high), owned)
+
+
+def _ranges(rows, owned):
+    """Each group's (low, high) over the owned columns of `rows` (m x columns): m x groups each."""
+    grouped, mask = rows.view(rows.shape[0], -1, QUANT_GROUP), owned.view(-1, QUANT_GROUP)
+    return grouped.masked_fill(~mask, math.inf).amin(2), grouped.masked_fill(~mask, -math.inf).amax(2)
+
+
+def _complement(ranges, size):
+    """The parts of [0, size) outside the given increasing, disjoint ranges."""
+    edges = [0] + [edge for pair in ranges for edge in pair] + [size]
+    return [(a, b) for a, b in zip(edges[0::2], edges[1::2]) if a < b]
 
 
 def padded(columns):
