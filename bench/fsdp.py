@@ -86,25 +86,40 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    rows, mib = [], 2 ** 20
+    rows, worst_of, mib = [], {}, 2 ** 20
     with tempfile.TemporaryDirectory() as folder:
         write_checkpoints(folder, args.checkpoints, arch=args.arch)
         for world in args.worlds:
             for route in ("ddp", "fsdp"):
                 ranks = launch(args, route, world, folder)
                 worst = max(ranks, key=lambda r: r["params"] + r["basis"] + r["twa_buffers"])
-                total = worst["params"] + worst["basis"] + worst["twa_buffers"] + worst["optimizer"]
+                worst["total"] = worst["params"] + worst["basis"] + worst["twa_buffers"] + worst["optimizer"]
+                worst["step_s"] = max(r["step_s"] for r in ranks)
+                worst_of[world, route] = worst
                 rows.append([world, route, f"{worst['params'] / mib:.1f}", f"{worst['basis'] / mib:.0f}",
                              f"{worst['twa_buffers'] / mib:.0f}", f"{worst['optimizer'] / 1024:.1f}",
-                             f"{total / mib:.0f}", f"{max(r['peak_rss'] for r in ranks) / mib:.0f}",
-                             f"{max(r['build_s'] for r in ranks):.1f}",
-                             f"{max(r['step_s'] for r in ranks) * 1e3:.0f}"])
+                             f"{worst['total'] / mib:.0f}", f"{max(r['peak_rss'] for r in ranks) / mib:.0f}",
+                             f"{max(r['build_s'] for r in ranks):.1f}", f"{worst['step_s'] * 1e3:.0f}"])
     print(f"{args.arch}, n = {args.checkpoints}, {args.pbits}-bit basis, global batch "
           f"{args.batch_size}, Gloo on CPU, {os.cpu_count()} cores shared by the processes; per "
           "process (the largest rank)")
     common.print_table(["processes", "route", "params MiB", "basis MiB", "TWA buffers MiB",
                         "optimizer KiB", "total MiB", "peak RSS MiB", "build s", "step ms"], rows)
+    print_ratios(worst_of, args.worlds)
 
+
+def print_ratios(worst_of, worlds):
+    """The issue's targets, against one process (the smallest world run): each process's basis
+    against 1/N of it, each process's tensors against it, and FSDP's step against DDP's."""
+    base = min(worlds)
+    for world in sorted(w for w in worlds if w > base):
+        fsdp, ddp = worst_of[world, "fsdp"], worst_of[world, "ddp"]
+        share = base / world
+        print(f"{world} processes against {base}: FSDP basis per process "
+              f"{fsdp['basis'] / (worst_of[base, 'fsdp']['basis'] * share):.3f}x of its 1/{world // base} "
+              f"share; tensors per process FSDP {fsdp['total'] / worst_of[base, 'fsdp']['total']:.2f}x, "
+              f"DDP {ddp['total'] / worst_of[base, 'ddp']['total']:.2f}x; "
+              f"TWA step FSDP / DDP {fsdp['step_s'] / ddp['step_s']:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -49,7 +49,12 @@ class Storage:
         self.rounding = torch.zeros(capacity, dtype=torch.float64, device=device)
 
     def nbytes(self):
+        """The bytes of the stored rows (their codes, scales and offsets), not of scratch()."""
         return sum(t.nbytes for t in self.tensors().values())
+
+    def scratch(self):
+        """Working tensors that the products write, beside the stored rows (not saved)."""
+        return []
 
     def state_dict(self):
         return {"rows": self.rows, "bits": self.bits, "rounding": self.rounding, **self.tensors()}
@@ -363,8 +368,8 @@ class GroupAligned(Affine):
         self.holes = _complement([(at, at + n) for _, at, n in segments], self.dim)
         self.spread = torch.zeros(self.dim, device=device)  # a vector at its stored columns
 
-    def nbytes(self):
-        return super().nbytes() + self.spread.nbytes
+    def scratch(self):
+        return [self.spread]
 
     def _spread(self, v):
         """v (this process's entries of the block) at the stored columns, zero in the holes."""

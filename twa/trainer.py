@@ -112,7 +112,8 @@ class TWA:
         which needs them at fixed addresses (torch._dynamo.mark_static_address)."""
         found = [self.flat_weights, self.flat_grads, self.shard_weights, self.shard_grads,
                  self.trained, self.space.mean, self.space.mean_coords]
-        found += [t for span in self.space.spans for t in span.basis.tensors().values()]
+        found += [t for span in self.space.spans
+                  for t in [*span.basis.tensors().values(), *span.basis.scratch()]]
         found += [t for pair in self.directions or () for t in pair]
         return [t for t in found if t is not None]
 
