@@ -181,11 +181,17 @@ def add_common_args(parser):
     add("--fsdp", action="store_true", help="under torchrun: shard the model, its optimizer state "
         "and TWA's basis over the processes (FSDP2's fully_shard per block), where plain torchrun "
         "keeps a whole model on each (DistributedDataParallel); checkpoint files are the same")
+    add("--fsdp-keep-gathered", action="store_true", help="with --fsdp: keep each block's weights "
+        "gathered from its forward to its backward (FSDP2's reshard_after_forward=False): one "
+        "all-gather of the weights per step instead of two, but the whole model's weights in each "
+        "process's memory during a step, as without --fsdp")
     add("--resume", action="store_true", help="continue from the last complete state in --save-dir")
     add("--quiet", action="store_true", help="no progress bars")
 
 
 def check_common_args(args):
+    if args.fsdp_keep_gathered and not args.fsdp:
+        raise UsageError("--fsdp-keep-gathered needs --fsdp")
     if args.datasets not in data.DATASETS:
         raise UsageError(f"unknown --datasets {args.datasets!r}; choose one of: "
                          f"{', '.join(data.DATASETS)}")

@@ -186,18 +186,19 @@ def wrap(model, ctx):
                                    **no_buffer_sync)
 
 
-def shard(model, ctx):
+def shard(model, ctx, keep_gathered=False):
     """--fsdp: the model sharded over all processes with FSDP2's fully_shard, unit by unit
     (fsdp_units) and then the root; one process keeps the plain model. Weights must be loaded
-    before (load_full_state_dict loads into a sharded model)."""
+    before (load_full_state_dict loads into a sharded model). keep_gathered: each unit's weights
+    stay gathered from its forward to its backward (--fsdp-keep-gathered)."""
     if ctx.world == 1:
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))
     for unit in fsdp_units(model):
-        fully_shard(unit, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=not keep_gathered)
+    return fully_shard(model, mesh=mesh, reshard_after_forward=not keep_gathered)
 
 
 def fsdp_units(module):

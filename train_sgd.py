@@ -135,7 +135,8 @@ def main(argv=None):
         manifest = runfiles.Manifest(args.save_dir, enabled=ctx.is_main and bool(args.save_every),
                                      keep=resume is not None)
     utils.check_ranks_agree(ctx, args, SHAPING, loaders, resume_progress=resume and resume["progress"])
-    model = distributed.shard(model, ctx) if args.fsdp else model  # the weights are loaded
+    if args.fsdp:  # after the weights are loaded
+        model = distributed.shard(model, ctx, args.fsdp_keep_gathered)
     train_loader, test_loader = loaders.train, loaders.test
     # checked before 0.pt is written
     points = save_points(len(train_loader), args.save_every)

@@ -310,7 +310,8 @@ def main(argv=None):
     # nodes that hold other files under the same names would build a patchwork basis
     utils.check_ranks_agree(ctx, args, SHAPING, loaders, resume_progress=resume and resume["progress"],
                             checkpoint_files=(files, inputs["sha256"]))
-    model = distributed.shard(model, ctx) if args.fsdp else model  # the basis follows its shards
+    if args.fsdp:  # the basis follows its shards
+        model = distributed.shard(model, ctx, args.fsdp_keep_gathered)
     if verified:
         log.info("%d of %d checkpoints verified against their SHA-256 in %s", verified,
                  len(inputs["checkpoints"]), runfiles.Manifest.FILE)

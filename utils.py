@@ -22,7 +22,7 @@ log = logging.getLogger("twa")
 SPLIT_FILE = "split.json"  # the held-out indices of --val-split, beside the checkpoints
 CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)  # ImageNet-style --arch names
 # flags that do not shape the weights but decide which collectives run when: ranks must agree
-SCHEDULING = ("print_freq", "eval_every", "resume", "amp", "loader", "bn", "fsdp")
+SCHEDULING = ("print_freq", "eval_every", "resume", "amp", "loader", "bn", "fsdp", "fsdp_keep_gathered")
 
 
 def pick_device(name):

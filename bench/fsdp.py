@@ -34,8 +34,8 @@ def local_bytes(tensors):
 def worker(args):
     ctx = distributed.init(torch.device("cpu"))
     model = models.build_model(args.arch, 10)
-    if args.route == "fsdp":
-        model = distributed.shard(model, ctx)  # the scripts' --fsdp: per block, then the root
+    if args.route != "ddp":  # the scripts' --fsdp: per block, then the root
+        model = distributed.shard(model, ctx, keep_gathered=args.route == "fsdp-keep")
     files = [os.path.join(args.dir, f"{i}.pt") for i in range(args.checkpoints)]
     started = time.perf_counter()
     space = twa.Subspace.from_checkpoints(model, files, bits=args.pbits)
@@ -80,6 +80,9 @@ def main():
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4], help="process counts")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one untimed)")
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="global batch size")
+    parser.add_argument("--routes", nargs="+", default=["ddp", "fsdp"], choices=("ddp", "fsdp", "fsdp-keep"),
+                        help="ddp: a whole model per process; fsdp: --fsdp; fsdp-keep: --fsdp "
+                        "--fsdp-keep-gathered")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--route", default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
@@ -90,7 +93,7 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         write_checkpoints(folder, args.checkpoints, arch=args.arch)
         for world in args.worlds:
-            for route in ("ddp", "fsdp"):
+            for route in args.routes:
                 ranks = launch(args, route, world, folder)
                 worst = max(ranks, key=lambda r: r["params"] + r["basis"] + r["twa_buffers"])
                 worst["total"] = worst["params"] + worst["basis"] + worst["twa_buffers"] + worst["optimizer"]

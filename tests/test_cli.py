@@ -207,6 +207,7 @@ def test_bad_twa_inputs(sgd_run, tmp_path, capsys):
         (["--params_stride", "0"], "--params_stride must be positive"),
         (["--extract", "PCA", "--params_end", "4"], "--extract PCA needs --n_components in [1, 4]"),
         (["--lr", "0"], "--lr must be positive"),
+        (["--fsdp-keep-gathered"], "--fsdp-keep-gathered needs --fsdp"),
     ]
     for extra, message in cases:
         expect_usage_error(train_twa.main, [*base, *extra], capsys, message)

@@ -95,6 +95,15 @@ def test_twa_reads_sharded_folders_shard_by_shard_or_whole(runs, tiny_data):
     assert results(runs / "twa-sgd2-dcp-2")["basis"]["processes"] == 2
 
 
+def test_keeping_the_gathered_weights_changes_only_the_collectives(runs, tiny_data):
+    out = runs / "twa2-keep"
+    launch("train_twa.py", 2, *flags(tiny_data, runs / "sgd1"), "--epochs", "2", "--lr", "0.1",
+           "--params_end", "5", "--output-dir", out, "--log-dir", out, "--fsdp",
+           "--fsdp-keep-gathered")
+    resharded, kept = parameters(runs / "twa2" / "twa.pt"), parameters(out / "twa.pt")
+    assert all(torch.equal(resharded[k], kept[k]) for k in resharded)
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_twa_sharded_matches_one_process(runs, n):
     one, many = parameters(runs / "twa1" / "twa.pt"), parameters(runs / f"twa{n}" / "twa.pt")
