@@ -1,10 +1,10 @@
 """Run by tests/test_fsdp.py, alone or under torchrun: TWA on a small network, plain or wrapped
-by FSDP2's fully_shard, from in-memory checkpoints ("files"), from weights recorded while SGD trains
-("recorded"), or from the checkpoints' weights recorded in the model ("walk"). Rank 0 saves the
-SWA and TWA weights (gathered here, for the comparison only), the alphas, and every collective
-that TWA.step made, to the path given.
+by FSDP2's fully_shard, from in-memory checkpoints ("files", or their top 3 principal directions:
+"pca"), from weights recorded while SGD trains ("recorded"), or from the checkpoints' weights
+recorded in the model ("walk"). Rank 0 saves the SWA and TWA weights (gathered here, for the
+comparison only), the alphas, and every collective that TWA.step made, to the path given.
 
-    python tests/fsdp_worker.py OUT {files,recorded,walk} {plain,fsdp} BITS LAYER_SIZE
+    python tests/fsdp_worker.py OUT {files,pca,recorded,walk} {plain,fsdp} BITS LAYER_SIZE
 """
 import gc
 import os
@@ -112,8 +112,10 @@ def main(out, route, wrap, bits, layer_size):
     if wrap == "fsdp":
         shard(model)
     layer_size = None if layer_size < 0 else layer_size
-    if route == "files":
+    if route in ("files", "pca"):
         space = twa.Subspace.from_checkpoints(model, walk(model, 5), bits=bits, layer_size=layer_size)
+        if route == "pca":
+            space.to_principal_components(3)
     elif route == "walk":
         space = record_walk(model, 5, bits, layer_size)
     else:

@@ -30,7 +30,7 @@ def relative(a, b):
 
 @pytest.mark.parametrize("route,bits,layer_size,processes", [
     ("files", 32, -1, 4), ("files", 32, 0, 2), ("recorded", 32, -1, 2), ("files", 8, -1, 4),
-    ("files", 4, -1, 2), ("walk", 8, -1, 2)])
+    ("files", 4, -1, 2), ("walk", 8, -1, 2), ("pca", 8, -1, 2)])
 def test_twa_on_an_fsdp_model_matches_one_process(tmp_path, route, bits, layer_size, processes):
     """SWA equal to float32 rounding; TWA weights after 6 steps to 1e-5, alphas to 1e-4 of their
     scale, also at 8 and 4 bits: the shards store the codes one process would (a quantisation group
