@@ -108,21 +108,23 @@ def main():
           "process (the largest rank)")
     common.print_table(["processes", "route", "params MiB", "basis MiB", "TWA buffers MiB",
                         "optimizer KiB", "total MiB", "peak RSS MiB", "build s", "step ms"], rows)
-    print_ratios(worst_of, args.worlds)
+    print_ratios(worst_of, args.worlds, args.routes)
 
 
-def print_ratios(worst_of, worlds):
-    """The issue's targets, against one process (the smallest world run): each process's basis
-    against 1/N of it, each process's tensors against it, and FSDP's step against DDP's."""
+def print_ratios(worst_of, worlds, routes):
+    """The issue's targets, against the smallest world run (one process): each process's basis
+    against its share of that one's, each process's tensors against that one's, and each sharded
+    route's step against the DDP route's."""
     base = min(worlds)
     for world in sorted(w for w in worlds if w > base):
-        fsdp, ddp = worst_of[world, "fsdp"], worst_of[world, "ddp"]
-        share = base / world
-        print(f"{world} processes against {base}: FSDP basis per process "
-              f"{fsdp['basis'] / (worst_of[base, 'fsdp']['basis'] * share):.3f}x of its 1/{world // base} "
-              f"share; tensors per process FSDP {fsdp['total'] / worst_of[base, 'fsdp']['total']:.2f}x, "
-              f"DDP {ddp['total'] / worst_of[base, 'ddp']['total']:.2f}x; "
-              f"TWA step FSDP / DDP {fsdp['step_s'] / ddp['step_s']:.2f}x")
+        for route in routes:
+            now, then = worst_of[world, route], worst_of[base, route]
+            line = (f"{world} processes against {base}, {route}: basis per process "
+                    f"{now['basis'] / (then['basis'] * base / world):.3f}x its share, tensors per "
+                    f"process {now['total'] / then['total']:.2f}x")
+            if route != "ddp" and "ddp" in routes:
+                line += f", TWA step {now['step_s'] / worst_of[world, 'ddp']['step_s']:.2f}x DDP's"
+            print(line)
 
 if __name__ == "__main__":
     main()
