@@ -311,8 +311,13 @@ def pack_bits(flags):
 
 
 def unpack_bits(text, n):
-    """The boolean vector of length n that pack_bits encoded."""
-    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n].astype(bool)
+    """The boolean vector of length n that pack_bits encoded; a ValueError where the text cannot hold
+    exactly n flags (a test set of another size)."""
+    flags = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))
+    if len(flags) != -(-n // 8) * 8 or flags[n:].any():
+        raise ValueError(f"packed results of {len(flags) // 8} bytes do not hold {n} flags (another "
+                         "test set size?)")
+    return flags[:n].astype(bool)
 
 
 class Metrics:

@@ -5,33 +5,46 @@ import statistics
 
 import numpy as np
 
-import common  # noqa: F401  (puts the project on the path)
-from runfiles import unpack_bits
 
 BOOTSTRAP = 10_000
 # two-sided 97.5% quantiles of Student's t for 1..10 degrees of freedom
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
-def bits(packed, n):
-    return unpack_bits(packed, n)
-
-
 def paired_difference(a, b, seed=0):
     """(accuracy of a - accuracy of b, low, high) in points, the interval from resampling the test
-    images with replacement. Only the images where the two disagree move the difference, so the
-    bootstrap draws the counts of (a right, b wrong) and (a wrong, b right) from a multinomial: the
-    same distribution as resampling whole index vectors, at no cost."""
-    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    if a.shape != b.shape:
-        raise ValueError(f"models scored on {len(a)} and {len(b)} images cannot be paired")
-    n = len(a)
+    images with replacement."""
+    a, b = _same_images(a, b)
     gains, losses = int(np.sum(a & ~b)), int(np.sum(~a & b))
-    draws = np.random.default_rng(seed).multinomial(n, [gains / n, losses / n, 1 - (gains + losses) / n],
-                                                    size=BOOTSTRAP)
-    diffs = 100.0 * (draws[:, 0] - draws[:, 1]) / n
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    return 100.0 * (gains - losses) / n, float(low), float(high)
+    return _bootstrap_mean(len(a), [1, -1, 0], [gains, losses, len(a) - gains - losses], seed)
+
+
+def difference_of_gaps(a, a_ref, b, b_ref, seed=0):
+    """(a - a_ref) - (b - b_ref) in points with its bootstrap interval: whether a change of protocol
+    moves a gap (a and a_ref scored under one protocol, b and b_ref under the other), paired over the
+    same test images. Each image scores an integer in -2..2."""
+    a, a_ref, b, b_ref = _same_images(a, a_ref, b, b_ref)
+    values, counts = np.unique(a.astype(int) - a_ref - (b.astype(int) - b_ref), return_counts=True)
+    return _bootstrap_mean(len(a), values, counts, seed)
+
+
+def _same_images(*correct):
+    correct = [np.asarray(c, dtype=bool) for c in correct]
+    if len({c.shape for c in correct}) > 1:
+        raise ValueError(f"models scored on {' and '.join(str(len(c)) for c in correct)} images "
+                         "cannot be paired")
+    return correct
+
+
+def _bootstrap_mean(n, values, counts, seed):
+    """100 x the mean score of n images, `counts[i]` of which score `values[i]`, with a 95% interval.
+    Resampling the images with replacement only changes how many of each score are drawn, so the
+    bootstrap draws those counts from a multinomial: the same distribution as resampling whole index
+    vectors, at no cost."""
+    values = np.asarray(values)
+    draws = np.random.default_rng(seed).multinomial(n, np.asarray(counts) / n, size=BOOTSTRAP)
+    low, high = np.percentile(100.0 * (draws @ values) / n, [2.5, 97.5])
+    return 100.0 * float(np.dot(counts, values)) / n, float(low), float(high)
 
 
 def over_seeds(differences):

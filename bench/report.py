@@ -16,7 +16,7 @@ import re
 import statistics
 
 import common
-from paired import describe, over_seeds, paired_difference
+from paired import describe, difference_of_gaps, over_seeds, paired_difference
 
 import loop  # noqa: E402
 from runfiles import unpack_bits  # noqa: E402
@@ -197,6 +197,34 @@ def head_report(runs, n_test):
                    per_seed_rows(runs, head_comparisons, bits)))
 
 
+def protocol_report(runs, others, n_test):
+    """Two head protocols on the same seeds (--against): each model against its namesake under the
+    other protocol, and whether the change moves its gap to SGD(E), paired over the test images."""
+    def bits(packed):
+        return unpack_bits(packed, n_test)
+
+    mine, theirs = runs[0], others[0]
+    others = {r["seed"]: r for r in others}
+    rows = []
+    for run in (r for r in runs if r["seed"] in others):
+        other, e = others[run["seed"]], run["epochs"]
+        end, other_end = (bits(r["sgd"]["test_correct"][e - 1]) for r in (run, other))
+        rows.append([run["seed"], f"SGD({e})", f"{100 * end.mean():.2f}", f"{100 * other_end.mean():.2f}",
+                     describe(*paired_difference(end, other_end)), ""])
+        models, namesakes = head_models(run), head_models(other)
+        for label in (label for label in models if label in namesakes and label != f"SGD({e})"):
+            a, b = bits(models[label][1]), bits(namesakes[label][1])
+            rows.append([run["seed"], label, f"{100 * a.mean():.2f}", f"{100 * b.mean():.2f}",
+                         describe(*paired_difference(a, b)),
+                         describe(*difference_of_gaps(a, end, b, other_end))])
+    if not rows:
+        raise SystemExit(f"{mine['name']} and {theirs['name']} share no seed")
+    print(f"{mine['name']} (SGD wd {mine['sgd_wd']}) against {theirs['name']} (SGD wd "
+          f"{theirs['sgd_wd']}), 95% bootstrap intervals over the {n_test} test images:\n")
+    print(markdown(["seed", "model", mine["name"], theirs["name"], "difference (points)",
+                    f"change of the gap to SGD({mine['epochs']})"], rows))
+
+
 # ---------------------------------------------------------------------------------------------------
 # bench/tail_swa.py's runs: TWA against SWA of the same tail checkpoints
 # ---------------------------------------------------------------------------------------------------
@@ -245,6 +273,9 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="reproduce", help="results/<name>-seed*.json")
     parser.add_argument("--results", default=os.path.join(common.ROOT, "results"), help="folder")
+    parser.add_argument("--against", metavar="NAME",
+                        help="bench/head.py runs under another protocol (results/NAME-seed*.json): "
+                             "every model paired with its namesake on the same seed")
     parser.add_argument("--test-images", type=int, default=10_000,
                         help="size of the test set the runs scored (CIFAR-10's 10,000)")
     args = parser.parse_args()
@@ -252,6 +283,13 @@ def main():
     if not files:
         raise SystemExit(f"no {args.name}-seed*.json in {args.results}")
     runs = [read_results(f) for f in files]
+    if args.against:
+        others = [read_results(f) for f in sorted(glob.glob(
+            os.path.join(args.results, f"{args.against}-seed*.json")))]
+        if not others or "sgd_wd" not in runs[0] or "sgd_wd" not in others[0]:
+            raise SystemExit("--against compares two sets of bench/head.py runs")
+        protocol_report(runs, others, args.test_images)
+        return
     if "swa_start" in runs[0]:  # bench/tail_swa.py's runs (a seed may have a file per swa_lr)
         print(f"{args.name}: seeds {', '.join(str(s) for s in sorted({r['seed'] for r in runs}))}\n")
         tail_report(runs, args.test_images)
@@ -275,4 +313,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:  # results that do not fit together (e.g. another --test-images)
+        raise SystemExit(f"error: {err}") from None

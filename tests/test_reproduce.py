@@ -64,6 +64,15 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
     assert "TWA, 3 ckpts, 1 ep, BN recompute - TWA, 2 ckpts, 1 ep, BN recompute" in report.stdout
     assert "| 2 | TWA, 3 ckpts, 1 ep, BN recompute - SGD(2) |" in report.stdout  # the same epochs
     assert "| 2 | TWA, 3 ckpts, 1 ep, BN recompute - SGD(3) |" in report.stdout  # SGD(E)
+    # another protocol on the same seed (here the same run renamed): every model paired by name
+    json.dump(dict(result, name="head-other", sgd_wd=5e-4), open(tmp_path / "head-other-seed2.json", "w"))
+    against = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), "--name",
+                              "head-other", "--against", "head-paper", "--results", str(tmp_path),
+                              "--test-images", str(tests)], check=True, capture_output=True, text=True,
+                             timeout=300)
+    assert "head-other (SGD wd 0.0005) against head-paper (SGD wd 0.0001)" in against.stdout
+    row = next(x for x in against.stdout.splitlines() if x.startswith("| 2 | TWA, 3 ckpts, 1 ep, BN running |"))
+    assert row.endswith("| +0.00 [+0.00, +0.00] | +0.00 [+0.00, +0.00] |")
 
 
 def test_tail_report_pairs_twa_with_swa_within_and_over_seeds(tmp_path):

@@ -22,6 +22,9 @@ def test_packed_bits_round_trip():
     text = runfiles.pack_bits(flags)
     assert len(text) < 10_001 / 8 * 4 / 3 + 4  # base64 of packed bits
     assert np.array_equal(runfiles.unpack_bits(text, len(flags)), flags)
+    for wrong in (500, 10_016, 12_000):  # another test set size: refused, not cut or padded
+        with pytest.raises(ValueError, match="do not hold"):
+            runfiles.unpack_bits(text, wrong)
 
 
 class Threshold(nn.Module):
@@ -68,6 +71,20 @@ def test_paired_bootstrap_matches_resampling_whole_index_vectors():
     assert paired.paired_difference(a, a) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError):
         paired.paired_difference(a, b[:10])
+
+
+def test_difference_of_gaps_matches_resampling_whole_index_vectors():
+    rng = np.random.default_rng(2)
+    a, a_ref, b, b_ref = (rng.random((4, 3000)) < np.array([[0.8], [0.85], [0.7], [0.8]]))
+    gap, low, high = paired.difference_of_gaps(a, a_ref, b, b_ref)
+    assert gap == pytest.approx(100 * ((a.mean() - a_ref.mean()) - (b.mean() - b_ref.mean())))
+    idx = rng.integers(0, 3000, (4000, 3000))
+    resampled = 100 * (a[idx].mean(1) - a_ref[idx].mean(1) - b[idx].mean(1) + b_ref[idx].mean(1))
+    assert low == pytest.approx(np.percentile(resampled, 2.5), abs=0.2)
+    assert high == pytest.approx(np.percentile(resampled, 97.5), abs=0.2)
+    assert paired.difference_of_gaps(a, a_ref, a, a_ref) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="3000 and 3000 and 3000 and 10"):
+        paired.difference_of_gaps(a, a_ref, b, b_ref[:10])
 
 
 def test_interval_over_seeds():
