@@ -37,7 +37,8 @@ def write_checkpoints(folder, n, step=0.01, arch="resnet20"):
 
 def time_steps(model, trainer, ctx, batch_size, steps):
     """Seconds per TWA step (forward, backward, trainer.step) on random CIFAR-sized batches, this
-    process's share of the global batch, after one untimed step; and the optimizer."""
+    process's share of the global batch, after one untimed step; the seconds of it spent in
+    trainer.step (the projection, its collectives and the weight write); and the optimizer."""
     optimizer = torch.optim.SGD(trainer.parameters(), lr=0.1, momentum=0.9)
     gen = torch.Generator().manual_seed(ctx.rank)
     local = batch_size // ctx.world
@@ -45,12 +46,13 @@ def time_steps(model, trainer, ctx, batch_size, steps):
 
     def step():
         F.cross_entropy(model(images), labels).backward()
+        started = time.perf_counter()
         trainer.step(optimizer)
+        return time.perf_counter() - started
     step()
     started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - started) / steps, optimizer
+    in_trainer = sum(step() for _ in range(steps))
+    return (time.perf_counter() - started) / steps, in_trainer / steps, optimizer
 
 
 def worker(args):
@@ -62,7 +64,7 @@ def worker(args):
     space = twa.Subspace.from_checkpoints(model, files)
     build = time.perf_counter() - started
     trainer = twa.TWA(model, space)  # reduce-scatters the gradients itself: no DDP
-    seconds, _ = time_steps(model, trainer, ctx, args.batch_size, args.steps)
+    seconds, _, _ = time_steps(model, trainer, ctx, args.batch_size, args.steps)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     row = {"rank": ctx.rank, "world": ctx.world, "build_s": build, "step_s": seconds,
            "peak_mib": peak / 1024, "peak_above_start_mib": (peak - before) / 1024,
