@@ -47,7 +47,8 @@ def worker(args):
     optimizer_state = [v for state in optimizer.state.values() for v in state.values()
                        if torch.is_tensor(v)]
     row = {"rank": ctx.rank, "world": ctx.world, "route": args.route, "build_s": build,
-           "step_s": seconds, "trainer_s": in_trainer, "params": local_bytes(model.parameters()), "basis": space.nbytes(),
+           "step_s": seconds, "trainer_s": in_trainer, "params": local_bytes(model.parameters()),
+           "basis": space.nbytes(),
            "twa_buffers": local_bytes(own), "optimizer": local_bytes([trainer.trained, *optimizer_state]),
            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "columns": space.shard.local_size}
@@ -127,9 +128,9 @@ def print_ratios(worst_of, worlds, routes):
                     f"process {now['total'] / then['total']:.2f}x")
             if route != "ddp" and "ddp" in routes:
                 ddp = worst_of[world, "ddp"]
+                passes = (now["step_s"] - now["trainer_s"]) / (ddp["step_s"] - ddp["trainer_s"])
                 line += (f", TWA step {now['step_s'] / ddp['step_s']:.2f}x DDP's (forward and "
-                         f"backward {(now['step_s'] - now['trainer_s']) / (ddp['step_s'] - ddp['trainer_s']):.2f}x,"
-                         f" TWA.step {now['trainer_s'] / ddp['trainer_s']:.2f}x)")
+                         f"backward {passes:.2f}x, TWA.step {now['trainer_s'] / ddp['trainer_s']:.2f}x)")
             print(line)
 
 if __name__ == "__main__":

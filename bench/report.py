@@ -6,7 +6,9 @@ Prints Markdown tables. For bench/reproduce.py's runs: mean +- std over the seed
 results/<name>-accuracy.png (test accuracy vs epochs spent: SGD's curve with the SWA and TWA points)
 and results/<name>-coefficients.png (the learned coefficients of the first seed's runs). For
 bench/head.py's runs (--name head-paper): paired differences with 95% intervals, a bootstrap over the
-test images within each seed and a t interval over the seeds.
+test images within each seed and a t interval over the seeds; with --against NAME, two such protocols
+on the same seeds (e.g. another SGD weight decay): each model against its namesake, and the change of
+its gap to SGD(E), paired over the test images.
 """
 import argparse
 import glob
