@@ -123,12 +123,17 @@ def sgd_record(folder):
 
 def run_script(script, flags, commands):
     """Run one of the project's scripts as a user would (output to its log files), recording the
-    command line in `commands` and printing it with the time."""
+    command line in `commands` and printing it with the time. A failing script ends the runner with
+    one line, not a traceback of the runner's own."""
     cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
     if " ".join(cmd[1:]) not in commands:
         commands.append(" ".join(cmd[1:]))
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    code = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+    if code:
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        sys.exit(f"error: {script} {how} (its message, if any, is above); the steps finished before it "
+                 "are kept")
 
 
 def data_args(data_dir, batch_size, loader="memory", workers=None, subset=0):

@@ -95,3 +95,18 @@ def test_tail_report_pairs_twa_with_swa_within_and_over_seeds(tmp_path):
     low, high = (float(v) for v in line.split("[")[1].rstrip("] |").split(", "))
     assert low < 2.0 < high and high - low < 4  # 40 images differ of 1000
     assert "| swalr0.1 | orth-lr2-e2 | 3 | 81.67 +- 0.58 | +1.67 [" in report.stdout
+
+
+def test_runner_stops_with_one_line_when_a_script_fails(tiny_data, tmp_path):
+    """A step that fails (here train_sgd.py refusing a folder that already holds checkpoints) ends
+    the runner with one error line and a non-zero exit, not the runner's own traceback."""
+    folder = tmp_path / "runs" / "head-paper-seed2" / "sgd"
+    folder.mkdir(parents=True)
+    (folder / "0.pt").write_bytes(b"not ours")
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "head.py"), "--seed", "2", "--epochs", "3",
+           "-b", "8", "--data-dir", tiny_data, "--out", tmp_path / "runs", "--results", tmp_path,
+           "--allow-dirty"]
+    done = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: train_sgd.py exited with status 2")
+    assert (folder / "0.pt").read_bytes() == b"not ours"
