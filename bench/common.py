@@ -3,6 +3,7 @@ runners share (flags, provenance, results records)."""
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -129,7 +130,17 @@ def run_script(script, flags, commands):
     if " ".join(cmd[1:]) not in commands:
         commands.append(" ".join(cmd[1:]))
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
-    code = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL) as child:
+        # a SIGTERM to the runner reaches the script, which saves its state and exits; the default
+        # handler would end the runner alone and leave the script running with nobody to record it
+        previous = signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+        try:
+            code = child.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+        sys.exit(f"error: {script} was interrupted (its last saved state is kept); calling this again "
+                 "continues")
     if code:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         sys.exit(f"error: {script} {how} (its message, if any, is above); the steps finished before it "

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -110,3 +111,36 @@ def test_runner_stops_with_one_line_when_a_script_fails(tiny_data, tmp_path):
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: train_sgd.py exited with status 2")
     assert (folder / "0.pt").read_bytes() == b"not ours"
+
+
+def scripts_writing_to(folder):
+    """The pids of running processes whose command line names `folder` (Linux /proc)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(folder).encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def test_sigterm_to_the_runner_stops_its_script_too(tiny_data, tmp_path):
+    """kill <runner>: the running script gets the SIGTERM, saves its state and exits, and the
+    runner says so in one line; no script is left running unrecorded."""
+    folder = tmp_path / "runs" / "head-paper-seed2" / "sgd"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "head.py"), "--seed", "2", "--epochs", "500",
+           "-b", "8", "--data-dir", tiny_data, "--out", tmp_path / "runs", "--results", tmp_path,
+           "--allow-dirty"]
+    runner = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    deadline = time.time() + 120
+    while not (folder / "state.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    runner.terminate()
+    _, stderr = runner.communicate(timeout=120)
+    assert runner.returncode != 0
+    assert stderr.strip().splitlines()[-1].startswith("error: train_sgd.py was interrupted")
+    assert scripts_writing_to(folder) == []
+    assert runfiles.load_torch(folder / "state.pt")["progress"]["epoch"] < 500
