@@ -8,7 +8,9 @@ and results/<name>-coefficients.png (the learned coefficients of the first seed'
 bench/head.py's runs (--name head-paper): paired differences with 95% intervals, a bootstrap over the
 test images within each seed and a t interval over the seeds; with --against NAME, two such protocols
 on the same seeds (e.g. another SGD weight decay): each model against its namesake, and the change of
-its gap to SGD(E), paired over the test images.
+its gap to SGD(E), paired over the test images. For bench/tail_swa.py's runs (--name tail-swa): TWA
+against SWA of the same checkpoints, paired within each seed and over the seeds. For bench/soups.py's
+(--name soups-diverse): each soup's held-out and test accuracy.
 """
 import argparse
 import glob
@@ -149,17 +151,26 @@ def paired_rows(runs, bits):
     return rows
 
 
-def per_seed_rows(runs, comparisons, bits):
-    """One row per (seed, comparison): the paired bootstrap interval over the test images."""
+def paired_comparisons(runs, comparisons, bits):
+    """(seed, "a - b", (difference, low, high)) for every comparison on every seed: the paired
+    bootstrap interval over the test images."""
     rows = []
     for run, models in zip(runs, (head_models(r) for r in runs)):
         e = run["epochs"]
         for k, correct in enumerate(run["sgd"]["test_correct"], start=1):  # SGD at any epoch count
             models.setdefault(f"SGD({k})", (k, correct))
         for a, b in comparisons(models, e):
-            rows.append([run["seed"], f"{a} - {b}",
-                         describe(*paired_difference(bits(models[a][1]), bits(models[b][1])))])
+            rows.append((run["seed"], f"{a} - {b}",
+                         paired_difference(bits(models[a][1]), bits(models[b][1]))))
     return rows
+
+
+def over_seed_rows(compared):
+    """The comparisons that more than one seed made: the mean difference, a t interval over them."""
+    by_label = {}
+    for _, label, (difference, _, _) in compared:
+        by_label.setdefault(label, []).append(difference)
+    return [[label, len(d), describe(*over_seeds(d))] for label, d in by_label.items() if len(d) > 1]
 
 
 def head_comparisons(models, e):
@@ -193,10 +204,16 @@ def head_report(runs, n_test):
                 "one seed: paired bootstrap over test images below")
     print(markdown(["model", "epochs spent", "test acc", f"- SGD same epochs ({interval})",
                     "- SGD(E)"], paired_rows(runs, bits)))
+    compared = paired_comparisons(runs, head_comparisons, bits)
+    over = over_seed_rows(compared)
+    if over:
+        print("\nThe same comparisons over the seeds that made them: mean of the per-seed differences, "
+              "95% t interval:\n")
+        print(markdown(["comparison", "seeds", "difference (points)"], over))
     print(f"\nPaired differences within each seed, 95% bootstrap interval over the {n_test} test "
           "images:\n")
     print(markdown(["seed", "comparison", "difference (points)"],
-                   per_seed_rows(runs, head_comparisons, bits)))
+                   [[seed, label, describe(*d)] for seed, label, d in compared]))
 
 
 def protocol_report(runs, others, n_test):
@@ -251,7 +268,9 @@ def tail_report(runs, n_test):
                     difference = (v["twa_acc"] - v["swa_acc"], None, None)
                 per_seed.append([run["seed"], key, name, f"{v['swa_acc']:.2f}", f"{v['twa_acc']:.2f}",
                                  describe(*difference) + ("" if difference[1] is not None else
-                                                          " (no per-image results)")])
+                                                          " (no per-image results)"),
+                                 *(f"{v[k]:.2f}" if k in v else "" for k in ("swa_held_out_acc",
+                                                                           "held_out_acc"))])
                 differences.append(difference[0])
                 accuracies.append(v["twa_acc"])
             summary.append([key, name, len(differences), mean_std(accuracies),
@@ -259,7 +278,22 @@ def tail_report(runs, n_test):
     print(markdown(["run", "TWA variant", "seeds", "TWA test acc",
                     "TWA - SWA (mean [95% t interval over seeds])"], summary))
     print(f"\nWithin each seed, 95% bootstrap interval over the {n_test} test images:\n")
-    print(markdown(["seed", "run", "TWA variant", "SWA", "TWA", "TWA - SWA"], per_seed))
+    print(markdown(["seed", "run", "TWA variant", "SWA", "TWA", "TWA - SWA", "SWA held-out",
+                    "TWA held-out"], per_seed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# bench/soups.py's runs: every soup and TWA-v against the best single ingredient
+# ---------------------------------------------------------------------------------------------------
+
+def soups_report(runs):
+    for run in runs:
+        print(f"seed {run['seed']}, {len(run['ingredients'])} ingredients (test accuracy "
+              f"{min(i['accuracy'] for i in run['ingredients']):.2f}-"
+              f"{max(i['accuracy'] for i in run['ingredients']):.2f}):\n")
+        print(markdown(["method", "held-out acc", "test acc"],
+                       [[name, f"{m['held_out']['accuracy']:.2f}", f"{m['accuracy']:.2f}"]
+                        for name, m in run["methods"].items()]))
 
 
 def read_results(path):
@@ -300,6 +334,12 @@ def main():
         print(f"{args.name}: seeds {', '.join(str(r['seed']) for r in runs)}\n")
         head_report(runs, args.test_images)
         return
+    if "methods" in runs[0] and "ingredients" in runs[0]:  # bench/soups.py's runs
+        soups_report(runs)
+        return
+    if not {"epochs", "sgd", "head", "tail"} <= runs[0].keys():
+        raise SystemExit(f"{files[0]}: not a record of bench/reproduce.py, head.py, tail_swa.py or "
+                         "soups.py, which this report reads; its numbers are in the file itself")
     seeds = ", ".join(str(r["seed"]) + ("" if r.get("complete", True) else " (stopped early)")
                       for r in runs)
     print(f"{args.name}: seeds {seeds}; {runs[0]['epochs']} SGD epochs, test accuracy (%)\n")
