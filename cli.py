@@ -11,6 +11,7 @@ import traceback
 
 import data
 import distributed
+import loop
 import models
 import runfiles
 from runfiles import UsageError, WriteFailed
@@ -37,9 +38,13 @@ def run_main(main, argv=None):
     """Run a script's main(argv); bad input ends it with one line on stderr and exit code 2, a
     failure during the run (non-finite values, a failed write, unreadable data) with one line and
     exit code 1."""
-    # SIGTERM outside the epochs (which save a state and exit 143 themselves) ends the run as
-    # SIGINT does there: one line and exit code 143
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT/SIGTERM outside the epochs (which save a state and exit 143 themselves): one line and
+    # exit code 143; a SIGINT that the shell told us to ignore (a background job) stays ignored
+    interrupt, previous = loop.Interrupt(), {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if not (sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN):
+            previous[sig] = signal.signal(sig, interrupt)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, interrupt.unraisable(sys.unraisablehook)
     try:
         main(argv)
         distributed.leave(together=True)  # main's models are gone: see distributed.leave
@@ -57,11 +62,9 @@ def run_main(main, argv=None):
         logging.shutdown()
         os._exit(1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+        sys.unraisablehook = previous_hook
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def stop(err, code):

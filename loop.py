@@ -269,9 +269,32 @@ def progress_bar(enabled):
     return lambda items, desc=None, **kw: tqdm(items, desc=desc, leave=False, dynamic_ncols=True, **kw)
 
 
+class Interrupt:
+    """The SIGINT/SIGTERM handler outside the epochs: it raises KeyboardInterrupt at once, and keeps
+    the signal's name too. Python drops an exception raised inside a weakref callback or __del__ (an
+    import's module-lock cleanup is one), which would lose the signal: the epochs' StopRequest then
+    starts with it and stops at the first step instead."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        raise KeyboardInterrupt
+
+    def unraisable(self, default_hook):
+        """A sys.unraisablehook that is silent on the KeyboardInterrupt this handler raised (kept in
+        self.signal) and passes anything else on to default_hook."""
+        def hook(unraisable):
+            if not (self.signal and unraisable.exc_type is KeyboardInterrupt):
+                default_hook(unraisable)
+        return hook
+
+
 class StopRequest:
     """While active (a context manager), SIGINT/SIGTERM set a flag that the training loop checks, so
-    that it saves a resumable state and exits; a second signal stops at once."""
+    that it saves a resumable state and exits; a second signal stops at once. A signal that an
+    Interrupt handler took before (and Python dropped) counts as the first."""
 
     def __init__(self):
         self.signal, self.previous = None, {}
@@ -279,6 +302,7 @@ class StopRequest:
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self._handle)
+            self.signal = self.signal or getattr(self.previous[sig], "signal", None)
         return self
 
     def __exit__(self, *exc):

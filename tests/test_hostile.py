@@ -450,6 +450,38 @@ def test_sigint_before_training_is_one_line_and_exit_143(tiny_data, tmp_path):
         (err == "" and "stopped by SIGINT" in out), err
 
 
+def test_a_signal_that_python_drops_still_stops_the_epochs():
+    # CPython drops (prints "Exception ignored in") an exception raised inside a weakref callback,
+    # e.g. a KeyboardInterrupt that lands in an import's module-lock cleanup, as a SIGINT during
+    # the imports once did in CI: the run then trained to the end and exited 0
+    import signal
+    import weakref
+
+    import loop
+
+    class Thing:
+        pass
+
+    interrupt, reported = loop.Interrupt(), []
+    previous = signal.signal(signal.SIGINT, interrupt)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, interrupt.unraisable(reported.append)
+    try:
+        thing = Thing()
+        ref = weakref.ref(thing, lambda ref: signal.raise_signal(signal.SIGINT))
+        del thing  # the handler's KeyboardInterrupt is raised in the callback and dropped
+        assert ref() is None and interrupt.signal == "SIGINT" and reported == []
+        with loop.StopRequest() as stop:
+            assert stop and stop.signal == "SIGINT"
+        assert signal.getsignal(signal.SIGINT) is interrupt  # StopRequest gave it back
+        thing = Thing()
+        ref = weakref.ref(thing, lambda ref: 1 / 0)
+        del thing  # anything else still reaches the previous hook
+        assert [r.exc_type for r in reported] == [ZeroDivisionError]
+    finally:
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGINT, previous)
+
+
 # -- 16: the library's guards --------------------------------------------------------------------
 
 def test_project_refuses_a_sharded_basis_and_gradient_takes_any_dtype():
