@@ -119,10 +119,11 @@ def main(argv=None):
     ctx = utils.start_processes(args)
     state_path = os.path.join(args.save_dir, STATE)
     with distributed.agreement(ctx):  # what a node may lack or hold wrongly stops every process
+        utils.lock_folders(args, ctx, [args.save_dir])
         resume = read_resume(args, state_path)
         split = os.path.join(args.save_dir, utils.SPLIT_FILE)  # --val-split's held-out part
         loaders, model = utils.setup_run(args, ctx, "sgd", split if resume and os.path.exists(split)
-                                       else None, split, folders=[args.save_dir])
+                                       else None, split)
         data_digest = utils.data_digest(loaders)
         if resume:
             check_same_data(resume, data_digest, state_path)

@@ -293,8 +293,9 @@ def main(argv=None):
         recorded = args.split or os.path.join(args.save_dir, utils.SPLIT_FILE)
         recorded = recorded if os.path.isfile(recorded) else None
         digests, verified = check_inputs(args, ctx)
+        utils.lock_folders(args, ctx, [args.output_dir])
         loaders, model = utils.setup_run(args, ctx, "twa", recorded,
-                                       os.path.join(args.log_dir, SPLIT_RECORD), folders=[args.output_dir])
+                                       os.path.join(args.log_dir, SPLIT_RECORD))
         check_no_earlier_run(args)  # under the folders' lock: a run still going is named as such
         if args.checkpoints and loaders.held_out is None:
             raise UsageError("soup mode ranks the models on held-out images: give --val-split R, or "

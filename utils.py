@@ -177,17 +177,23 @@ def start_processes(args):
     return distributed.init(pick_device(args.device), args.dist_timeout)
 
 
-def setup_run(args, ctx, stage, recorded_split=None, record_split_to=None, folders=()):
+def lock_folders(args, ctx, folders):
+    """Rank 0 locks `folders` and the log folder for the run's lifetime (runfiles.FolderLock), before
+    anything in them is read: a second run into a busy folder is told so, whatever the first has
+    written yet."""
+    if ctx.is_main:
+        ctx.folders = FolderLock([*folders, args.log_dir])
+
+
+def setup_run(args, ctx, stage, recorded_split=None, record_split_to=None):
     """Logging, seeds, data and model; rank 0 writes the resolved args and the command line. The
     held-out part of the training set is the split recorded in `recorded_split` (a split.json) if
     given, else a new one when --val-split asks for it; rank 0 records it in `record_split_to`.
-    Rank 0 locks `folders` and the log folder for the run's lifetime. Holds no collective, so that
-    it can run inside distributed.agreement. Returns (data.Loaders, model)."""
+    Holds no collective, so that it can run inside distributed.agreement. Returns (data.Loaders,
+    model)."""
     if args.batch_size < ctx.world:
         raise UsageError(f"-b {args.batch_size} is smaller than the {ctx.world} processes: every "
                          "process needs a share of each batch")
-    if ctx.is_main:
-        ctx.folders = FolderLock([*folders, args.log_dir])
     setup_logging(args.log_dir, args.log_name, enabled=ctx.is_main)
     torch.set_num_threads(pick_threads(args.threads))
     seed_everything(args.randomseed, args.deterministic)
