@@ -7,6 +7,10 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# one thread in the tests and in every script they launch: unset, each script counts the cores
+# idle at its start (utils.pick_threads), and two runs a test compares bit for bit (interrupted
+# and resumed against uninterrupted) could get other counts, whose float sums round differently
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CLASSES = ("circle", "square", "stripes")
 

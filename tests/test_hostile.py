@@ -437,11 +437,12 @@ def test_sigint_before_training_is_one_line_and_exit_143(tiny_data, tmp_path):
     import signal
     # a default SIGINT in the child: a test run started in the background hands it an ignored one
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_sgd.py"),
-                             *map(str, common(tiny_data, tmp_path, "--epochs", 1)), "--quiet"],
+                             *map(str, common(tiny_data, tmp_path, "--epochs", 50)), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # the first log line comes before the data and the model: interrupt there (on a loaded
-    # machine the epochs may have begun, which save a state and say so in the log instead)
+    # machine the epochs may have begun, which save a state and say so in the log instead; 50 of
+    # them, so that the run is still going when the signal lands)
     proc.stdout.readline()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
