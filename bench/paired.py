@@ -1,6 +1,7 @@
 """Paired comparisons of two models scored on the same test images, from the packed bits of which
 images each got right (runfiles.pack_bits): the difference in accuracy with a 95% interval from a
-paired bootstrap over the test images, and the mean over seeds with a t interval."""
+paired bootstrap over the test images, and the mean over seeds with two intervals: a t interval over
+the seeds, and a bootstrap over the test images that all seeds share."""
 import statistics
 
 import numpy as np
@@ -26,6 +27,18 @@ def difference_of_gaps(a, a_ref, b, b_ref, seed=0):
     a, a_ref, b, b_ref = _same_images(a, a_ref, b, b_ref)
     values, counts = np.unique(a.astype(int) - a_ref - (b.astype(int) - b_ref), return_counts=True)
     return _bootstrap_mean(len(a), values, counts, seed)
+
+
+def seed_mean_difference(pairs, seed=0):
+    """(mean over seeds of accuracy(a) - accuracy(b), low, high) in points for pairs (a, b), one per
+    seed, scored on the same test images. The interval resamples those images, the same draw for
+    every seed. A t interval over seeds sees only how the seeds differ on this one test set, and with
+    2 or 3 seeds that agree by chance it can be far narrower than the test set's own noise; this one
+    covers that noise, and the seeds' spread only as far as these seeds show it."""
+    correct = _same_images(*(c for pair in pairs for c in pair))
+    score = sum(a.astype(int) - b for a, b in zip(correct[::2], correct[1::2]))
+    values, counts = np.unique(score, return_counts=True)
+    return tuple(x / len(pairs) for x in _bootstrap_mean(len(score), values, counts, seed))
 
 
 def _same_images(*correct):
@@ -55,6 +68,11 @@ def over_seeds(differences):
     half = T975[min(len(differences), len(T975) + 1) - 2] * statistics.stdev(differences) / len(
         differences) ** 0.5
     return mean, mean - half, mean + half
+
+
+def bounds(mean, low, high):
+    """The interval alone, for a column beside another interval of the same mean."""
+    return f"[{low:+.2f}, {high:+.2f}]"
 
 
 def describe(mean, low, high):

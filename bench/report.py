@@ -20,7 +20,7 @@ import re
 import statistics
 
 import common
-from paired import describe, difference_of_gaps, over_seeds, paired_difference
+from paired import bounds, describe, difference_of_gaps, over_seeds, paired_difference, seed_mean_difference
 
 import loop  # noqa: E402
 from runfiles import unpack_bits  # noqa: E402
@@ -152,25 +152,28 @@ def paired_rows(runs, bits):
 
 
 def paired_comparisons(runs, comparisons, bits):
-    """(seed, "a - b", (difference, low, high)) for every comparison on every seed: the paired
-    bootstrap interval over the test images."""
+    """(seed, "a - b", (difference, low, high), (a's bits, b's bits)) for every comparison on every
+    seed: the paired bootstrap interval over the test images."""
     rows = []
     for run, models in zip(runs, (head_models(r) for r in runs)):
         e = run["epochs"]
         for k, correct in enumerate(run["sgd"]["test_correct"], start=1):  # SGD at any epoch count
             models.setdefault(f"SGD({k})", (k, correct))
         for a, b in comparisons(models, e):
-            rows.append((run["seed"], f"{a} - {b}",
-                         paired_difference(bits(models[a][1]), bits(models[b][1]))))
+            pair = bits(models[a][1]), bits(models[b][1])
+            rows.append((run["seed"], f"{a} - {b}", paired_difference(*pair), pair))
     return rows
 
 
 def over_seed_rows(compared):
-    """The comparisons that more than one seed made: the mean difference, a t interval over them."""
+    """The comparisons that more than one seed made: the mean difference with a t interval over the
+    seeds, and with a bootstrap over the test images they share (paired.seed_mean_difference)."""
     by_label = {}
-    for _, label, (difference, _, _) in compared:
-        by_label.setdefault(label, []).append(difference)
-    return [[label, len(d), describe(*over_seeds(d))] for label, d in by_label.items() if len(d) > 1]
+    for _, label, difference, pair in compared:
+        by_label.setdefault(label, []).append((difference[0], pair))
+    return [[label, len(d), describe(*over_seeds([x for x, _ in d])),
+             bounds(*seed_mean_difference([pair for _, pair in d]))]
+            for label, d in by_label.items() if len(d) > 1]
 
 
 def head_comparisons(models, e):
@@ -207,13 +210,14 @@ def head_report(runs, n_test):
     compared = paired_comparisons(runs, head_comparisons, bits)
     over = over_seed_rows(compared)
     if over:
-        print("\nThe same comparisons over the seeds that made them: mean of the per-seed differences, "
-              "95% t interval:\n")
-        print(markdown(["comparison", "seeds", "difference (points)"], over))
+        print("\nThe same comparisons over the seeds that made them: mean of the per-seed differences "
+              "with 95% intervals, a t interval over the seeds and a bootstrap over the test images:\n")
+        print(markdown(["comparison", "seeds", "difference (t over seeds)",
+                        "(bootstrap over test images)"], over))
     print(f"\nPaired differences within each seed, 95% bootstrap interval over the {n_test} test "
           "images:\n")
     print(markdown(["seed", "comparison", "difference (points)"],
-                   [[seed, label, describe(*d)] for seed, label, d in compared]))
+                   [[seed, label, describe(*d)] for seed, label, d, _ in compared]))
 
 
 def protocol_report(runs, others, n_test):
@@ -250,20 +254,23 @@ def protocol_report(runs, others, n_test):
 
 def tail_report(runs, n_test):
     """TWA - SWA for every variant: paired within each seed (a bootstrap over the test images) where
-    the run recorded which images each model got right, and a t interval over the seeds."""
+    the run recorded which images each model got right, and over the seeds a t interval and a
+    bootstrap over the test images they share."""
     summary, per_seed = [], []
     for key in sorted({key for r in runs for key in r["runs"]}):  # one SGD run per swa_lr
         present = [r for r in runs if key in r["runs"]]
         names = dict.fromkeys(name for r in present for name, v in r["runs"][key]["tail"].items() if v)
         for name in names:
-            differences, accuracies = [], []
+            differences, accuracies, pairs, paired_seeds = [], [], [], []
             for run in present:
                 v = run["runs"][key]["tail"].get(name)
                 if not v:
                     continue
                 if v.get("twa_correct") and v.get("swa_correct"):
-                    difference = paired_difference(unpack_bits(v["twa_correct"], n_test),
-                                                   unpack_bits(v["swa_correct"], n_test))
+                    pairs.append((unpack_bits(v["twa_correct"], n_test),
+                                  unpack_bits(v["swa_correct"], n_test)))
+                    paired_seeds.append(run["seed"])
+                    difference = paired_difference(*pairs[-1])
                 else:  # an earlier runner kept accuracies only
                     difference = (v["twa_acc"] - v["swa_acc"], None, None)
                 per_seed.append([run["seed"], key, name, f"{v['swa_acc']:.2f}", f"{v['twa_acc']:.2f}",
@@ -273,10 +280,17 @@ def tail_report(runs, n_test):
                                                                            "held_out_acc"))])
                 differences.append(difference[0])
                 accuracies.append(v["twa_acc"])
+            pooled = ""  # over the seeds that recorded per-image results
+            if len(pairs) == len(differences) > 1:
+                pooled = bounds(*seed_mean_difference(pairs))
+            elif len(pairs) > 1:
+                pooled = (f"{describe(*seed_mean_difference(pairs))} over seeds "
+                          f"{', '.join(map(str, paired_seeds))}")
             summary.append([key, name, len(differences), mean_std(accuracies),
-                            describe(*over_seeds(differences))])
+                            describe(*over_seeds(differences)), pooled])
     print(markdown(["run", "TWA variant", "seeds", "TWA test acc",
-                    "TWA - SWA (mean [95% t interval over seeds])"], summary))
+                    "TWA - SWA (mean [95% t interval over seeds])", "(bootstrap over test images)"],
+                   summary))
     print(f"\nWithin each seed, 95% bootstrap interval over the {n_test} test images:\n")
     print(markdown(["seed", "run", "TWA variant", "SWA", "TWA", "TWA - SWA", "SWA held-out",
                     "TWA held-out"], per_seed))

@@ -78,7 +78,8 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
 
 def test_tail_report_pairs_twa_with_swa_within_and_over_seeds(tmp_path):
     """bench/report.py on tail_swa.py's results: a paired interval where the per-image bits exist,
-    the plain difference where an earlier run kept accuracies only, a t interval over the seeds."""
+    the plain difference where an earlier run kept accuracies only, a t interval over the seeds, and
+    a bootstrap over the test images of the seeds with per-image results."""
     n = 1000
     swa = runfiles.pack_bits([1] * 800 + [0] * 200)
     twa = runfiles.pack_bits([1] * 790 + [0] * 10 + [1] * 30 + [0] * 170)  # +2 points
@@ -95,7 +96,10 @@ def test_tail_report_pairs_twa_with_swa_within_and_over_seeds(tmp_path):
     line = next(x for x in report.stdout.splitlines() if x.startswith("| 2 | swalr0.1"))
     low, high = (float(v) for v in line.split("[")[1].rstrip("] |").split(", "))
     assert low < 2.0 < high and high - low < 4  # 40 images differ of 1000
-    assert "| swalr0.1 | orth-lr2-e2 | 3 | 81.67 +- 0.58 | +1.67 [" in report.stdout
+    summary = next(x for x in report.stdout.splitlines() if x.startswith("| swalr0.1 | orth-lr2-e2 | 3"))
+    assert "| 81.67 +- 0.58 | +1.67 [" in summary and summary.endswith(" over seeds 2, 3 |")
+    low, high = (float(v) for v in summary.split("| +2.00 [")[1].split("]")[0].split(", "))
+    assert low < 2.0 < high and high - low < 4
 
 
 def test_runner_stops_with_one_line_when_a_script_fails(tiny_data, tmp_path):

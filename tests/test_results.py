@@ -87,6 +87,22 @@ def test_difference_of_gaps_matches_resampling_whole_index_vectors():
         paired.difference_of_gaps(a, a_ref, b, b_ref[:10])
 
 
+def test_seed_mean_difference_resamples_the_shared_test_images():
+    rng = np.random.default_rng(3)
+    truth = rng.random(2000) < 0.8  # three seeds' models, correlated through the images they share
+    pairs = [(np.where(rng.random(2000) < 0.9, truth, ~truth),
+              np.where(rng.random(2000) < 0.88, truth, ~truth)) for _ in range(3)]
+    mean, low, high = paired.seed_mean_difference(pairs)
+    per_seed = [paired.paired_difference(a, b)[0] for a, b in pairs]
+    assert mean == pytest.approx(np.mean(per_seed))
+    idx = rng.integers(0, 2000, (4000, 2000))  # one draw of images for all seeds
+    resampled = np.mean([100 * (a[idx].mean(1) - b[idx].mean(1)) for a, b in pairs], axis=0)
+    assert low == pytest.approx(np.percentile(resampled, 2.5), abs=0.15)
+    assert high == pytest.approx(np.percentile(resampled, 97.5), abs=0.15)
+    with pytest.raises(ValueError):
+        paired.seed_mean_difference([pairs[0], (pairs[1][0], pairs[1][1][:10])])
+
+
 def test_interval_over_seeds():
     mean, low, high = paired.over_seeds([1.0, 2.0, 3.0])
     assert (mean, high - mean) == (2.0, pytest.approx(4.303 * 1.0 / 3 ** 0.5))
