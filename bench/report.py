@@ -6,7 +6,8 @@ Prints Markdown tables. For bench/reproduce.py's runs: mean +- std over the seed
 results/<name>-accuracy.png (test accuracy vs epochs spent: SGD's curve with the SWA and TWA points)
 and results/<name>-coefficients.png (the learned coefficients of the first seed's runs). For
 bench/head.py's runs (--name head-paper): paired differences with 95% intervals, a bootstrap over the
-test images within each seed and a t interval over the seeds; with --against NAME, two such protocols
+test images within each seed, and over the seeds both a t interval and a bootstrap over the test
+images they share (one draw for all seeds); with --against NAME, two such protocols
 on the same seeds (e.g. another SGD weight decay): each model against its namesake, and the change of
 its gap to SGD(E), paired over the test images. For bench/tail_swa.py's runs (--name tail-swa): TWA
 against SWA of the same checkpoints, paired within each seed and over the seeds. For bench/soups.py's
@@ -20,13 +21,16 @@ import re
 import statistics
 
 import common
-from paired import bounds, describe, difference_of_gaps, over_seeds, paired_difference, seed_mean_difference
+from paired import (bounds, describe, difference_of_gaps, over_seeds, paired_difference,
+                    seed_mean_difference)
 
 import loop  # noqa: E402
 from runfiles import unpack_bits  # noqa: E402
 from plot import plot_coefficients, save_figure  # noqa: E402  (common puts the project on the path)
 from matplotlib.figure import Figure
 
+# the bootstrap column where the seeds' results name other data folders (see one_test_set)
+UNPOOLED = "(other data folders)"
 
 
 def mean_std(values):
@@ -165,14 +169,20 @@ def paired_comparisons(runs, comparisons, bits):
     return rows
 
 
-def over_seed_rows(compared):
+def one_test_set(runs):
+    """Whether the runs scored the same test images, image i being the same one in each: the
+    bootstrap over images resamples image i of every seed together, so it needs one data folder."""
+    return len({r["data_dir"] for r in runs if r.get("data_dir")}) <= 1
+
+
+def over_seed_rows(compared, pooled=True):
     """The comparisons that more than one seed made: the mean difference with a t interval over the
-    seeds, and with a bootstrap over the test images they share (paired.seed_mean_difference)."""
+    seeds, and (where `pooled`, the seeds sharing one test set) with a bootstrap over its images."""
     by_label = {}
     for _, label, difference, pair in compared:
         by_label.setdefault(label, []).append((difference[0], pair))
     return [[label, len(d), describe(*over_seeds([x for x, _ in d])),
-             bounds(*seed_mean_difference([pair for _, pair in d]))]
+             bounds(*seed_mean_difference([pair for _, pair in d])) if pooled else UNPOOLED]
             for label, d in by_label.items() if len(d) > 1]
 
 
@@ -208,7 +218,7 @@ def head_report(runs, n_test):
     print(markdown(["model", "epochs spent", "test acc", f"- SGD same epochs ({interval})",
                     "- SGD(E)"], paired_rows(runs, bits)))
     compared = paired_comparisons(runs, head_comparisons, bits)
-    over = over_seed_rows(compared)
+    over = over_seed_rows(compared, one_test_set(runs))
     if over:
         print("\nThe same comparisons over the seeds that made them: mean of the per-seed differences "
               "with 95% intervals, a t interval over the seeds and a bootstrap over the test images:\n")
@@ -281,7 +291,9 @@ def tail_report(runs, n_test):
                 differences.append(difference[0])
                 accuracies.append(v["twa_acc"])
             pooled = ""  # over the seeds that recorded per-image results
-            if len(pairs) == len(differences) > 1:
+            if len(pairs) > 1 and not one_test_set(present):
+                pooled = UNPOOLED
+            elif len(pairs) == len(differences) > 1:
                 pooled = bounds(*seed_mean_difference(pairs))
             elif len(pairs) > 1:
                 pooled = (f"{describe(*seed_mean_difference(pairs))} over seeds "

@@ -100,6 +100,15 @@ def test_tail_report_pairs_twa_with_swa_within_and_over_seeds(tmp_path):
     assert "| 81.67 +- 0.58 | +1.67 [" in summary and summary.endswith(" over seeds 2, 3 |")
     low, high = (float(v) for v in summary.split("| +2.00 [")[1].split("]")[0].split(", "))
     assert low < 2.0 < high and high - low < 4
+    for seed in (2, 3):  # scored from two data folders: image i need not be the same image
+        with open(tmp_path / f"tail-swa-seed{seed}.json") as f:
+            run = json.load(f)
+        with open(tmp_path / f"tail-swa-seed{seed}.json", "w") as f:
+            json.dump(dict(run, data_dir=f"/data/{seed}"), f)
+    report = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), "--name",
+                             "tail-swa", "--results", str(tmp_path), "--test-images", str(n)],
+                            check=True, capture_output=True, text=True, timeout=300)
+    assert "| +1.67 [" in report.stdout and "| (other data folders) |" in report.stdout
 
 
 def test_runner_stops_with_one_line_when_a_script_fails(tiny_data, tmp_path):
