@@ -25,8 +25,7 @@ def difference_of_gaps(a, a_ref, b, b_ref, seed=0):
     moves a gap (a and a_ref scored under one protocol, b and b_ref under the other), paired over the
     same test images. Each image scores an integer in -2..2."""
     a, a_ref, b, b_ref = _same_images(a, a_ref, b, b_ref)
-    values, counts = np.unique(a.astype(int) - a_ref - (b.astype(int) - b_ref), return_counts=True)
-    return _bootstrap_mean(len(a), values, counts, seed)
+    return _bootstrap_scores(a.astype(int) - a_ref - (b.astype(int) - b_ref), seed)
 
 
 def seed_mean_difference(pairs, seed=0):
@@ -37,8 +36,7 @@ def seed_mean_difference(pairs, seed=0):
     covers that noise, and the seeds' spread only as far as these seeds show it."""
     correct = _same_images(*(c for pair in pairs for c in pair))
     score = sum(a.astype(int) - b for a, b in zip(correct[::2], correct[1::2]))
-    values, counts = np.unique(score, return_counts=True)
-    return tuple(x / len(pairs) for x in _bootstrap_mean(len(score), values, counts, seed))
+    return tuple(x / len(pairs) for x in _bootstrap_scores(score, seed))
 
 
 def _same_images(*correct):
@@ -47,6 +45,12 @@ def _same_images(*correct):
         raise ValueError(f"models scored on {' and '.join(str(len(c)) for c in correct)} images "
                          "cannot be paired")
     return correct
+
+
+def _bootstrap_scores(scores, seed):
+    """100 x the mean of per-image integer scores, with its bootstrap interval."""
+    values, counts = np.unique(scores, return_counts=True)
+    return _bootstrap_mean(len(scores), values, counts, seed)
 
 
 def _bootstrap_mean(n, values, counts, seed):
