@@ -24,8 +24,7 @@ def difference_of_gaps(a, a_ref, b, b_ref, seed=0):
     """(a - a_ref) - (b - b_ref) in points with its bootstrap interval: whether a change of protocol
     moves a gap (a and a_ref scored under one protocol, b and b_ref under the other), paired over the
     same test images. Each image scores an integer in -2..2."""
-    a, a_ref, b, b_ref = _same_images(a, a_ref, b, b_ref)
-    return _bootstrap_scores(a.astype(int) - a_ref - (b.astype(int) - b_ref), seed)
+    return _bootstrap_scores(_gap_change(*_same_images(a, a_ref, b, b_ref)), seed)
 
 
 def seed_mean_difference(pairs, seed=0):
@@ -35,8 +34,25 @@ def seed_mean_difference(pairs, seed=0):
     2 or 3 seeds that agree by chance it can be far narrower than the test set's own noise; this one
     covers that noise, and the seeds' spread only as far as these seeds show it."""
     correct = _same_images(*(c for pair in pairs for c in pair))
-    score = sum(a.astype(int) - b for a, b in zip(correct[::2], correct[1::2]))
-    return tuple(x / len(pairs) for x in _bootstrap_scores(score, seed))
+    return _seed_mean([a.astype(int) - b for a, b in zip(correct[::2], correct[1::2])], seed)
+
+
+def seed_mean_gap_change(quads, seed=0):
+    """difference_of_gaps averaged over seeds, for (a, a_ref, b, b_ref), one per seed, scored on the
+    same test images; the interval resamples those images, the same draw for every seed."""
+    correct = _same_images(*(c for quad in quads for c in quad))
+    return _seed_mean([_gap_change(*correct[i:i + 4]) for i in range(0, len(correct), 4)], seed)
+
+
+def _gap_change(a, a_ref, b, b_ref):
+    """Per image, (a - a_ref) - (b - b_ref): an integer in -2..2."""
+    return a.astype(int) - a_ref - (b.astype(int) - b_ref)
+
+
+def _seed_mean(scores, seed):
+    """The mean over seeds of per-image integer scores (one array per seed) with its bootstrap
+    interval: the per-image sum over seeds is itself an integer score, so one draw covers all seeds."""
+    return tuple(x / len(scores) for x in _bootstrap_scores(sum(scores), seed))
 
 
 def _same_images(*correct):

@@ -9,7 +9,7 @@ bench/head.py's runs (--name head-paper): paired differences with 95% intervals,
 test images within each seed, and over the seeds both a t interval and a bootstrap over the test
 images they share (one draw for all seeds); with --against NAME, two such protocols
 on the same seeds (e.g. another SGD weight decay): each model against its namesake, and the change of
-its gap to SGD(E), paired over the test images. For bench/tail_swa.py's runs (--name tail-swa): TWA
+its gap to SGD(E), paired over the test images within each seed and over the seeds. For bench/tail_swa.py's runs (--name tail-swa): TWA
 against SWA of the same checkpoints, paired within each seed and over the seeds. For bench/soups.py's
 (--name soups-diverse): each soup's held-out and test accuracy.
 """
@@ -22,7 +22,7 @@ import statistics
 
 import common
 from paired import (bounds, describe, difference_of_gaps, over_seeds, paired_difference,
-                    seed_mean_difference)
+                    seed_mean_difference, seed_mean_gap_change)
 
 import loop  # noqa: E402
 from runfiles import unpack_bits  # noqa: E402
@@ -232,30 +232,55 @@ def head_report(runs, n_test):
 
 def protocol_report(runs, others, n_test):
     """Two head protocols on the same seeds (--against): each model against its namesake under the
-    other protocol, and whether the change moves its gap to SGD(E), paired over the test images."""
+    other protocol, and whether the change moves its gap to SGD(E), paired over the test images within
+    each seed and, where several seeds pair, over the seeds."""
     def bits(packed):
         return unpack_bits(packed, n_test)
 
     mine, theirs = runs[0], others[0]
     others = {r["seed"]: r for r in others}
-    rows = []
-    for run in (r for r in runs if r["seed"] in others):
-        other, e = others[run["seed"]], run["epochs"]
-        end, other_end = (bits(r["sgd"]["test_correct"][e - 1]) for r in (run, other))
-        rows.append([run["seed"], f"SGD({e})", f"{100 * end.mean():.2f}", f"{100 * other_end.mean():.2f}",
-                     describe(*paired_difference(end, other_end)), ""])
-        models, namesakes = head_models(run), head_models(other)
-        for label in (label for label in models if label in namesakes and label != f"SGD({e})"):
-            a, b = bits(models[label][1]), bits(namesakes[label][1])
-            rows.append([run["seed"], label, f"{100 * a.mean():.2f}", f"{100 * b.mean():.2f}",
-                         describe(*paired_difference(a, b)),
-                         describe(*difference_of_gaps(a, end, b, other_end))])
-    if not rows:
+    paired_runs = [(run, others[run["seed"]]) for run in runs if run["seed"] in others]
+    if not paired_runs:
         raise SystemExit(f"{mine['name']} and {theirs['name']} share no seed")
+    rows, by_label = [], {}
+    for run, other in paired_runs:
+        e = run["epochs"]
+        end, other_end = (bits(r["sgd"]["test_correct"][e - 1]) for r in (run, other))
+        models, namesakes = head_models(run), head_models(other)
+        pairs = {f"SGD({e})": (end, other_end)}  # the reference of every gap, so no gap of its own
+        pairs.update((label, (bits(models[label][1]), bits(namesakes[label][1])))
+                     for label in models if label in namesakes and label not in pairs)
+        for label, (a, b) in pairs.items():
+            difference = paired_difference(a, b)
+            gap = None if label == f"SGD({e})" else difference_of_gaps(a, end, b, other_end)
+            rows.append([run["seed"], label, f"{100 * a.mean():.2f}", f"{100 * b.mean():.2f}",
+                         describe(*difference), describe(*gap) if gap else ""])
+            by_label.setdefault(label, []).append(
+                (difference[0], None if gap is None else gap[0], (a, end, b, other_end)))
     print(f"{mine['name']} (SGD wd {mine['sgd_wd']}) against {theirs['name']} (SGD wd "
           f"{theirs['sgd_wd']}), 95% bootstrap intervals over the {n_test} test images:\n")
     print(markdown(["seed", "model", mine["name"], theirs["name"], "difference (points)",
                     f"change of the gap to SGD({mine['epochs']})"], rows))
+    pooled = one_test_set([r for pair in paired_runs for r in pair])
+    over = [protocol_over_seeds(label, seeds, pooled) for label, seeds in by_label.items()
+            if len(seeds) > 1]
+    if over:
+        print("\nOver the seeds both protocols ran: mean of the per-seed differences with a 95% t "
+              "interval over the seeds and a bootstrap over the test images they share:\n")
+        print(markdown(["model", "seeds", "difference (t over seeds)", "(bootstrap over test images)",
+                        f"change of the gap to SGD({mine['epochs']}) (t over seeds)",
+                        "(bootstrap over test images)"], over))
+
+
+def protocol_over_seeds(label, seeds, pooled):
+    """One row of the over-seed table: the difference and the change of the gap (none for SGD(E))."""
+    differences, gaps, quads = zip(*seeds)
+    row = [label, len(seeds), describe(*over_seeds(differences)),
+           bounds(*seed_mean_difference([(a, b) for a, _, b, _ in quads])) if pooled else UNPOOLED]
+    if gaps[0] is None:
+        return row + ["", ""]
+    return row + [describe(*over_seeds(gaps)),
+                  bounds(*seed_mean_gap_change(quads)) if pooled else UNPOOLED]
 
 
 # ---------------------------------------------------------------------------------------------------

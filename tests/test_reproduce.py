@@ -74,6 +74,31 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
     assert "head-other (SGD wd 0.0005) against head-paper (SGD wd 0.0001)" in against.stdout
     row = next(x for x in against.stdout.splitlines() if x.startswith("| 2 | TWA, 3 ckpts, 1 ep, BN running |"))
     assert row.endswith("| +0.00 [+0.00, +0.00] | +0.00 [+0.00, +0.00] |")
+    assert "Over the seeds" not in against.stdout  # one seed: nothing to pool
+    # a second seed on which the other protocol's TWA (BN running) gets every image right: the mean
+    # over the two seeds is half that seed's difference, and so is the mean change of the gap
+    running = next(h for h in result["head"] if h["n"] == 3)["twa"]["running"]
+    gain = (100 - running["accuracy"]) / 2
+    json.dump(dict(result, seed=3), open(tmp_path / "head-paper-seed3.json", "w"))
+    better = json.loads(json.dumps(result))
+    better_running = next(h for h in better["head"] if h["n"] == 3)["twa"]["running"]
+    better_running["correct"] = runfiles.pack_bits([1] * tests)
+    json.dump(dict(better, name="head-other", sgd_wd=5e-4, seed=3),
+              open(tmp_path / "head-other-seed3.json", "w"))
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "report.py"), "--name", "head-paper", "--against",
+           "head-other", "--results", str(tmp_path), "--test-images", str(tests)]
+    over = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
+    row = next(x for x in over.splitlines() if x.startswith("| TWA, 3 ckpts, 1 ep, BN running | 2 |"))
+    cells = [c.strip() for c in row.split("|")[3:7]]
+    assert gain > 0
+    assert cells[0].startswith(f"{-gain:+.2f} [") and cells[2].startswith(f"{-gain:+.2f} [")
+    assert cells[1].startswith("[") and cells[3].startswith("[")  # the bootstrap over the 12 images
+    assert "| SGD(3) | 2 | +0.00 [+0.00, +0.00] | [+0.00, +0.00] |  |  |" in over
+    # seeds scored from other data folders: image i need not be the same image, so nothing pooled
+    json.dump(dict(result, seed=3, data_dir="elsewhere"), open(tmp_path / "head-paper-seed3.json", "w"))
+    over = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
+    row = next(x for x in over.splitlines() if x.startswith("| TWA, 3 ckpts, 1 ep, BN running | 2 |"))
+    assert row.count("(other data folders)") == 2
 
 
 def test_tail_report_pairs_twa_with_swa_within_and_over_seeds(tmp_path):

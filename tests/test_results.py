@@ -103,6 +103,22 @@ def test_seed_mean_difference_resamples_the_shared_test_images():
         paired.seed_mean_difference([pairs[0], (pairs[1][0], pairs[1][1][:10])])
 
 
+def test_seed_mean_gap_change_resamples_the_shared_test_images():
+    rng = np.random.default_rng(4)
+    truth = rng.random(2000) < 0.8
+    quads = [tuple(np.where(rng.random(2000) < p, truth, ~truth) for p in (0.85, 0.9, 0.8, 0.88))
+             for _ in range(3)]
+    mean, low, high = paired.seed_mean_gap_change(quads)
+    assert mean == pytest.approx(np.mean([paired.difference_of_gaps(*q)[0] for q in quads]))
+    idx = rng.integers(0, 2000, (4000, 2000))  # one draw of images for all seeds
+    resampled = np.mean([100 * (a[idx].mean(1) - a_ref[idx].mean(1) - b[idx].mean(1) + b_ref[idx].mean(1))
+                         for a, a_ref, b, b_ref in quads], axis=0)
+    assert low == pytest.approx(np.percentile(resampled, 2.5), abs=0.15)
+    assert high == pytest.approx(np.percentile(resampled, 97.5), abs=0.15)
+    with pytest.raises(ValueError):
+        paired.seed_mean_gap_change([quads[0], quads[1][:3] + (quads[1][3][:10],)])
+
+
 def test_interval_over_seeds():
     mean, low, high = paired.over_seeds([1.0, 2.0, 3.0])
     assert (mean, high - mean) == (2.0, pytest.approx(4.303 * 1.0 / 3 ** 0.5))
