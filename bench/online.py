@@ -57,8 +57,10 @@ def run_route(setting, route, folder, data_dir, device):
     """In a child process of its own: the route's commands, then their peak memory (the largest
     RSS of any of them) on stdout."""
     for script, *flags in route_commands(setting, route, folder, data_dir, device):
-        subprocess.run([sys.executable, os.path.join(common.ROOT, script), *map(str, flags)],
-                       check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, os.path.join(common.ROOT, script), *map(str, flags)],
+                              stdout=subprocess.DEVNULL)  # its stderr (the reason it fails) passes on
+        if done.returncode:
+            raise SystemExit(f"{script} exited {done.returncode} in the {route} route of {setting}")
     print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)  # KiB on Linux
 
 
@@ -105,7 +107,9 @@ def main():
                 started = time.perf_counter()
                 out = subprocess.run([sys.executable, os.path.abspath(__file__), "--device",
                                       args.device, "--data-dir", data_dir, "--route", setting, route,
-                                      folder], check=True, capture_output=True, text=True)
+                                      folder], stdout=subprocess.PIPE, text=True)
+                if out.returncode:  # the route printed why on stderr
+                    raise SystemExit(out.returncode)
                 seconds = time.perf_counter() - started
                 rows.append([setting, {"two": "train_sgd + train_twa", "one": "train_sgd --twa-at"}[route],
                              f"{seconds:.0f}", f"{int(out.stdout.split()[-1]) / 1024:.0f}",

@@ -182,3 +182,15 @@ def test_sigterm_to_the_runner_stops_its_script_too(tiny_data, tmp_path):
     assert stderr.strip().splitlines()[-1].startswith("error: train_sgd.py was interrupted")
     assert scripts_writing_to(folder) == []
     assert runfiles.load_torch(folder / "state.pt")["progress"]["epoch"] < 500
+
+
+def test_online_benchmark_says_why_a_route_failed(tmp_path):
+    """bench/online.py runs each route in a child that runs the scripts: a script's error line must
+    reach the user, not a CalledProcessError with the reason captured and dropped."""
+    (tmp_path / "train").mkdir()  # a tree the scripts refuse: no class folders, no test/
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "online.py"), "--settings",
+                           "resnet20", "--data-dir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "must hold train/ and val/ (or test/) class folders" in done.stderr
+    assert "train_sgd.py exited 2 in the two route of resnet20" in done.stderr
