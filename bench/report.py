@@ -238,6 +238,9 @@ def protocol_report(runs, others, n_test):
         return unpack_bits(packed, n_test)
 
     mine, theirs = runs[0], others[0]
+    if len({r["epochs"] for r in runs + others}) > 1:  # a gap to SGD(E) means one E
+        raise SystemExit(f"--against pairs runs of one E: {mine['name']} ran {mine['epochs']} epochs, "
+                         f"{theirs['name']} {theirs['epochs']}")
     others = {r["seed"]: r for r in others}
     paired_runs = [(run, others[run["seed"]]) for run in runs if run["seed"] in others]
     if not paired_runs:

@@ -75,6 +75,12 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
     row = next(x for x in against.stdout.splitlines() if x.startswith("| 2 | TWA, 3 ckpts, 1 ep, BN running |"))
     assert row.endswith("| +0.00 [+0.00, +0.00] | +0.00 [+0.00, +0.00] |")
     assert "Over the seeds" not in against.stdout  # one seed: nothing to pool
+    json.dump(dict(result, name="head-long", epochs=6), open(tmp_path / "head-long-seed2.json", "w"))
+    longer = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), "--name",
+                             "head-long", "--against", "head-paper", "--results", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert longer.returncode == 1 and longer.stderr.strip().splitlines() == [
+        "--against pairs runs of one E: head-long ran 6 epochs, head-paper 3"]
     # a second seed on which the other protocol's TWA (BN running) gets every image right: the mean
     # over the two seeds is half that seed's difference, and so is the mean change of the gap
     running = next(h for h in result["head"] if h["n"] == 3)["twa"]["running"]
