@@ -7,11 +7,12 @@ results/<name>-accuracy.png (test accuracy vs epochs spent: SGD's curve with the
 and results/<name>-coefficients.png (the learned coefficients of the first seed's runs). For
 bench/head.py's runs (--name head-paper): paired differences with 95% intervals, a bootstrap over the
 test images within each seed, and over the seeds both a t interval and a bootstrap over the test
-images they share (one draw for all seeds); with --against NAME, two such protocols
-on the same seeds (e.g. another SGD weight decay): each model against its namesake, and the change of
-its gap to SGD(E), paired over the test images within each seed and over the seeds. For bench/tail_swa.py's runs (--name tail-swa): TWA
-against SWA of the same checkpoints, paired within each seed and over the seeds. For bench/soups.py's
-(--name soups-diverse): each soup's held-out and test accuracy.
+images they share (one draw for all seeds); with --against NAME, two such protocols on the same
+seeds and E (e.g. another SGD weight decay): each model against its namesake, and the change of its
+gap to SGD(E), paired over the test images within each seed and over the seeds. For
+bench/tail_swa.py's runs (--name tail-swa): TWA against SWA of the same checkpoints, paired within
+each seed and over the seeds. For bench/soups.py's (--name soups-diverse): each soup's held-out and
+test accuracy.
 """
 import argparse
 import glob
@@ -245,9 +246,8 @@ def protocol_report(runs, others, n_test):
     paired_runs = [(run, others[run["seed"]]) for run in runs if run["seed"] in others]
     if not paired_runs:
         raise SystemExit(f"{mine['name']} and {theirs['name']} share no seed")
-    rows, by_label = [], {}
+    e, rows, by_label = mine["epochs"], [], {}
     for run, other in paired_runs:
-        e = run["epochs"]
         end, other_end = (bits(r["sgd"]["test_correct"][e - 1]) for r in (run, other))
         models, namesakes = head_models(run), head_models(other)
         pairs = {f"SGD({e})": (end, other_end)}  # the reference of every gap, so no gap of its own
@@ -263,7 +263,7 @@ def protocol_report(runs, others, n_test):
     print(f"{mine['name']} (SGD wd {mine['sgd_wd']}) against {theirs['name']} (SGD wd "
           f"{theirs['sgd_wd']}), 95% bootstrap intervals over the {n_test} test images:\n")
     print(markdown(["seed", "model", mine["name"], theirs["name"], "difference (points)",
-                    f"change of the gap to SGD({mine['epochs']})"], rows))
+                    f"change of the gap to SGD({e})"], rows))
     pooled = one_test_set([r for pair in paired_runs for r in pair])
     over = [protocol_over_seeds(label, seeds, pooled) for label, seeds in by_label.items()
             if len(seeds) > 1]
@@ -271,7 +271,7 @@ def protocol_report(runs, others, n_test):
         print("\nOver the seeds both protocols ran: mean of the per-seed differences with a 95% t "
               "interval over the seeds and a bootstrap over the test images they share:\n")
         print(markdown(["model", "seeds", "difference (t over seeds)", "(bootstrap over test images)",
-                        f"change of the gap to SGD({mine['epochs']}) (t over seeds)",
+                        f"change of the gap to SGD({e}) (t over seeds)",
                         "(bootstrap over test images)"], over))
 
 
