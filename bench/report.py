@@ -206,20 +206,21 @@ def head_comparisons(models, e):
     return [(a, b) for a, b in dict.fromkeys(pairs) if a in models and b in models]
 
 
-def head_report(runs, n_test):
+def head_report(runs, n_test, title):
     def bits(packed):
         return unpack_bits(packed, n_test)
 
+    rows = paired_rows(runs, bits)  # everything computed before the first line is printed, so
+    compared = paired_comparisons(runs, head_comparisons, bits)  # that an error prints nothing else
+    over = over_seed_rows(compared, one_test_set(runs))
     complete = all(r.get("complete") for r in runs)
-    print(f"SGD: ResNet-20, E = {runs[0]['epochs']}, wd {runs[0]['sgd_wd']}, "
+    print(f"{title}\n\nSGD: ResNet-20, E = {runs[0]['epochs']}, wd {runs[0]['sgd_wd']}, "
           f"{runs[0]['checkpoints_per_epoch']} checkpoints per epoch; TWA {runs[0]['twa']}"
           f"{'' if complete else ' (some seeds stopped early)'}\n")
     interval = ("mean [95% t interval over seeds]" if len(runs) > 1 else
                 "one seed: paired bootstrap over test images below")
     print(markdown(["model", "epochs spent", "test acc", f"- SGD same epochs ({interval})",
-                    "- SGD(E)"], paired_rows(runs, bits)))
-    compared = paired_comparisons(runs, head_comparisons, bits)
-    over = over_seed_rows(compared, one_test_set(runs))
+                    "- SGD(E)"], rows))
     if over:
         print("\nThe same comparisons over the seeds that made them: mean of the per-seed differences "
               "with 95% intervals, a t interval over the seeds and a bootstrap over the test images:\n")
@@ -290,7 +291,7 @@ def protocol_over_seeds(label, seeds, pooled):
 # bench/tail_swa.py's runs: TWA against SWA of the same tail checkpoints
 # ---------------------------------------------------------------------------------------------------
 
-def tail_report(runs, n_test):
+def tail_report(runs, n_test, title):
     """TWA - SWA for every variant: paired within each seed (a bootstrap over the test images) where
     the run recorded which images each model got right, and over the seeds a t interval and a
     bootstrap over the test images they share."""
@@ -328,6 +329,7 @@ def tail_report(runs, n_test):
                           f"{', '.join(map(str, paired_seeds))}")
             summary.append([key, name, len(differences), mean_std(accuracies),
                             describe(*over_seeds(differences)), pooled])
+    print(f"{title}\n")
     print(markdown(["run", "TWA variant", "seeds", "TWA test acc",
                     "TWA - SWA (mean [95% t interval over seeds])", "(bootstrap over test images)"],
                    summary))
@@ -381,12 +383,11 @@ def main():
         protocol_report(runs, others, args.test_images)
         return
     if "swa_start" in runs[0]:  # bench/tail_swa.py's runs (a seed may have a file per swa_lr)
-        print(f"{args.name}: seeds {', '.join(str(s) for s in sorted({r['seed'] for r in runs}))}\n")
-        tail_report(runs, args.test_images)
+        tail_report(runs, args.test_images,
+                    f"{args.name}: seeds {', '.join(str(s) for s in sorted({r['seed'] for r in runs}))}")
         return
     if "head" in runs[0] and "sgd_wd" in runs[0]:  # bench/head.py's runs
-        print(f"{args.name}: seeds {', '.join(str(r['seed']) for r in runs)}\n")
-        head_report(runs, args.test_images)
+        head_report(runs, args.test_images, f"{args.name}: seeds {', '.join(str(r['seed']) for r in runs)}")
         return
     if "methods" in runs[0] and "ingredients" in runs[0]:  # bench/soups.py's runs
         soups_report(runs)

@@ -65,6 +65,11 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
     assert "TWA, 3 ckpts, 1 ep, BN recompute - TWA, 2 ckpts, 1 ep, BN recompute" in report.stdout
     assert "| 2 | TWA, 3 ckpts, 1 ep, BN recompute - SGD(2) |" in report.stdout  # the same epochs
     assert "| 2 | TWA, 3 ckpts, 1 ep, BN recompute - SGD(3) |" in report.stdout  # SGD(E)
+    wrong = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), "--name",
+                            "head-paper", "--results", str(tmp_path), "--test-images", "100"],
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 1 and wrong.stdout == ""  # no half table before the error line
+    assert "do not hold 100 flags" in wrong.stderr
     # another protocol on the same seed (here the same run renamed): every model paired by name
     json.dump(dict(result, name="head-other", sgd_wd=5e-4), open(tmp_path / "head-other-seed2.json", "w"))
     against = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), "--name",
