@@ -210,8 +210,9 @@ def head_report(runs, n_test, title):
     def bits(packed):
         return unpack_bits(packed, n_test)
 
-    rows = paired_rows(runs, bits)  # everything computed before the first line is printed, so
-    compared = paired_comparisons(runs, head_comparisons, bits)  # that an error prints nothing else
+    # every table computed before the first line is printed, so that an error prints nothing else
+    rows = paired_rows(runs, bits)
+    compared = paired_comparisons(runs, head_comparisons, bits)
     over = over_seed_rows(compared, one_test_set(runs))
     complete = all(r.get("complete") for r in runs)
     print(f"{title}\n\nSGD: ResNet-20, E = {runs[0]['epochs']}, wd {runs[0]['sgd_wd']}, "
