@@ -9,7 +9,8 @@ bench/head.py's runs (--name head-paper): paired differences with 95% intervals,
 test images within each seed, and over the seeds both a t interval and a bootstrap over the test
 images they share (one draw for all seeds); with --against NAME, two such protocols on the same
 seeds and E (e.g. another SGD weight decay): each model against its namesake, and the change of its
-gap to SGD(E), paired over the test images within each seed and over the seeds. For
+gap to SGD(E), paired over the test images within each seed and over the seeds; with several names
+(--name head-paper-4ep:1,3 head-paper:2), the seeds of one protocol pooled into one table. For
 bench/tail_swa.py's runs (--name tail-swa): TWA against SWA of the same checkpoints, paired within
 each seed and over the seeds. For bench/soups.py's (--name soups-diverse): each soup's held-out and
 test accuracy.
@@ -143,8 +144,9 @@ def paired_rows(runs, bits):
     e = runs[0]["epochs"]
     per_seed = [head_models(r) for r in runs]
     rows = []
-    for label, (spent, _) in per_seed[0].items():
+    for label in dict.fromkeys(label for models in per_seed for label in models):  # any seed's
         present = [(r, m[label][1]) for r, m in zip(runs, per_seed) if label in m]
+        spent = next(m[label][0] for m in per_seed if label in m)
         at = min(spent, e)
         acc = [100 * bits(c).mean() for _, c in present]
         vs_end = [paired_difference(bits(c), bits(r["sgd"]["test_correct"][e - 1]))[0]
@@ -353,6 +355,53 @@ def soups_report(runs):
                         for name, m in run["methods"].items()]))
 
 
+# what a bench/head.py table holds fixed across its seeds
+HEAD_PROTOCOL = ("epochs", "arch", "sgd_wd", "checkpoints_per_epoch", "twa_end", "train_subset",
+                 "batch_size", "twa")
+
+
+def named_runs(results, spec):
+    """The runs in results/NAME-seed*.json, or with NAME:K,L those of seeds K and L only."""
+    name, _, seeds = spec.partition(":")
+    files = sorted(glob.glob(os.path.join(results, f"{name}-seed*.json")))
+    if not files:
+        raise SystemExit(f"no {name}-seed*.json in {results}")
+    runs = [read_results(f) for f in files]
+    if not seeds:
+        return runs
+    try:
+        wanted = {int(seed) for seed in seeds.split(",")}
+    except ValueError:
+        raise SystemExit(f"--name {spec}: seeds are integers, as in {name}:1,3") from None
+    missing = wanted - {r["seed"] for r in runs}
+    if missing:
+        raise SystemExit(f"no {name}-seed{min(missing)}*.json in {results}")
+    return [r for r in runs if r["seed"] in wanted]
+
+
+def pooled_runs(results, specs):
+    """One table's runs from one or more --name entries. Several pool bench/head.py runs of one
+    protocol (say, seeds run again under another name to add a TWA length), each seed once: the same
+    seed under two names is two runs (float rounding differs between revisions and thread counts),
+    so NAME:SEEDS has to pick one."""
+    runs = [run for spec in specs for run in named_runs(results, spec)]
+    if len(specs) == 1:
+        return runs
+    if not all("head" in r and "sgd_wd" in r for r in runs):
+        raise SystemExit("several --name entries pool bench/head.py runs only")
+    seeds = [r["seed"] for r in runs]
+    twice = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if twice:
+        raise SystemExit(f"seed {twice[0]} is in more than one of {' '.join(specs)}: pick one "
+                         "with NAME:SEEDS")
+    for key in HEAD_PROTOCOL:  # among the runs that record it (older runs lack batch_size)
+        values = {json.dumps(r[key], sort_keys=True) for r in runs if key in r}
+        if len(values) > 1:
+            raise SystemExit(f"{' '.join(specs)} differ in {key} ({', '.join(sorted(values))}): "
+                             "a table pools one protocol")
+    return sorted(runs, key=lambda r: r["seed"])
+
+
 def read_results(path):
     try:
         with open(path) as f:
@@ -364,7 +413,9 @@ def read_results(path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", default="reproduce", help="results/<name>-seed*.json")
+    parser.add_argument("--name", nargs="+", default=["reproduce"], metavar="NAME[:SEEDS]",
+                        help="results/<name>-seed*.json; NAME:1,3 takes those seeds only; several "
+                             "names pool bench/head.py runs of one protocol into one table")
     parser.add_argument("--results", default=os.path.join(common.ROOT, "results"), help="folder")
     parser.add_argument("--against", metavar="NAME",
                         help="bench/head.py runs under another protocol (results/NAME-seed*.json): "
@@ -372,41 +423,41 @@ def main():
     parser.add_argument("--test-images", type=int, default=10_000,
                         help="size of the test set the runs scored (CIFAR-10's 10,000)")
     args = parser.parse_args()
-    files = sorted(glob.glob(os.path.join(args.results, f"{args.name}-seed*.json")))
-    if not files:
-        raise SystemExit(f"no {args.name}-seed*.json in {args.results}")
-    runs = [read_results(f) for f in files]
+    if args.against and len(args.name) > 1:
+        raise SystemExit("--against pairs one --name with another")
+    runs = pooled_runs(args.results, args.name)
+    name = " + ".join(args.name)
     if args.against:
-        others = [read_results(f) for f in sorted(glob.glob(
-            os.path.join(args.results, f"{args.against}-seed*.json")))]
-        if not others or "sgd_wd" not in runs[0] or "sgd_wd" not in others[0]:
+        others = named_runs(args.results, args.against)
+        if "sgd_wd" not in runs[0] or "sgd_wd" not in others[0]:
             raise SystemExit("--against compares two sets of bench/head.py runs")
         protocol_report(runs, others, args.test_images)
         return
     if "swa_start" in runs[0]:  # bench/tail_swa.py's runs (a seed may have a file per swa_lr)
         tail_report(runs, args.test_images,
-                    f"{args.name}: seeds {', '.join(str(s) for s in sorted({r['seed'] for r in runs}))}")
+                    f"{name}: seeds {', '.join(str(s) for s in sorted({r['seed'] for r in runs}))}")
         return
     if "head" in runs[0] and "sgd_wd" in runs[0]:  # bench/head.py's runs
-        head_report(runs, args.test_images, f"{args.name}: seeds {', '.join(str(r['seed']) for r in runs)}")
+        head_report(runs, args.test_images, f"{name}: seeds {', '.join(str(r['seed']) for r in runs)}")
         return
     if "methods" in runs[0] and "ingredients" in runs[0]:  # bench/soups.py's runs
         soups_report(runs)
         return
+    figures = os.path.join(args.results, args.name[0].partition(":")[0])
     if not {"epochs", "sgd", "head", "tail"} <= runs[0].keys():
-        raise SystemExit(f"{files[0]}: not a record of bench/reproduce.py, head.py, tail_swa.py or "
+        raise SystemExit(f"{figures}-seed*.json: not a record of bench/reproduce.py, head.py, tail_swa.py or "
                          "soups.py, which this report reads; its numbers are in the file itself")
     seeds = ", ".join(str(r["seed"]) + ("" if r.get("complete", True) else " (stopped early)")
                       for r in runs)
-    print(f"{args.name}: seeds {seeds}; {runs[0]['epochs']} SGD epochs, test accuracy (%)\n")
+    print(f"{name}: seeds {seeds}; {runs[0]['epochs']} SGD epochs, test accuracy (%)\n")
     print(markdown(["method", "epochs spent", "test acc", "SGD at the same epochs",
                     "TWA - SGD (paired)", "TWA - SGD(E) (paired)"], head_rows(runs)))
     print()
     print(markdown(["tail lr", "tail epochs", "SGD tail end", "SWA", "TWA", "TWA - SWA"], tail_rows(runs)))
-    accuracy_figure(runs, os.path.join(args.results, f"{args.name}-accuracy.png"))
+    accuracy_figure(runs, f"{figures}-accuracy.png")
     first = runs[0]["head"][1]
     names = [str(i) for i in range(len(first["alpha"]))]
-    plot_coefficients(names, first["alpha"], os.path.join(args.results, f"{args.name}-coefficients.png"),
+    plot_coefficients(names, first["alpha"], f"{figures}-coefficients.png",
                       uniform=1 / len(names))
 
 

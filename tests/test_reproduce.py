@@ -110,6 +110,23 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
     over = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
     row = next(x for x in over.splitlines() if x.startswith("| TWA, 3 ckpts, 1 ep, BN running | 2 |"))
     assert row.count("(other data folders)") == 2
+    # seeds pooled from two names (a rerun adding a TWA length): NAME:SEEDS picks, rows any seed has
+    longer_twa = json.loads(json.dumps(result))
+    longer_twa["head"].append(dict(longer_twa["head"][-1], twa_epochs=2))
+    json.dump(dict(longer_twa, name="head-more", seed=4), open(tmp_path / "head-more-seed4.json", "w"))
+    report = [sys.executable, os.path.join(ROOT, "bench", "report.py"), "--results", str(tmp_path),
+              "--test-images", str(tests), "--name"]
+    pooled = subprocess.run(report + ["head-paper:2", "head-more"], check=True, capture_output=True,
+                            text=True, timeout=300).stdout
+    assert pooled.startswith("head-paper:2 + head-more: seeds 2, 4\n")
+    assert "| TWA, 3 ckpts, 2 ep, BN recompute | 3 |" in pooled  # seed 4's model only
+    assert "| 4 | TWA, 3 ckpts, 2 ep, BN recompute - TWA, 3 ckpts, 1 ep, BN recompute |" in pooled
+    assert "| TWA, 3 ckpts, 1 ep, BN recompute - SGD(3) | 2 |" in pooled  # both seeds, over seeds
+    for names, error in [(["head-paper", "head-paper:2"], "seed 2 is in more than one of"),
+                         (["head-paper:2", "head-other:3"], "differ in sgd_wd"),
+                         (["head-paper:5"], "no head-paper-seed5*.json in")]:
+        refused = subprocess.run(report + names, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1 and refused.stdout == "" and error in refused.stderr
 
 
 def test_tail_report_pairs_twa_with_swa_within_and_over_seeds(tmp_path):
