@@ -3,12 +3,15 @@ runners share (flags, provenance, results records)."""
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+import zlib
 from types import SimpleNamespace
 
 import torch
@@ -30,16 +33,37 @@ def timing_parser(description):
     return parser
 
 
-def cifar10_dir(path=None):
-    """The ImageFolder tree of CIFAR-10, extracted from ../shared/data once if needed."""
-    path = path or CACHE
-    if not os.path.isdir(os.path.join(path, "train")):
+def cifar10_dir(path=None, cache=CACHE):
+    """The ImageFolder tree of CIFAR-10: `path` as given, or the cache, extracted from ../shared/data
+    once. Only the cache is extracted into: a mistyped --data-dir is an error, not 400 MB of images
+    and a benchmark on them."""
+    if path:
+        if not os.path.isdir(os.path.join(path, "train")):
+            sys.exit(f"--data-dir {path}: no train/ folder there (a CIFAR-10 ImageFolder tree); "
+                     f"without --data-dir the archive is extracted to {cache}")
+        return path
+    if not os.path.isdir(os.path.join(cache, "train")):
         if not os.path.exists(ARCHIVE):
-            sys.exit(f"no CIFAR-10 tree at {path} and no archive at {ARCHIVE}")
-        os.makedirs(path, exist_ok=True)
-        with tarfile.open(ARCHIVE) as archive:
-            archive.extractall(path, filter="data")
-    return path
+            sys.exit(f"no CIFAR-10 tree at {cache} and no archive at {ARCHIVE}")
+        extract_whole(ARCHIVE, cache)
+    return cache
+
+
+def extract_whole(archive, folder):
+    """Extract beside `folder`, then rename: an interrupted extraction leaves no partial tree that
+    the next run would take for the data set, and of two runs extracting at once one tree wins."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".extracting-", dir=parent)
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(staging, filter="data")
+        os.replace(staging, folder)  # fails where another run's tree is already in place
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as err:  # also a cut or corrupt archive
+        if not os.path.isdir(os.path.join(folder, "train")):
+            raise SystemExit(f"cannot extract {archive} to {folder}: {err}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def one_pass_gram_schmidt_(rows):

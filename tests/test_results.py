@@ -1,7 +1,9 @@
-"""Per-example test results, the paired intervals built on them, and the head protocol's options
-(the step schedule by steps, the reference's running BatchNorm pass)."""
+"""Per-example test results, the paired intervals built on them, the head protocol's options
+(the step schedule by steps, the reference's running BatchNorm pass), and the benchmarks' data set."""
+import io
 import os
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import runfiles
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+import common  # noqa: E402
 import paired  # noqa: E402
 
 
@@ -165,3 +168,43 @@ def test_outputs_of_one_run_are_replaced_together_or_not_at_all(tmp_path):
         runfiles.atomic_write_all([(first, runfiles.text_writer("new weights")), (second, full_disk)])
     assert first.read_text() == "old weights"
     assert sorted(os.listdir(tmp_path)) == ["coefficients.json", "twa.pt"]
+
+
+def image_archive(path, files):
+    """A .tar.gz holding {name: bytes}, as ../shared/data's CIFAR-10 tree (train/, test/ at the top)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+
+
+def test_a_data_dir_without_train_is_an_error_not_an_extraction_target(tmp_path):
+    typo = tmp_path / "cifar1O"
+    with pytest.raises(SystemExit, match="no train/ folder there"):
+        common.cifar10_dir(str(typo), cache=str(tmp_path / "cache"))
+    assert sorted(os.listdir(tmp_path)) == []  # neither the folder nor the cache made
+    (typo / "train").mkdir(parents=True)
+    assert common.cifar10_dir(str(typo)) == str(typo)
+
+
+def test_extraction_leaves_the_whole_tree_or_none(tmp_path):
+    files = {"train/a/0.jpg": b"x" * 5000, "test/a/0.jpg": b"y" * 5000}
+    image_archive(tmp_path / "whole.tar.gz", files)
+    raw = (tmp_path / "whole.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(raw[:len(raw) // 2])  # a download or copy cut short
+    with pytest.raises(SystemExit, match="cannot extract .*cut.tar.gz"):
+        common.extract_whole(str(tmp_path / "cut.tar.gz"), str(tmp_path / "data" / "cifar10"))
+    assert os.listdir(tmp_path / "data") == []  # no partial tree a later run would take as the data
+    common.extract_whole(str(tmp_path / "whole.tar.gz"), str(tmp_path / "data" / "cifar10"))
+    assert (tmp_path / "data" / "cifar10" / "train" / "a" / "0.jpg").read_bytes() == b"x" * 5000
+    assert os.listdir(tmp_path / "data") == ["cifar10"]
+    # a second run that extracted at the same time finds the first's tree in place and keeps it
+    image_archive(tmp_path / "other.tar.gz", {"train/a/0.jpg": b"z", "test/a/0.jpg": b"z"})
+    common.extract_whole(str(tmp_path / "other.tar.gz"), str(tmp_path / "data" / "cifar10"))
+    assert (tmp_path / "data" / "cifar10" / "train" / "a" / "0.jpg").read_bytes() == b"x" * 5000
+    assert os.listdir(tmp_path / "data") == ["cifar10"]
+    # a folder in the way that is not a tree: one line, not a traceback
+    (tmp_path / "stale" / "test").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="cannot extract .* Directory not empty"):
+        common.extract_whole(str(tmp_path / "whole.tar.gz"), str(tmp_path / "stale"))
