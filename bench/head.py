@@ -6,10 +6,11 @@
    wd 1e-4 (--wd), batch 128, E epochs, step schedule (/10 at 50% and 75%), --per-epoch checkpoints
    per epoch (default 4, so that one run gives both densities below).
 2. TWA from the checkpoints' mean over the checkpoints of epochs 0..--twa-end, at 1 per epoch (the
-   paper's density, --params_stride 4) and at --per-epoch per epoch, for each of --twa-epochs: lr 2,
-   wd 1e-5, the step schedule by steps (step-fraction: lr 2, 0.2 and 0.02 however few the epochs, as
-   the paper's 10 epochs at 2/0.2/0.02), the final BatchNorm statistics both recomputed (ours) and
-   updated by one more running pass (the reference's bn_update).
+   paper's density, --params_stride 4) and at --per-epoch per epoch (or at the densities
+   --twa-per-epoch names), for each of --twa-epochs: lr 2, wd 1e-5, the step schedule by steps
+   (step-fraction: lr 2, 0.2 and 0.02 however few the epochs, as the paper's 10 epochs at
+   2/0.2/0.02), the final BatchNorm statistics both recomputed (ours) and updated by one more
+   running pass (the reference's bn_update).
 
 Every evaluated model records which test images it got right (packed bits), so that bench/report.py
 gives paired intervals: SGD at every epoch, SWA, TWA before and after each BatchNorm pass.
@@ -45,6 +46,9 @@ def parse_args():
                         help="TWA over the checkpoints of epochs 0..this (default E/2)")
     parser.add_argument("--twa-epochs", type=int, nargs="+", default=[2, 4], help="TWA lengths")
     parser.add_argument("--per-epoch", type=int, default=4, help="checkpoints per SGD epoch")
+    parser.add_argument("--twa-per-epoch", type=int, nargs="+", default=None,
+                        help="checkpoints per epoch that TWA spans, each dividing --per-epoch "
+                             "(default: 1, the paper's, and --per-epoch)")
     parser.add_argument("--wd", type=float, default=1e-4, help="SGD weight decay")
     parser.add_argument("-b", "--batch-size", type=int, default=128, help="batch size of every run")
     parser.add_argument("--train-subset", type=int, default=0,
@@ -57,6 +61,9 @@ def parse_args():
         parser.error("--twa-end must lie in 1..E-1")
     if args.per_epoch < 1 or min(args.twa_epochs) < 1:
         parser.error("--per-epoch and --twa-epochs must be positive")
+    args.twa_per_epoch = sorted(set(args.twa_per_epoch or [1, args.per_epoch]))
+    if any(n < 1 or args.per_epoch % n for n in args.twa_per_epoch):
+        parser.error(f"each --twa-per-epoch must divide --per-epoch ({args.per_epoch})")
     return args
 
 
@@ -131,8 +138,8 @@ def main():
     done = {h["name"] for h in pipe.report["head"]}
     # the paper's density first, the shortest TWA first: what a stopped job leaves is the core
     for epochs in sorted(args.twa_epochs):
-        for stride in sorted({args.per_epoch, 1}, reverse=True):
-            result = pipe.twa(checkpoints, stride, epochs)
+        for per_epoch in args.twa_per_epoch:
+            result = pipe.twa(checkpoints, args.per_epoch // per_epoch, epochs)
             if result["name"] not in done:
                 pipe.report["head"].append(result)
                 pipe.save()

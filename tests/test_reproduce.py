@@ -50,6 +50,13 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
     assert result["complete"] and result["git"] and len(result["commands"]) == 3
     assert "--schedule step-fraction" in result["commands"][1]
     assert [(h["n"], h["twa_epochs"]) for h in result["head"]] == [(2, 1), (3, 1)]
+    only = subprocess.run(list(map(str, cmd + ["--twa-per-epoch", "1", "--name", "head-sparse"])),
+                          check=True, capture_output=True, text=True, timeout=900)
+    sparse = json.load(open(tmp_path / "head-sparse-seed2.json"))
+    assert [h["name"] for h in sparse["head"]] == ["twa-1pe-1ep"] and sparse["complete"], only.stdout
+    refused = subprocess.run(list(map(str, cmd + ["--twa-per-epoch", "3"])), capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "each --twa-per-epoch must divide --per-epoch (2)" in refused.stderr
     tests = 12  # the tiny tree's test images
     sgd = runfiles.unpack_bits(result["sgd"]["test_correct"][-1], tests)
     assert 100 * sgd.mean() == pytest.approx(result["sgd"]["test_acc"][-1])
