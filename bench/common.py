@@ -146,22 +146,52 @@ def sgd_record(folder):
             "test_correct": [r.get("test_correct") for r in rows]}
 
 
-def run_script(script, flags, commands):
-    """Run one of the project's scripts as a user would (output to its log files), recording the
-    command line in `commands` and printing it with the time. A failing script ends the runner with
-    one line, not a traceback of the runner's own."""
+def start_script(script, flags, commands):
+    """Start one of the project's scripts as a user would (output to its log files), recording the
+    command line in `commands` and printing it with the time; the process is returned."""
     cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
     if " ".join(cmd[1:]) not in commands:
         commands.append(" ".join(cmd[1:]))
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
-    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL) as child:
-        # a SIGTERM to the runner reaches the script, which saves its state and exits; the default
-        # handler would end the runner alone and leave the script running with nobody to record it
-        previous = signal.signal(signal.SIGTERM, lambda *_: child.terminate())
-        try:
-            code = child.wait()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+
+
+def forward_sigterm(child):
+    """While in effect, a SIGTERM to the runner reaches `child`, which saves its state and exits, and
+    then whatever handler was in place before (another script the runner started, say); the
+    default handler would end the runner alone and leave the script running with nobody to record
+    it. Returns the handler to restore."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        stop(child)
+        if callable(previous):
+            previous(signum, frame)
+    signal.signal(signal.SIGTERM, handler)
+    return previous
+
+
+def stop(child):
+    """SIGTERM to a started script, once: the scripts save their state on the first and stop at once,
+    unsaved, on a second."""
+    if child.poll() is None and not getattr(child, "stop_sent", False):
+        child.stop_sent = True
+        child.terminate()
+
+
+def wait_script(child, script):
+    """Wait for a started script; a failing one ends the runner with one line (check_exit), not a
+    traceback of the runner's own."""
+    previous = forward_sigterm(child)
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    check_exit(script, code)
+
+
+def check_exit(script, code):
+    """End the runner with one line where the script's exit `code` says it failed or was stopped."""
     if code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
         sys.exit(f"error: {script} was interrupted (its last saved state is kept); calling this again "
                  "continues")
@@ -169,6 +199,11 @@ def run_script(script, flags, commands):
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         sys.exit(f"error: {script} {how} (its message, if any, is above); the steps finished before it "
                  "are kept")
+
+
+def run_script(script, flags, commands):
+    """Run one of the project's scripts to its end (see start_script and wait_script)."""
+    wait_script(start_script(script, flags, commands), script)
 
 
 def data_args(data_dir, batch_size, loader="memory", workers=None, subset=0):

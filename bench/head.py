@@ -15,6 +15,11 @@
 Every evaluated model records which test images it got right (packed bits), so that bench/report.py
 gives paired intervals: SGD at every epoch, SWA, TWA before and after each BatchNorm pass.
 
+With --twa-during-sgd, TWA starts as soon as SGD has written the checkpoint of epoch --twa-end, in
+a second process beside SGD, rather than after SGD's last epoch: on a GPU, where one small model
+leaves it mostly idle, the TWA results then come in the time of SGD alone, and a run stopped by a
+time limit has them from about E/2 + its TWA epochs on.
+
 The scripts run as a user runs them, in <out>/<name>-seed<k>/; a step whose outputs exist is skipped
 and an interrupted SGD run resumed. The commands, the revision and every number go to
 results/<name>-seed<k>.json, rewritten after every step ("complete" turns true at the end). A tree
@@ -54,6 +59,9 @@ def parse_args():
     parser.add_argument("--train-subset", type=int, default=0,
                         help="train on this many images (0: all; small values for a dry run)")
     parser.add_argument("--name", default="head-paper", help="results/<name>-seed<k>.json")
+    parser.add_argument("--twa-during-sgd", action="store_true",
+                        help="start TWA in a second process once SGD has written the checkpoint of "
+                             "epoch --twa-end, instead of after SGD")
     common.add_experiment_args(parser)
     args = parser.parse_args()
     args.twa_end = args.epochs // 2 if args.twa_end is None else args.twa_end
@@ -76,29 +84,63 @@ class Pipeline(common.Experiment):
             "device": f"{args.device} (torch {torch.__version__})",
             "head": [], "complete": False})
 
-    def run(self, script, flags):
-        common.run_script(script, ["--datasets", "ImageFolder", "--data-dir", self.data_dir, "--arch",
+    def start(self, script, flags):
+        return common.start_script(script, ["--datasets", "ImageFolder", "--data-dir", self.data_dir, "--arch",
                                    "resnet20", "--randomseed", self.args.seed, "--device",
                                    self.args.device, "--quiet", "-p", 100, "-b", self.args.batch_size,
                                    "--train-subset", self.args.train_subset, *flags], self.commands)
 
-    def sgd(self):
-        folder = os.path.join(self.run_dir, "sgd")
+    def run(self, script, flags):
+        common.wait_script(self.start(script, flags), script)
+
+    def sgd_folder(self):
+        return os.path.join(self.run_dir, "sgd")
+
+    def start_sgd(self):
+        """The SGD run started (resumed where a state was saved), or None where it has finished."""
+        folder = self.sgd_folder()
         state = os.path.join(folder, "state.pt")
         if os.path.exists(state) and runfiles.load_torch(state)["progress"]["epoch"] >= self.args.epochs:
-            return folder
+            return None
         resume = ["--resume"] if os.path.exists(state) else []
-        self.run("train_sgd.py", ["--epochs", self.args.epochs, "--lr", 0.1, "--wd", self.args.wd,
-                                  "--schedule", "step", "--save-every", self.args.per_epoch,
-                                  "--save-dir", folder, *resume])
-        return folder
+        return self.start("train_sgd.py", ["--epochs", self.args.epochs, "--lr", 0.1, "--wd", self.args.wd,
+                                           "--schedule", "step", "--save-every", self.args.per_epoch,
+                                           "--save-dir", folder, *resume])
+
+    def wait_for_twa_checkpoints(self, sgd):
+        """Until SGD has written the last checkpoint TWA spans (checkpoints are written whole, by
+        rename); an SGD run that ends before it ends the runner, as wait_script says."""
+        last = os.path.join(self.sgd_folder(), f"{self.args.twa_end * self.args.per_epoch}.pt")
+        while not os.path.exists(last):
+            if sgd.poll() is not None:
+                common.check_exit("train_sgd.py", sgd.returncode)
+                sys.exit(f"error: train_sgd.py ended without writing {last}")
+            time.sleep(2)
+
+    def record_sgd(self):
+        """SGD's per-epoch record so far: a run stopped midway keeps the epochs it finished."""
+        if os.path.exists(os.path.join(self.sgd_folder(), "metrics.jsonl")):
+            self.report["sgd"] = common.sgd_record(self.sgd_folder())
+        self.save()
+
+    def twa_runs(self):
+        """(stride, epochs) of every TWA run: the paper's density first, the shortest TWA first, so
+        that what a stopped job leaves is the core."""
+        return [(self.args.per_epoch // per_epoch, epochs) for epochs in sorted(self.args.twa_epochs)
+                for per_epoch in self.args.twa_per_epoch]
+
+    def twa_folder(self, stride, epochs):
+        return os.path.join(self.run_dir, f"twa-{self.args.per_epoch // stride}pe-{epochs}ep")
+
+    def twa_done(self, stride, epochs):
+        return os.path.exists(os.path.join(self.twa_folder(stride, epochs), "twa_results.json"))
 
     def twa(self, checkpoints, stride, epochs):
         per = self.args.per_epoch
-        name = f"twa-{per // stride}pe-{epochs}ep"
-        folder = os.path.join(self.run_dir, name)
+        folder = self.twa_folder(stride, epochs)
+        name = os.path.basename(folder)
         results = os.path.join(folder, "twa_results.json")
-        if not os.path.exists(results):
+        if not self.twa_done(stride, epochs):
             self.run("train_twa.py", [
                 "--save-dir", checkpoints, "--output-dir", folder, "--log-dir", folder,
                 "--params_start", 0, "--params_end", self.args.twa_end * per + 1,
@@ -132,21 +174,41 @@ def main():
     args = parse_args()
     pipe = Pipeline(args)
     started = time.time()
-    checkpoints = pipe.sgd()
-    pipe.report["sgd"] = common.sgd_record(checkpoints)
-    pipe.save()
-    done = {h["name"] for h in pipe.report["head"]}
-    # the paper's density first, the shortest TWA first: what a stopped job leaves is the core
-    for epochs in sorted(args.twa_epochs):
-        for per_epoch in args.twa_per_epoch:
-            result = pipe.twa(checkpoints, args.per_epoch // per_epoch, epochs)
-            if result["name"] not in done:
-                pipe.report["head"].append(result)
-                pipe.save()
+    sgd = pipe.start_sgd()
+    try:
+        if sgd:
+            common.forward_sigterm(sgd)  # also while TWA runs beside it, and while this waits
+            if args.twa_during_sgd and not all(pipe.twa_done(*run) for run in pipe.twa_runs()):
+                pipe.wait_for_twa_checkpoints(sgd)
+            else:
+                common.check_exit("train_sgd.py", sgd.wait())
+        pipe.record_sgd()
+        run_twa(pipe)
+        if sgd:
+            common.check_exit("train_sgd.py", sgd.wait())
+    except KeyboardInterrupt:  # Ctrl-C reached SGD too (one process group): it saves and stops
+        if sgd:
+            sgd.wait()
+        raise
+    finally:
+        if sgd and sgd.poll() is None:  # the runner ends early (a TWA run failed): SGD saves and stops
+            common.stop(sgd)
+            sgd.wait()
+        pipe.record_sgd()
     pipe.report["complete"] = True
     pipe.report["wall_seconds"] = pipe.report.get("wall_seconds", 0) + time.time() - started
     pipe.save()
     print(f"wrote {pipe.path}")
+
+
+def run_twa(pipe):
+    """Every TWA run of the protocol, each result saved as it comes."""
+    done = {h["name"] for h in pipe.report["head"]}
+    for stride, epochs in pipe.twa_runs():
+        result = pipe.twa(pipe.sgd_folder(), stride, epochs)
+        if result["name"] not in done:
+            pipe.report["head"].append(result)
+            pipe.record_sgd()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The reproduction pipeline end to end on the tiny tree (a smoke run, never the full table)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -134,6 +135,41 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
                          (["head-paper:5"], "no head-paper-seed5*.json in")]:
         refused = subprocess.run(report + names, capture_output=True, text=True, timeout=300)
         assert refused.returncode == 1 and refused.stdout == "" and error in refused.stderr
+
+
+def test_head_twa_during_sgd_survives_a_sigterm_and_resumes(tiny_data, tmp_path):
+    """bench/head.py --twa-during-sgd: TWA's result comes while SGD still runs; a SIGTERM to the
+    runner then reaches SGD, which saves its state; the record keeps TWA and SGD's epochs so far;
+    the next call resumes SGD alone and completes the record."""
+    epochs = 60  # tiny epochs take about 0.3 s: SGD outlasts TWA's start-up and epoch
+    cmd = list(map(str, [sys.executable, os.path.join(ROOT, "bench", "head.py"), "--seed", "1",
+                         "--epochs", epochs, "--twa-end", "1", "--per-epoch", "1", "--twa-epochs", "1",
+                         "-b", "8", "--data-dir", tiny_data, "--out", tmp_path / "runs", "--results",
+                         tmp_path, "--allow-dirty", "--twa-during-sgd"]))
+    path = tmp_path / "head-paper-seed1.json"
+    runner = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not (path.exists() and json.load(open(path))["head"]) and runner.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    runner.send_signal(signal.SIGTERM)
+    _, err = runner.communicate(timeout=300)
+    stopped = json.load(open(path))
+    assert runner.returncode == 1 and "train_sgd.py was interrupted" in err, err
+    assert [h["name"] for h in stopped["head"]] == ["twa-1pe-1ep"] and not stopped["complete"]
+    assert 1 <= len(stopped["sgd"]["test_acc"]) < epochs  # TWA's result came while SGD ran
+    state = runfiles.load_torch(tmp_path / "runs" / "head-paper-seed1" / "sgd" / "state.pt")
+    assert state["progress"]["epoch"] < epochs
+    # the checkpoints gone (bench/gpu_head.sh brings back the states alone): SGD resumes without them
+    for checkpoint in (tmp_path / "runs" / "head-paper-seed1" / "sgd").glob("[0-9]*.pt"):
+        checkpoint.unlink()
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    done = json.load(open(path))
+    assert done["complete"] and len(done["sgd"]["test_acc"]) == epochs
+    assert done["head"] == stopped["head"]  # TWA was not run again
+    last = done["commands"][-1]  # SGD continued from its saved state
+    assert "train_sgd.py" in last and last.endswith("--resume")
 
 
 def test_tail_report_pairs_twa_with_swa_within_and_over_seeds(tmp_path):
