@@ -447,3 +447,75 @@ def test_a_recorder_refuses_to_change_the_span_it_handed_out():
     with pytest.raises(ValueError, match="handed out"):
         recorder.add()
     assert space.rank == 1
+
+
+def test_frozen_parameters_and_buffers_must_be_the_checkpoints():
+    """TWA writes only the trainable parameters: a model built afresh whose frozen layer or buffer
+    differs from the checkpoints' is refused, not trained with its random frozen weights."""
+    def net():
+        model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+        model[0].requires_grad_(False)  # a frozen backbone
+        model.register_buffer("scale", torch.ones(3))
+        return model
+    trained = net()
+    walk = [{k: v + 0.01 * i * v.is_floating_point() if k.startswith("2.") else v.clone()
+             for k, v in trained.state_dict().items()} for i in range(3)]
+    for state in walk:
+        state["scale"] = torch.full((3,), 2.0)
+        state["1.running_mean"] = torch.randn(8)  # statistics may differ: update_bn recomputes them
+    fresh = net()
+    fresh.scale.fill_(2.0)
+    with pytest.raises(ValueError, match="frozen parameter '0.weight' differs from every checkpoint's"):
+        twa.Subspace.from_checkpoints(fresh, walk)
+    fresh.load_state_dict(trained.state_dict())  # the frozen layer now, but scale 1
+    with pytest.raises(ValueError, match="buffer 'scale' differs"):
+        twa.Subspace.from_checkpoints(fresh, walk)
+    walk[0]["scale"] = torch.ones(3)  # a buffer that changed during training: one match suffices
+    assert twa.Subspace.from_checkpoints(fresh, walk).rank == 2  # the frozen layer is no direction
+    fresh.load_state_dict(walk[-1])
+    assert twa.Subspace.from_checkpoints(fresh, walk).rank == 2
+
+
+def test_tied_weights_are_trained_once_and_not_taken_for_frozen_ones():
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7))
+    model[1].weight = model[0].weight  # tied: one parameter under two names
+    walk = random_walk(model, 3)
+    for state in walk:
+        state["1.weight"] = state["0.weight"]
+    space = twa.Subspace.from_checkpoints(model, walk)
+    assert space.rank == 3 and model[1].weight is model[0].weight
+
+
+def test_a_model_moved_after_twa_is_an_error_not_a_silent_no_op():
+    model = mlp()
+    trainer = twa.TWA(model, twa.Subspace.from_checkpoints(model, random_walk(model, 3)))
+    opt = torch.optim.SGD(trainer.parameters(), lr=0.1)
+    model.to(torch.float64)  # new storage for every parameter: the trainer's views are cut off
+    model(torch.randn(4, 20, dtype=torch.float64)).sum().backward()
+    with pytest.raises(RuntimeError, match="moved or replaced after TWA"):
+        trainer.step(opt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_not_in_float32_is_refused_in_one_line(dtype):
+    model = mlp()
+    space = twa.Subspace.from_checkpoints(model, random_walk(model, 3))
+    with pytest.raises(ValueError, match=f"float32 trainable parameters, not {dtype}"):
+        twa.TWA(model.to(dtype), space)
+
+
+def test_checkpoints_given_as_one_path_or_in_memory_training_states(tmp_path):
+    model = mlp()
+    walk = random_walk(model, 3)
+    torch.save(walk[0], tmp_path / "0.pt")
+    for one in (str(tmp_path / "0.pt"), tmp_path / "0.pt", walk[0]):
+        with pytest.raises(ValueError, match="a list of files or state_dicts, not one"):
+            twa.Subspace.from_checkpoints(model, one)
+    states = [{"model": state, "optimizer": {"lr": 0.1}, "epoch": i} for i, state in enumerate(walk)]
+    assert twa.Subspace.from_checkpoints(model, states).rank == 3  # unwrapped as files are
+    with pytest.raises(twa.CheckpointError) as refused:
+        twa.Subspace.from_checkpoints(model, [{"net": walk[0], "epoch": 1}])
+    message = str(refused.value)  # names the state_dict, not its whole contents
+    assert message.startswith("checkpoint state_dict #0 holds no tensors") and len(message) < 300
+    with pytest.raises(ValueError, match="layer_size must be None or >= 0"):
+        twa.Subspace.from_checkpoints(model, walk, layer_size=-1)

@@ -11,10 +11,12 @@ Two generator schemes share one loop (add_generator, SpanBuilder.add) and one fi
 A Scheme says what the generators are in terms of the checkpoints and back; finish turns that into
 the Span's checkpoint coordinates, mean coordinates m and to_alpha."""
 import logging
+import os
 from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
+from torch.nn.modules.batchnorm import _NormBase
 
 from .checkpoints import (check_readable, current_weights, describe, read_parameters,
                           trainable_parameters)
@@ -38,6 +40,8 @@ def parameter_blocks(params, min_size=None):
     tensor), and the last block keeps whatever remains."""
     if min_size is None:
         return [(0, sum(p.numel() for _, p in params), [name for name, _ in params])]
+    if min_size < 0:
+        raise ValueError(f"layer_size must be None or >= 0, not {min_size}")
     blocks, offset = [], 0
     for name, p in params:
         if not blocks or blocks[-1][1] - blocks[-1][0] > min_size:
@@ -276,6 +280,9 @@ def _first_pass(model, checkpoints, device, progress, group):
     wrapper, this process's column shard and its part of the checkpoints' mean (the first pass)."""
     params = trainable_parameters(model)
     device = torch.device(device) if device is not None else params[0][1].device
+    if isinstance(checkpoints, (str, bytes, os.PathLike, Mapping)):  # list() would split it up
+        raise ValueError(f"checkpoints must be a list of files or state_dicts, not one "
+                         f"{type(checkpoints).__name__}: pass [it]")
     sources = list(checkpoints)
     if not sources:
         raise ValueError("no checkpoints given")
@@ -285,14 +292,56 @@ def _first_pass(model, checkpoints, device, progress, group):
     names = [describe(s, i) for i, s in enumerate(sources)]
     wrap = progress or (lambda items, desc: items)
     shard = sharding_of(params, group)
-    return params, device, sources, names, wrap, shard, _mean_of(sources, params, device, wrap, shard)
+    # (an FSDP2 model's entries are shards, not whole tensors: not compared)
+    untrained = None if shard.follows_model else UntrainedEntries(model)
+    mean = _mean_of(sources, params, device, wrap, shard, untrained)
+    return params, device, sources, names, wrap, shard, mean
 
 
-def _mean_of(sources, params, device, wrap, shard):
-    """This shard of the checkpoints' mean, accumulated in float64 on `device`."""
+class UntrainedEntries:
+    """The model's frozen parameters and buffers, the statistics of normalisation layers excepted
+    (update_bn recomputes those), and which of them some checkpoint holds as the model does. TWA
+    writes only the trainable parameters and leaves the rest as the model holds it, so a model built
+    afresh would keep, say, a random frozen backbone without a word: check() refuses an entry that
+    no checkpoint holds as the model does."""
+
+    def __init__(self, model):
+        statistics = {f"{prefix}.{key}".lstrip(".") for prefix, module in model.named_modules()
+                      if isinstance(module, _NormBase) for key, _ in module.named_buffers(recurse=False)}
+        self.kinds = {}
+        self.entries = {}
+        for key, own in model.state_dict(keep_vars=True).items():
+            if not own.requires_grad and key not in statistics:  # (trained ones under any alias too)
+                self.entries[key] = own.detach().cpu()
+                self.kinds[key] = "frozen parameter" if isinstance(own, torch.nn.Parameter) else "buffer"
+        self.compared, self.matched = set(), set()
+
+    def compare(self, state):
+        for key, own in self.entries.items():
+            saved = state.get(key)
+            if key in self.matched or not torch.is_tensor(saved) or saved.shape != own.shape:
+                continue
+            self.compared.add(key)
+            if torch.equal(own, saved.to(own.dtype)):
+                self.matched.add(key)
+
+    def check(self):
+        for key in self.entries:
+            if key in self.compared and key not in self.matched:
+                raise ValueError(f"the model's {self.kinds[key]} '{key}' differs from every "
+                                 "checkpoint's: TWA trains only the trainable parameters and leaves "
+                                 "the rest as the model holds them; load a checkpoint into the model "
+                                 "first")
+
+
+def _mean_of(sources, params, device, wrap, shard, untrained=None):
+    """This shard of the checkpoints' mean, accumulated in float64 on `device`; each checkpoint's
+    untrained entries compared with the model's on the way (UntrainedEntries)."""
     total = torch.zeros(shard.local_size, dtype=torch.float64, device=device)
     w = torch.empty(shard.local_size, device=device)
     for i, source in enumerate(wrap(sources, "mean of the checkpoints")):
-        total += read_parameters(source, params, describe(source, i), out=w,
-                                 shard=shard)
+        total += read_parameters(source, params, describe(source, i), out=w, shard=shard,
+                                 inspect=untrained.compare if untrained else None)
+    if untrained:
+        untrained.check()
     return total.div_(len(sources)).float()

@@ -41,12 +41,14 @@ def check_readable(path):
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a torch.save file)")
 
 
-def load_state_dict(source, names=None):
-    """A state_dict from a file or a mapping, without wrapper prefixes; files load weights only.
-    names: the model's own keys, when known; a prefix is then removed only while some are missing
-    (so that a model with a submodule called `module` keeps its names)."""
+def load_state_dict(source, names=None, label=None):
+    """A state_dict from a file or a mapping (a training checkpoint's model entry where it is one,
+    see MODEL_KEYS), without wrapper prefixes; files load weights only. names: the model's own keys,
+    when known; a prefix is then removed only while some are missing (so that a model with a
+    submodule called `module` keeps its names). label: how messages name the source (describe)."""
+    label = describe(source) if label is None else label
     if isinstance(source, Mapping):
-        state = source
+        state = _unwrap_training_checkpoint(source)
     elif os.path.isdir(source):
         state = load_sharded_whole(source)
     else:
@@ -62,13 +64,13 @@ def load_state_dict(source, names=None):
                                   f"({type(err).__name__}: {first_line(err)})") from None
         state = _unwrap_training_checkpoint(state)
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"checkpoint {source} holds a {type(state).__name__}, not a state_dict")
+        raise CheckpointError(f"checkpoint {label} holds a {type(state).__name__}, not a state_dict")
     if state and not any(torch.is_tensor(value) for value in state.values()):
-        raise CheckpointError(f"checkpoint {source} holds no tensors at its top level (keys "
+        raise CheckpointError(f"checkpoint {label} holds no tensors at its top level (keys "
                               f"{sorted(map(str, state))[:6]}): save model.state_dict() itself, or "
                               f"a dict with it under one of {list(MODEL_KEYS)}")
     if any(torch.is_tensor(value) and value.is_meta for value in state.values()):
-        raise CheckpointError(f"checkpoint {source} holds tensors on the meta device (shapes without "
+        raise CheckpointError(f"checkpoint {label} holds tensors on the meta device (shapes without "
                               "values): save the model after materialising its weights")
     return _strip_prefixes(dict(state), names)
 
@@ -161,15 +163,17 @@ def flatten_checkpoint(state, params, source="state_dict", out=None, shard=None)
     return out
 
 
-def read_parameters(source, params, name, out=None, shard=None):
+def read_parameters(source, params, name, out=None, shard=None, inspect=None):
     """flatten_checkpoint of a file, folder or mapping, read with the model's own names
-    (load_state_dict); a sharded checkpoint folder read into a model's own shards reads only this
-    process's rows."""
+    (load_state_dict), which `inspect` (if given) gets to see too; a sharded checkpoint folder
+    read into a model's own shards reads only this process's rows."""
     if shard is not None and shard.follows_model and not isinstance(source, Mapping) and \
             os.path.isdir(source):
         return read_local_shards(source, params, name, out, shard)
-    return flatten_checkpoint(load_state_dict(source, [n for n, _ in params]), params, name, out,
-                              shard)
+    state = load_state_dict(source, [n for n, _ in params], name)
+    if inspect:
+        inspect(state)
+    return flatten_checkpoint(state, params, name, out, shard)
 
 
 def current_weights(params, name, out=None, shard=None):

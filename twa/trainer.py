@@ -17,6 +17,9 @@ def flatten_parameters_(params, size=None):
     first = params[0]
     if any(p.dtype != first.dtype or p.device != first.device for p in params):
         raise ValueError("TWA needs all trainable parameters in one dtype on one device")
+    if first.dtype != torch.float32:  # the basis, the mean and the products are float32
+        raise ValueError(f"TWA needs float32 trainable parameters, not {first.dtype}: keep the "
+                         "weights in float32 and compute in lower precision with torch.autocast")
     dim = sum(p.numel() for p in params)
     weights = torch.zeros(size or dim, dtype=first.dtype, device=first.device)
     grads = torch.zeros(size or dim, dtype=first.dtype, device=first.device)
@@ -96,6 +99,8 @@ class TWA:
             self.shard_weights, self.shard_grads = (self.flat_weights[:dim], None) \
                 if shard.world == 1 else \
                 torch.zeros(2, shard.per_rank, dtype=self.flat_weights.dtype, device=space.device)
+        # a parameter that is a view of flat_weights, and where it points: see check_bound
+        self.bound = next(((p, p.data_ptr()) for p in self.params if p not in self.own_layout), None)
         self.directions = space.deviation_directions() if train == "alpha" else None
         size = space.rank if train == "coordinates" else len(space.names) * len(space.spans)
         if space.rank == 0 or (self.directions and not any(n.any() for _, n in self.directions)):
@@ -129,6 +134,8 @@ class TWA:
     @torch.no_grad()
     def step(self, optimizer):
         """dL/dc = P g; one optimizer step on c (or beta); then the weights become mean + P^T (c - P mean)."""
+        if not torch.compiler.is_compiling():  # traced once, a check of Python state is no guard
+            self.check_bound()
         self._collect_gradients()
         shard = self.space.shard
         if shard.world == 1 or shard.follows_model:  # FSDP2 has reduce-scattered and averaged
@@ -143,6 +150,14 @@ class TWA:
         self.flat_grads.zero_()
         optimizer.step()
         self.write_weights()
+
+    def check_bound(self):
+        """model.to(...), .cuda() or .half() after TWA(model, space) give the parameters new storage:
+        the model would then train on weights that no step writes, and nothing would move."""
+        if self.bound is not None and self.bound[0].data_ptr() != self.bound[1]:
+            raise RuntimeError("the model's parameters were moved or replaced after TWA(model, "
+                               "space) (model.to(...)?): TWA no longer writes them; move the model "
+                               "before building the subspace and the TWA")
 
     @torch.no_grad()
     def move_to(self, start):
