@@ -56,6 +56,9 @@ else
     out=${out:-bench/results/gpu-head} seeds=${seeds:-1 2 3}
 fi
 name=head-paper-e200
+mkdir -p "$out"
+exec 9>>"$out/.lock"  # held until this script ends
+flock -n 9 || fail "--out $out is in use by another gpu_head.sh"
 ls "$out/$name"-seed*.json >/dev/null 2>&1 &&
     fail "--out $out holds results of an earlier call already: give an empty folder (and --state to continue)"
 work=$(mktemp -d /tmp/twa-gpu-head.XXXXXX)
