@@ -106,6 +106,10 @@ class Experiment:
         self.data_dir = cifar10_dir(args.data_dir)
         self.run_dir = os.path.join(args.out, name)
         self.path = os.path.join(args.results, f"{name}.json")
+        try:  # two runners of one name would each rewrite the record from their own memory
+            self.lock = runfiles.FolderLock([self.run_dir])
+        except runfiles.UsageError as err:
+            sys.exit(f"error: {err}")
         if fresh is not None:
             self.report = experiment_record(self.path, {**fresh, "data_dir": self.data_dir},
                                             args.allow_dirty)

@@ -138,9 +138,9 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
 
 
 def test_head_twa_during_sgd_survives_a_sigterm_and_resumes(tiny_data, tmp_path):
-    """bench/head.py --twa-during-sgd: TWA's result comes while SGD still runs; a SIGTERM to the
-    runner then reaches SGD, which saves its state; the record keeps TWA and SGD's epochs so far;
-    the next call resumes SGD alone and completes the record."""
+    """bench/head.py --twa-during-sgd: TWA's result comes while SGD still runs; a second runner of
+    the same name is refused; a SIGTERM to the runner then reaches SGD, which saves its state; the
+    record keeps TWA and SGD's epochs so far; the next call resumes SGD alone and completes it."""
     epochs = 60  # tiny epochs take about 0.3 s: SGD outlasts TWA's start-up and epoch
     cmd = list(map(str, [sys.executable, os.path.join(ROOT, "bench", "head.py"), "--seed", "1",
                          "--epochs", epochs, "--twa-end", "1", "--per-epoch", "1", "--twa-epochs", "1",
@@ -153,6 +153,8 @@ def test_head_twa_during_sgd_survives_a_sigterm_and_resumes(tiny_data, tmp_path)
     while not (path.exists() and json.load(open(path))["head"]) and runner.poll() is None:
         assert time.time() < deadline
         time.sleep(0.2)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # one runner per name
+    assert second.returncode == 1 and "is in use by another run" in second.stderr, second.stderr
     runner.send_signal(signal.SIGTERM)
     _, err = runner.communicate(timeout=300)
     stopped = json.load(open(path))
