@@ -155,6 +155,7 @@ def test_head_twa_during_sgd_survives_a_sigterm_and_resumes(tiny_data, tmp_path)
         time.sleep(0.2)
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # one runner per name
     assert second.returncode == 1 and "is in use by another run" in second.stderr, second.stderr
+    assert second.stdout == ""  # refused before it started a script or read the record
     runner.send_signal(signal.SIGTERM)
     _, err = runner.communicate(timeout=300)
     stopped = json.load(open(path))
