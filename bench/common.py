@@ -150,64 +150,66 @@ def sgd_record(folder):
             "test_correct": [r.get("test_correct") for r in rows]}
 
 
-def start_script(script, flags, commands):
-    """Start one of the project's scripts as a user would (output to its log files), recording the
-    command line in `commands` and printing it with the time; the process is returned."""
-    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
-    if " ".join(cmd[1:]) not in commands:
-        commands.append(" ".join(cmd[1:]))
-    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+class Scripts:
+    """The project's scripts that a runner starts, as a user would (output to their log files), each
+    command line recorded in `commands` and printed with the time. While in effect (a context
+    manager), a SIGTERM to the runner reaches every running script once (it saves its state and
+    exits; a second would stop it unsaved), and no script starts after it: the default handler would
+    end the runner alone and leave its scripts running with nobody to record them."""
 
+    def __init__(self, commands):
+        self.commands, self.running, self.stopping, self.previous = commands, [], False, None
 
-def forward_sigterm(child):
-    """While in effect, a SIGTERM to the runner reaches `child`, which saves its state and exits, and
-    then whatever handler was in place before (another script the runner started, say); the
-    default handler would end the runner alone and leave the script running with nobody to record
-    it. Returns the handler to restore."""
-    previous = signal.getsignal(signal.SIGTERM)
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self._stop)
+        return self
 
-    def handler(signum, frame):
-        stop(child)
-        if callable(previous):
-            previous(signum, frame)
-    signal.signal(signal.SIGTERM, handler)
-    return previous
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
 
+    def _stop(self, *_):
+        self.stopping = True
+        for child in self.running:
+            self.stop(child)
 
-def stop(child):
-    """SIGTERM to a started script, once: the scripts save their state on the first and stop at once,
-    unsaved, on a second."""
-    if child.poll() is None and not getattr(child, "stop_sent", False):
-        child.stop_sent = True
-        child.terminate()
+    @staticmethod
+    def stop(child):
+        if child.poll() is None and not getattr(child, "stop_sent", False):
+            child.stop_sent = True
+            child.terminate()
 
+    def start(self, script, flags):
+        if self.stopping:
+            sys.exit(f"error: interrupted before {script} started; calling this again continues")
+        cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
+        if " ".join(cmd[1:]) not in self.commands:
+            self.commands.append(" ".join(cmd[1:]))
+        print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        child.script = script
+        self.running.append(child)
+        return child
 
-def wait_script(child, script):
-    """Wait for a started script; a failing one ends the runner with one line (check_exit), not a
-    traceback of the runner's own."""
-    previous = forward_sigterm(child)
-    try:
+    def wait(self, child):
+        """Wait for a started script; a failing one ends the runner with one line, not a traceback
+        of the runner's own."""
         code = child.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    check_exit(script, code)
+        if code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+            sys.exit(f"error: {child.script} was interrupted (its last saved state is kept); calling "
+                     "this again continues")
+        if code:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            sys.exit(f"error: {child.script} {how} (its message, if any, is above); the steps finished "
+                     "before it are kept")
 
-
-def check_exit(script, code):
-    """End the runner with one line where the script's exit `code` says it failed or was stopped."""
-    if code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
-        sys.exit(f"error: {script} was interrupted (its last saved state is kept); calling this again "
-                 "continues")
-    if code:
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        sys.exit(f"error: {script} {how} (its message, if any, is above); the steps finished before it "
-                 "are kept")
+    def run(self, script, flags):
+        self.wait(self.start(script, flags))
 
 
 def run_script(script, flags, commands):
-    """Run one of the project's scripts to its end (see start_script and wait_script)."""
-    wait_script(start_script(script, flags, commands), script)
+    """Run one of the project's scripts to its end (see Scripts)."""
+    with Scripts(commands) as scripts:
+        scripts.run(script, flags)
 
 
 def data_args(data_dir, batch_size, loader="memory", workers=None, subset=0):

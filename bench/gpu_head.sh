@@ -57,8 +57,14 @@ else
 fi
 name=head-paper-e200
 mkdir -p "$out"
-exec 9>>"$out/.lock"  # held until this script ends
+exec 9<"$out"  # a lock on the folder itself (a lock file would be one more file to bring back)
 flock -n 9 || fail "--out $out is in use by another gpu_head.sh"
+# what would stop every seed within seconds, found before any long work: no torch, and (on the
+# device) a tree whose revision the runners refuse
+$python -c "import torch" 2>/dev/null || fail "$python cannot import torch (set PYTHON)"
+revision=$($python -c "import runfiles; print(runfiles.git_revision())")
+((dry)) || [[ "$revision" =~ ^[0-9a-f]{40}$ ]] ||
+    fail "the tree is at revision '$revision': the runners need a clean git checkout; commit first"
 ls "$out/$name"-seed*.json >/dev/null 2>&1 &&
     fail "--out $out holds results of an earlier call already: give an empty folder (and --state to continue)"
 work=$(mktemp -d /tmp/twa-gpu-head.XXXXXX)
@@ -79,6 +85,9 @@ if [[ -n "$state" ]]; then  # a seed continues where its TWA had finished, else 
     tar -xzf "$state" -C "$work/restored"
     for seed in $seeds; do
         record=$work/restored/results/$name-seed$seed.json
+        started_at=$([[ -f "$record" ]] && $python -c "import json, sys; print(json.load(open(sys.argv[1]))['git'])" "$record" || true)
+        [[ -z "$started_at" || "$started_at" == "$revision" ]] ||
+            fail "$state holds seed $seed's run from revision $started_at, this tree is $revision: check that revision out first (git checkout $started_at)"
         if [[ -f "$record" ]] && $python -c "import json, sys; sys.exit(not json.load(open(sys.argv[1]))['head'])" "$record"; then
             cp "$record" "$out/"
             mv "$work/restored/runs/$name-seed$seed" "$runs/"
@@ -96,12 +105,12 @@ else
 fi
 say "$($python -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available() and torch.cuda.get_device_name())')"
 limit=$((budget - margin - ($(date +%s) - started)))
+((limit >= 60)) || fail "the set-up took the budget: $limit s would be left for the runs"
 say "seeds $seeds, $limit s until SIGTERM"
 pids=()
 for seed in $seeds; do
     # --foreground: the SIGTERM goes to head.py alone, which passes it on to its scripts once each (a
-    # second would stop them unsaved); --kill-after: a run not stopped 40 s later is killed, and its
-    # last saved state is what it leaves
+    # second would stop them unsaved); --kill-after: a head.py not ended 40 s later is killed
     timeout --foreground --kill-after=40 "$limit" $python bench/head.py --seed "$seed" --per-epoch 1 \
         --twa-per-epoch 1 --twa-during-sgd --name "$name" --data-dir "$data" --out "$runs" \
         --results "$out" "${flags[@]}" >"$runs/seed$seed.log" 2>&1 &
@@ -109,6 +118,9 @@ for seed in $seeds; do
 done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+# scripts that outlived a killed head.py (each names $runs in its command line): their last saved
+# state is what they leave, and nothing writes while it is packed
+pkill -KILL -f -- "$runs" || true
 say "runs ended (last non-zero exit: $status)"
 for seed in $seeds; do
     echo "== seed $seed" >>"$out/log.txt"
@@ -119,8 +131,8 @@ done
 mkdir -p "$work/results"
 cp "$out/$name"-seed*.json "$work/results/" 2>/dev/null || true
 (cd "$work" && find runs results -type f \( ! -name '*.pt' -o -name state.pt -o -name twa_state.pt \) \
-    -print0 | tar --null -czf state.tar.gz -T -)
-mv "$work/state.tar.gz" "$out/state.tar.gz"
+    -print0 | tar --null -czf state.tar.gz -T -) || say "packing the state: tar exited with $?"
+[[ ! -f "$work/state.tar.gz" ]] || mv "$work/state.tar.gz" "$out/state.tar.gz"
 for file in "$out/$name"-seed*.json; do
     [[ -f "$file" ]] && say "$(basename "$file"): $($python -c "
 import json, sys

@@ -85,13 +85,13 @@ class Pipeline(common.Experiment):
             "head": [], "complete": False})
 
     def start(self, script, flags):
-        return common.start_script(script, ["--datasets", "ImageFolder", "--data-dir", self.data_dir, "--arch",
+        return self.scripts.start(script, ["--datasets", "ImageFolder", "--data-dir", self.data_dir, "--arch",
                                    "resnet20", "--randomseed", self.args.seed, "--device",
                                    self.args.device, "--quiet", "-p", 100, "-b", self.args.batch_size,
-                                   "--train-subset", self.args.train_subset, *flags], self.commands)
+                                   "--train-subset", self.args.train_subset, *flags])
 
     def run(self, script, flags):
-        common.wait_script(self.start(script, flags), script)
+        self.scripts.wait(self.start(script, flags))
 
     def sgd_folder(self):
         return os.path.join(self.run_dir, "sgd")
@@ -109,12 +109,13 @@ class Pipeline(common.Experiment):
 
     def wait_for_twa_checkpoints(self, sgd):
         """Until SGD has written the last checkpoint TWA spans (checkpoints are written whole, by
-        rename); an SGD run that ends before it ends the runner, as wait_script says."""
+        rename); an SGD run that ends before it ends the runner (Scripts.wait)."""
         last = os.path.join(self.sgd_folder(), f"{self.args.twa_end * self.args.per_epoch}.pt")
         while not os.path.exists(last):
             if sgd.poll() is not None:
-                common.check_exit("train_sgd.py", sgd.returncode)
-                sys.exit(f"error: train_sgd.py ended without writing {last}")
+                self.scripts.wait(sgd)
+                if not os.path.exists(last):
+                    sys.exit(f"error: train_sgd.py ended without writing {last}")
             time.sleep(2)
 
     def record_sgd(self):
@@ -174,27 +175,26 @@ def main():
     args = parse_args()
     pipe = Pipeline(args)
     started = time.time()
-    sgd = pipe.start_sgd()
-    try:
-        if sgd:
-            common.forward_sigterm(sgd)  # also while TWA runs beside it, and while this waits
-            if args.twa_during_sgd and not all(pipe.twa_done(*run) for run in pipe.twa_runs()):
+    with common.Scripts(pipe.commands) as pipe.scripts:
+        sgd = pipe.start_sgd()
+        try:
+            if sgd and args.twa_during_sgd and not all(pipe.twa_done(*run) for run in pipe.twa_runs()):
                 pipe.wait_for_twa_checkpoints(sgd)
-            else:
-                common.check_exit("train_sgd.py", sgd.wait())
-        pipe.record_sgd()
-        run_twa(pipe)
-        if sgd:
-            common.check_exit("train_sgd.py", sgd.wait())
-    except KeyboardInterrupt:  # Ctrl-C reached SGD too (one process group): it saves and stops
-        if sgd:
-            sgd.wait()
-        raise
-    finally:
-        if sgd and sgd.poll() is None:  # the runner ends early (a TWA run failed): SGD saves and stops
-            common.stop(sgd)
-            sgd.wait()
-        pipe.record_sgd()
+            elif sgd and not args.twa_during_sgd:
+                pipe.scripts.wait(sgd)
+            pipe.record_sgd()
+            run_twa(pipe)
+            if sgd:
+                pipe.scripts.wait(sgd)
+        except KeyboardInterrupt:  # Ctrl-C reached SGD too (one process group): it saves and stops
+            if sgd:
+                sgd.wait()
+            raise
+        finally:  # ending early (a TWA run failed or was stopped): SGD saves its state and stops
+            if sgd and sgd.poll() is None:
+                pipe.scripts.stop(sgd)
+                sgd.wait()
+            pipe.record_sgd()
     pipe.report["complete"] = True
     pipe.report["wall_seconds"] = pipe.report.get("wall_seconds", 0) + time.time() - started
     pipe.save()

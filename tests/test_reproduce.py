@@ -141,7 +141,7 @@ def test_head_twa_during_sgd_survives_a_sigterm_and_resumes(tiny_data, tmp_path)
     """bench/head.py --twa-during-sgd: TWA's result comes while SGD still runs; a second runner of
     the same name is refused; a SIGTERM to the runner then reaches SGD, which saves its state; the
     record keeps TWA and SGD's epochs so far; the next call resumes SGD alone and completes it."""
-    epochs = 60  # tiny epochs take about 0.3 s: SGD outlasts TWA's start-up and epoch
+    epochs = 100  # tiny epochs take about 0.3 s: SGD outlasts TWA's start-up and epoch
     cmd = list(map(str, [sys.executable, os.path.join(ROOT, "bench", "head.py"), "--seed", "1",
                          "--epochs", epochs, "--twa-end", "1", "--per-epoch", "1", "--twa-epochs", "1",
                          "-b", "8", "--data-dir", tiny_data, "--out", tmp_path / "runs", "--results",

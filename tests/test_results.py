@@ -1,9 +1,11 @@
 """Per-example test results, the paired intervals built on them, the head protocol's options
 (the step schedule by steps, the reference's running BatchNorm pass), and the benchmarks' data set."""
 import io
+import signal
 import os
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -208,3 +210,36 @@ def test_extraction_leaves_the_whole_tree_or_none(tmp_path):
     (tmp_path / "stale" / "test").mkdir(parents=True)
     with pytest.raises(SystemExit, match="cannot extract .* Directory not empty"):
         common.extract_whole(str(tmp_path / "whole.tar.gz"), str(tmp_path / "stale"))
+
+
+def test_a_runner_passes_one_sigterm_to_each_script_and_starts_none_after_it(tmp_path):
+    """common.Scripts: two SIGTERMs to the runner reach a running script once (a second would stop
+    it unsaved); the script's exit is one line; nothing starts after the signal; the handler
+    before is back afterwards."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import signal, sys, time\n"
+        "got = []\n"
+        "signal.signal(signal.SIGTERM, lambda *_: got.append(1))\n"
+        f"open({str(tmp_path / 'ready')!r}, 'w').close()\n"
+        "deadline = time.time() + 60\n"
+        "while not got and time.time() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "time.sleep(1)  # a second signal would arrive by now\n"
+        f"open({str(tmp_path / 'count')!r}, 'w').write(str(len(got)))\n"
+        "sys.exit(143)\n")
+    before = signal.getsignal(signal.SIGTERM)
+    commands = []
+    with common.Scripts(commands) as scripts:
+        child = scripts.start(str(script), ["--flag", 1])
+        while not (tmp_path / "ready").exists():  # the script's handler is in place
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(SystemExit, match="script.py was interrupted"):
+            scripts.wait(child)
+        with pytest.raises(SystemExit, match="interrupted before"):
+            scripts.start(str(script), [])
+    assert (tmp_path / "count").read_text() == "1"
+    assert commands == [f"{script} --flag 1"]
+    assert signal.getsignal(signal.SIGTERM) is before

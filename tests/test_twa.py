@@ -474,6 +474,13 @@ def test_frozen_parameters_and_buffers_must_be_the_checkpoints():
     assert twa.Subspace.from_checkpoints(fresh, walk).rank == 2  # the frozen layer is no direction
     fresh.load_state_dict(walk[-1])
     assert twa.Subspace.from_checkpoints(fresh, walk).rank == 2
+    shared = nn.Sequential(fresh, fresh[1])  # the norm layer under a second name too
+    with torch.no_grad():
+        shared[1].running_mean.add_(1.0)
+    walk = [{**state, **{f"0.{k}": v for k, v in state.items()}} for state in walk]
+    for state in walk:
+        state.update({f"1.{k[2:]}": v for k, v in state.items() if k.startswith("1.")})
+    assert twa.Subspace.from_checkpoints(shared, walk).rank == 2
 
 
 def test_tied_weights_are_trained_once_and_not_taken_for_frozen_ones():

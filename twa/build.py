@@ -306,13 +306,14 @@ class UntrainedEntries:
     no checkpoint holds as the model does."""
 
     def __init__(self, model):
-        statistics = {f"{prefix}.{key}".lstrip(".") for prefix, module in model.named_modules()
+        statistics = {f"{prefix}.{key}".lstrip(".")  # under every name a shared module has
+                      for prefix, module in model.named_modules(remove_duplicate=False)
                       if isinstance(module, _NormBase) for key, _ in module.named_buffers(recurse=False)}
         self.kinds = {}
         self.entries = {}
         for key, own in model.state_dict(keep_vars=True).items():
             if not own.requires_grad and key not in statistics:  # (trained ones under any alias too)
-                self.entries[key] = own.detach().cpu()
+                self.entries[key] = own.detach()  # not copied: a frozen backbone may be large
                 self.kinds[key] = "frozen parameter" if isinstance(own, torch.nn.Parameter) else "buffer"
         self.compared, self.matched = set(), set()
 
@@ -322,7 +323,7 @@ class UntrainedEntries:
             if key in self.matched or not torch.is_tensor(saved) or saved.shape != own.shape:
                 continue
             self.compared.add(key)
-            if torch.equal(own, saved.to(own.dtype)):
+            if torch.equal(own, saved.to(own.device, own.dtype)):
                 self.matched.add(key)
 
     def check(self):
