@@ -31,6 +31,8 @@ state=""
 seeds=""
 dry=0
 while (($#)); do
+    [[ "$1" == --dry-run || "$1" == -h || "$1" == --help || $# -ge 2 ]] ||
+        { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
     case "$1" in
         --budget) budget=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
