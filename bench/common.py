@@ -1,6 +1,8 @@
 """Shared by the benchmarks: the real CIFAR-10 tree, timing, table printing, and what the experiment
 runners share (flags, provenance, results records)."""
 import argparse
+import fcntl
+import glob
 import json
 import os
 import shutil
@@ -50,15 +52,30 @@ def cifar10_dir(path=None, cache=CACHE):
 
 
 def extract_whole(archive, folder):
-    """Extract beside `folder`, then rename: an interrupted extraction leaves no partial tree that
-    the next run would take for the data set, and of two runs extracting at once one tree wins."""
+    """Extract beside `folder`, then rename, under a lock on the folder's parent: an interrupted
+    extraction leaves no partial tree that the next run would take for the data set (only a hidden
+    folder, which the next extraction removes), and of two runs extracting at once the second
+    finds the first's tree."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
+    lock = os.open(parent, os.O_RDONLY)  # a lock on the folder itself: no lock file beside the data
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for leftover in glob.glob(os.path.join(parent, ".extracting-*")):  # a killed run's
+            shutil.rmtree(leftover, ignore_errors=True)
+        if os.path.isdir(os.path.join(folder, "train")):
+            return  # extracted by another run while this one waited
+        _extract_and_rename(archive, folder, parent)
+    finally:
+        os.close(lock)
+
+
+def _extract_and_rename(archive, folder, parent):
     staging = tempfile.mkdtemp(prefix=".extracting-", dir=parent)
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(staging, filter="data")
-        os.replace(staging, folder)  # fails where another run's tree is already in place
+        os.replace(staging, folder)  # fails where a folder that is not the data is in the way
     except (OSError, EOFError, tarfile.TarError, zlib.error) as err:  # also a cut or corrupt archive
         if not os.path.isdir(os.path.join(folder, "train")):
             raise SystemExit(f"cannot extract {archive} to {folder}: {err}") from None

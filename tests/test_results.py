@@ -201,7 +201,9 @@ def test_extraction_leaves_the_whole_tree_or_none(tmp_path):
     common.extract_whole(str(tmp_path / "whole.tar.gz"), str(tmp_path / "data" / "cifar10"))
     assert (tmp_path / "data" / "cifar10" / "train" / "a" / "0.jpg").read_bytes() == b"x" * 5000
     assert os.listdir(tmp_path / "data") == ["cifar10"]
-    # a second run that extracted at the same time finds the first's tree in place and keeps it
+    # a second run that waited for the first finds its tree in place and keeps it; what a run
+    # killed mid-extraction (SIGTERM skips the clean-up) left is removed
+    (tmp_path / "data" / ".extracting-killed" / "train").mkdir(parents=True)
     image_archive(tmp_path / "other.tar.gz", {"train/a/0.jpg": b"z", "test/a/0.jpg": b"z"})
     common.extract_whole(str(tmp_path / "other.tar.gz"), str(tmp_path / "data" / "cifar10"))
     assert (tmp_path / "data" / "cifar10" / "train" / "a" / "0.jpg").read_bytes() == b"x" * 5000
