@@ -3,7 +3,7 @@ checkpoints, i.e. run SGD inside the subspace that the checkpoints span.
 
 Works with any nn.Module and any training loop:
 
-    model.load_state_dict(torch.load("ckpt/100.pt"))  # frozen layers and buffers as trained
+    model.load_state_dict(torch.load("ckpt/100.pt", weights_only=True))  # frozen layers, buffers
     space = Subspace.from_checkpoints(model, [f"ckpt/{i}.pt" for i in range(101)])
     trainer = TWA(model, space)                      # model now holds the mean of the checkpoints
     opt = torch.optim.SGD(trainer.parameters(), lr=2, momentum=0.9, weight_decay=1e-5)

@@ -152,8 +152,9 @@ class TWA:
         self.write_weights()
 
     def check_bound(self):
-        """model.to(...), .cuda() or .half() after TWA(model, space) give the parameters new storage:
-        the model would then train on weights that no step writes, and nothing would move."""
+        """Moving or casting the model (model.to(...)) after TWA(model, space) gives the parameters
+        new storage: the model would then train on weights that no step writes, and nothing would
+        move."""
         if self.bound is not None and self.bound[0].data_ptr() != self.bound[1]:
             raise RuntimeError("the model's parameters were moved or replaced after TWA(model, "
                                "space) (model.to(...)?): TWA no longer writes them; move the model "
