@@ -11,10 +11,12 @@ Builds, over checkpoints A..B-1 of DIR (files of train_sgd.py, ResNet-20 on CIFA
 For each: max |PP^T - I|, the eigenvalue range of PP^T, and how many of its eigenvalues exceed 0.5
 (directions a step still moves along at least half as fast). Also the principal-component spectrum
 of the centred checkpoints (the share of their variance in the top 1, 2, 5, 10 directions). Prints a
-table and writes results/basis-spectrum-<name>.json.
+table and writes results/basis-spectrum-<name>.json, with the command line and the git revision
+("+dirty" when the tree had uncommitted changes).
 """
 import argparse
 import os
+import shlex
 import sys
 
 import torch
@@ -51,7 +53,8 @@ def main():
     params = twa.trainable_parameters(model)
     paths = [os.path.join(args.save_dir, f"{i}.pt") for i in range(args.params_start, args.params_end)]
     rows = torch.stack([twa.flatten_checkpoint(twa.load_state_dict(p), params, p) for p in paths])
-    report = {"save_dir": args.save_dir, "checkpoints": [args.params_start, args.params_end - 1]}
+    report = {"save_dir": args.save_dir, "checkpoints": [args.params_start, args.params_end - 1],
+              "commands": [shlex.join(["python", *sys.argv])], "git": runfiles.git_revision()}
     ours = twa.Subspace.from_checkpoints(model, paths)
     report["orthonormal"] = {**quality(ours.spans[0].basis.gram()), "rank": ours.rank}
     streamed = twa.Subspace.reference_from_checkpoints(model, paths).spans[0].basis

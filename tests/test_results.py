@@ -1,8 +1,11 @@
 """Per-example test results, the paired intervals built on them, the head protocol's options
-(the step schedule by steps, the reference's running BatchNorm pass), and the benchmarks' data set."""
+(the step schedule by steps, the reference's running BatchNorm pass), the benchmarks' data set and
+what their results record."""
 import io
+import json
 import signal
 import os
+import subprocess
 import sys
 import tarfile
 import time
@@ -14,6 +17,7 @@ from torch import nn
 
 import loaders
 import loop
+import models
 import runfiles
 from conftest import ROOT
 
@@ -245,3 +249,24 @@ def test_a_runner_passes_one_sigterm_to_each_script_and_starts_none_after_it(tmp
     assert (tmp_path / "count").read_text() == "1"
     assert commands == [f"{script} --flag 1"]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_basis_spectrum_records_its_command_and_revision(tmp_path):
+    """bench/basis_spectrum.py on four ResNet-20 checkpoints: every basis spans them (rank 4, the
+    float64 pass orthonormal), and the JSON names the command line and the revision that made it."""
+    torch.manual_seed(0)
+    model = models.build_model("resnet20", 10)
+    for i in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        torch.save(model.state_dict(), tmp_path / f"{i}.pt")
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "basis_spectrum.py"), "--save-dir", str(tmp_path),
+           "--params_start", "0", "--params_end", "4", "--name", "t", "--results", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    with open(tmp_path / "basis-spectrum-t.json") as f:
+        report = json.load(f)
+    assert report["orthonormal"]["rank"] == 4
+    assert report["reference float64"]["orthogonality_error"] < 1e-10
+    assert "bench/basis_spectrum.py --save-dir" in report["commands"][0]
+    assert report["git"] == runfiles.git_revision()
