@@ -35,7 +35,8 @@ def parse_args():
     common.add_checkpoint_range_args(parser)
     parser.add_argument("--name", default=None, help="results/basis-spectrum-<name>.json")
     parser.add_argument("--results", default=os.path.join(common.ROOT, "results"))
-    return parser.parse_args()
+    args = parser.parse_args()
+    return args, common.checkpoint_range(parser, args)
 
 
 def quality(gram):
@@ -48,10 +49,9 @@ def quality(gram):
 
 
 def main():
-    args = parse_args()
+    args, paths = parse_args()
     model = models.build_model(args.arch, args.classes)
     params = twa.trainable_parameters(model)
-    paths = [os.path.join(args.save_dir, f"{i}.pt") for i in range(args.params_start, args.params_end)]
     rows = torch.stack([twa.flatten_checkpoint(twa.load_state_dict(p), params, p) for p in paths])
     report = {"save_dir": args.save_dir, "checkpoints": [args.params_start, args.params_end - 1],
               "commands": [shlex.join(["python", *sys.argv])], "git": runfiles.git_revision()}
@@ -78,4 +78,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except twa.CheckpointError as err:  # a file that is not a checkpoint of --arch
+        sys.exit(f"error: {err}")

@@ -20,6 +20,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import models  # noqa: E402
 import runfiles  # noqa: E402
 
 ARCHIVE = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
@@ -100,6 +101,21 @@ def add_checkpoint_range_args(parser):
     parser.add_argument("--params_end", type=int, required=True, help="one past the last")
     parser.add_argument("--arch", default="resnet20", help="architecture of the checkpoints")
     parser.add_argument("--classes", type=int, default=10, help="classes of the architecture")
+
+
+def checkpoint_range(parser, args, least=2):
+    """The files i.pt, i in [params_start, params_end), of args.save_dir; a range of fewer than
+    `least`, a missing file or an unknown --arch is a one-line usage error (exit 2)."""
+    if args.params_start < 0 or args.params_end - args.params_start < least:
+        parser.error(f"--params_start {args.params_start} --params_end {args.params_end}: need at least "
+                     f"{least} checkpoints, numbered from 0")
+    if args.arch not in models.ARCHS:
+        parser.error(f"unknown --arch {args.arch!r}; choose one of: {', '.join(sorted(models.ARCHS))}")
+    paths = [os.path.join(args.save_dir, f"{i}.pt") for i in range(args.params_start, args.params_end)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        parser.error(f"{len(missing)} of the {len(paths)} checkpoints are missing, the first {missing[0]}")
+    return paths
 
 
 def add_experiment_args(parser):

@@ -26,13 +26,13 @@ def parse_args():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_checkpoint_range_args(parser)
     parser.add_argument("--duplicate", type=int, default=None, help="enter this checkpoint twice")
-    return parser.parse_args()
+    args = parser.parse_args()
+    return args, common.checkpoint_range(parser, args)
 
 
 def main():
-    args = parse_args()
+    args, files = parse_args()
     model = models.build_model(args.arch, args.classes)
-    files = [os.path.join(args.save_dir, f"{i}.pt") for i in range(args.params_start, args.params_end)]
     if args.duplicate is not None:
         files.append(os.path.join(args.save_dir, f"{args.duplicate}.pt"))
     print(f"{len(files)} checkpoints of {args.save_dir}" +
@@ -54,4 +54,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except twa.CheckpointError as err:  # a file that is not a checkpoint of --arch
+        sys.exit(f"error: {err}")

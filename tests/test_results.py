@@ -253,7 +253,8 @@ def test_a_runner_passes_one_sigterm_to_each_script_and_starts_none_after_it(tmp
 
 def test_basis_spectrum_records_its_command_and_revision(tmp_path):
     """bench/basis_spectrum.py on four ResNet-20 checkpoints: every basis spans them (rank 4, the
-    float64 pass orthonormal), and the JSON names the command line and the revision that made it."""
+    float64 pass orthonormal), and the JSON names the command line and the revision that made it.
+    A range past the last checkpoint is a usage error before any reading."""
     torch.manual_seed(0)
     model = models.build_model("resnet20", 10)
     for i in range(4):
@@ -270,3 +271,7 @@ def test_basis_spectrum_records_its_command_and_revision(tmp_path):
     assert report["reference float64"]["orthogonality_error"] < 1e-10
     assert "bench/basis_spectrum.py --save-dir" in report["commands"][0]
     assert report["git"] == runfiles.git_revision()
+    cmd[cmd.index("--params_end") + 1] = "5"  # 4.pt does not exist
+    missing = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].endswith("are missing, the first " + str(tmp_path / "4.pt"))
