@@ -12,7 +12,8 @@ seeds and E (e.g. another SGD weight decay): each model against its namesake, an
 gap to SGD(E), paired over the test images within each seed and over the seeds; with several names
 (--name head-paper-4ep:1,3 head-paper:2), the seeds of one protocol pooled into one table. For
 bench/tail_swa.py's runs (--name tail-swa): TWA against SWA of the same checkpoints, paired within
-each seed and over the seeds. For bench/soups.py's (--name soups-diverse): each soup's held-out and
+each seed and over the seeds, and the TWA variants that differ in one choice (checkpoint density,
+TWA epochs, TWA-v) against each other. For bench/soups.py's (--name soups-diverse): each soup's held-out and
 test accuracy.
 """
 import argparse
@@ -294,6 +295,54 @@ def protocol_over_seeds(label, seeds, pooled):
 # bench/tail_swa.py's runs: TWA against SWA of the same tail checkpoints
 # ---------------------------------------------------------------------------------------------------
 
+# tail variants whose TWA models a reader compares with each other, not only with SWA: (a, b, what a
+# has that b has not)
+TAIL_CONTRASTS = (("orth-lr2-e2", "orth-lr2-e2-1pe", "every tail checkpoint (2 per epoch), not the "
+                   "reference's 1 per epoch"),
+                  ("orth-lr2-e4", "orth-lr2-e2", "4 TWA epochs, not 2"),
+                  ("orth-lr2-e2", "v-orth-lr2-e2", "coefficients trained on the training images, not "
+                   "the held-out ones (TWA-v)"))
+
+
+def tail_contrasts(runs, n_test):
+    """For TAIL_CONTRASTS, TWA(a) - TWA(b) and the change of their gaps to SWA, (TWA(a) - SWA(a)) -
+    (TWA(b) - SWA(b)), on each seed that ran both with per-image results (a bootstrap over the test
+    images) and over those seeds (a t interval, and a bootstrap over the images they share)."""
+    summary, per_seed = [], []
+    for key in sorted({key for r in runs for key in r["runs"]}):
+        present = [r for r in runs if key in r["runs"]]
+        for a, b, what in TAIL_CONTRASTS:
+            quads, seeds = [], []
+            for run in present:
+                variants = [run["runs"][key]["tail"].get(name) or {} for name in (a, b)]
+                bits = [v.get(k) for v in variants for k in ("twa_correct", "swa_correct")]
+                if all(bits):
+                    quads.append(tuple(unpack_bits(x, n_test) for x in bits))
+                    seeds.append(run["seed"])
+            twa_differences = [paired_difference(q[0], q[2]) for q in quads]
+            gap_changes = [difference_of_gaps(*q) for q in quads]
+            per_seed += [[seed, key, f"{a} - {b}", describe(*d), describe(*g)]
+                         for seed, d, g in zip(seeds, twa_differences, gap_changes)]
+            if len(quads) > 1:
+                pooled = one_test_set([r for r in present if r["seed"] in seeds])
+                summary.append([key, f"{a} - {b}: {what}", ", ".join(map(str, seeds)),
+                                describe(*over_seeds([d[0] for d in twa_differences])),
+                                bounds(*seed_mean_difference([(q[0], q[2]) for q in quads]))
+                                if pooled else UNPOOLED,
+                                describe(*over_seeds([g[0] for g in gap_changes])),
+                                bounds(*seed_mean_gap_change(quads)) if pooled else UNPOOLED])
+    if per_seed:
+        print("\nOne TWA variant against another (points; TWA(a) - TWA(b), and the change of the gap to "
+              "SWA, (TWA(a) - SWA(a)) - (TWA(b) - SWA(b))), over the seeds that ran both with per-image "
+              "results:\n")
+        print(markdown(["run", "contrast", "seeds", "TWA(a) - TWA(b) (t over seeds)",
+                        "(bootstrap over test images)", "change of the gap to SWA (t over seeds)",
+                        "(bootstrap over test images)"], summary))
+        print("\nWithin each seed, 95% bootstrap interval over the test images:\n")
+        print(markdown(["seed", "run", "contrast", "TWA(a) - TWA(b)", "change of the gap to SWA"],
+                       per_seed))
+
+
 def tail_report(runs, n_test, title):
     """TWA - SWA for every variant: paired within each seed (a bootstrap over the test images) where
     the run recorded which images each model got right, and over the seeds a t interval and a
@@ -339,6 +388,7 @@ def tail_report(runs, n_test, title):
     print(f"\nWithin each seed, 95% bootstrap interval over the {n_test} test images:\n")
     print(markdown(["seed", "run", "TWA variant", "SWA", "TWA", "TWA - SWA", "SWA held-out",
                     "TWA held-out"], per_seed))
+    tail_contrasts(runs, n_test)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -178,14 +178,18 @@ def test_head_twa_during_sgd_survives_a_sigterm_and_resumes(tiny_data, tmp_path)
 def test_tail_report_pairs_twa_with_swa_within_and_over_seeds(tmp_path):
     """bench/report.py on tail_swa.py's results: a paired interval where the per-image bits exist,
     the plain difference where an earlier run kept accuracies only, a t interval over the seeds, and
-    a bootstrap over the test images of the seeds with per-image results."""
+    a bootstrap over the test images of the seeds with per-image results; and one variant's TWA
+    against another's, on the seeds with per-image results."""
     n = 1000
     swa = runfiles.pack_bits([1] * 800 + [0] * 200)
     twa = runfiles.pack_bits([1] * 790 + [0] * 10 + [1] * 30 + [0] * 170)  # +2 points
     for seed, bits in ((1, False), (2, True), (3, True)):
         variant = {"swa_acc": 80.0, "twa_acc": 82.0 if bits else 81.0,
                    "swa_correct": swa if bits else None, "twa_correct": twa if bits else None}
-        run = {"seed": seed, "swa_start": 16, "runs": {"swalr0.1": {"tail": {"orth-lr2-e2": variant}}}}
+        sparse = {"swa_acc": 80.0, "twa_acc": 80.0, "swa_correct": swa if bits else None,
+                  "twa_correct": swa if bits else None}  # TWA over 1 per epoch: no gain
+        run = {"seed": seed, "swa_start": 16, "runs": {"swalr0.1": {"tail": {
+            "orth-lr2-e2": variant, "orth-lr2-e2-1pe": sparse}}}}
         with open(tmp_path / f"tail-swa-seed{seed}.json", "w") as f:
             json.dump(run, f)
     report = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), "--name",
@@ -199,6 +203,12 @@ def test_tail_report_pairs_twa_with_swa_within_and_over_seeds(tmp_path):
     assert "| 81.67 +- 0.58 | +1.67 [" in summary and summary.endswith(" over seeds 2, 3 |")
     low, high = (float(v) for v in summary.split("| +2.00 [")[1].split("]")[0].split(", "))
     assert low < 2.0 < high and high - low < 4
+    # the two variants against each other, on the seeds with per-image results only
+    contrast = next(x for x in report.stdout.splitlines()
+                    if x.startswith("| swalr0.1 | orth-lr2-e2 - orth-lr2-e2-1pe: "))
+    assert "| 2, 3 | +2.00 [+2.00, +2.00] | [" in contrast and contrast.count("+2.00 [") == 2
+    assert "| 2 | swalr0.1 | orth-lr2-e2 - orth-lr2-e2-1pe | +2.00 [" in report.stdout
+    assert "| 1 | swalr0.1 | orth-lr2-e2 - orth-lr2-e2-1pe |" not in report.stdout
     for seed in (2, 3):  # scored from two data folders: image i need not be the same image
         with open(tmp_path / f"tail-swa-seed{seed}.json") as f:
             run = json.load(f)
