@@ -24,7 +24,6 @@ import torch
 import common
 
 sys.path.insert(0, common.ROOT)
-import models  # noqa: E402
 import runfiles  # noqa: E402
 import twa  # noqa: E402
 
@@ -36,7 +35,7 @@ def parse_args():
     parser.add_argument("--name", default=None, help="results/basis-spectrum-<name>.json")
     parser.add_argument("--results", default=os.path.join(common.ROOT, "results"))
     args = parser.parse_args()
-    return args, common.checkpoint_range(parser, args)
+    return (args, *common.model_and_checkpoints(parser, args))
 
 
 def quality(gram):
@@ -49,8 +48,7 @@ def quality(gram):
 
 
 def main():
-    args, paths = parse_args()
-    model = models.build_model(args.arch, args.classes)
+    args, model, paths = parse_args()
     params = twa.trainable_parameters(model)
     rows = torch.stack([twa.flatten_checkpoint(twa.load_state_dict(p), params, p) for p in paths])
     report = {"save_dir": args.save_dir, "checkpoints": [args.params_start, args.params_end - 1],

@@ -103,19 +103,21 @@ def add_checkpoint_range_args(parser):
     parser.add_argument("--classes", type=int, default=10, help="classes of the architecture")
 
 
-def checkpoint_range(parser, args, least=2):
-    """The files i.pt, i in [params_start, params_end), of args.save_dir; a range of fewer than
-    `least`, a missing file or an unknown --arch is a one-line usage error (exit 2)."""
+def model_and_checkpoints(parser, args, least=2):
+    """The model of --arch and the files i.pt, i in [params_start, params_end), of args.save_dir; a
+    range of fewer than `least`, a missing file or an unknown --arch is a one-line usage error."""
     if args.params_start < 0 or args.params_end - args.params_start < least:
         parser.error(f"--params_start {args.params_start} --params_end {args.params_end}: need at least "
                      f"{least} checkpoints, numbered from 0")
-    if args.arch not in models.ARCHS:
-        parser.error(f"unknown --arch {args.arch!r}; choose one of: {', '.join(sorted(models.ARCHS))}")
+    try:
+        model = models.build_model(args.arch, args.classes)
+    except ValueError as err:  # an unknown --arch
+        parser.error(str(err))
     paths = [os.path.join(args.save_dir, f"{i}.pt") for i in range(args.params_start, args.params_end)]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         parser.error(f"{len(missing)} of the {len(paths)} checkpoints are missing, the first {missing[0]}")
-    return paths
+    return model, paths
 
 
 def add_experiment_args(parser):

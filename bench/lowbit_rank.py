@@ -17,7 +17,6 @@ import torch
 import common
 
 sys.path.insert(0, common.ROOT)
-import models  # noqa: E402
 import twa  # noqa: E402
 
 
@@ -27,12 +26,11 @@ def parse_args():
     common.add_checkpoint_range_args(parser)
     parser.add_argument("--duplicate", type=int, default=None, help="enter this checkpoint twice")
     args = parser.parse_args()
-    return args, common.checkpoint_range(parser, args)
+    return (args, *common.model_and_checkpoints(parser, args))
 
 
 def main():
-    args, files = parse_args()
-    model = models.build_model(args.arch, args.classes)
+    args, model, files = parse_args()
     if args.duplicate is not None:
         files.append(os.path.join(args.save_dir, f"{args.duplicate}.pt"))
     print(f"{len(files)} checkpoints of {args.save_dir}" +
