@@ -5,6 +5,7 @@ import fcntl
 import glob
 import json
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -149,6 +150,30 @@ class Experiment:
             self.report = experiment_record(self.path, {**fresh, "data_dir": self.data_dir},
                                             args.allow_dirty)
             self.commands = self.report["commands"]
+            self.report.setdefault("invocations", []).append(invocation())
+
+
+def invocation():
+    """This runner's own command line (as run from the repository root) and the thread count its
+    scripts inherit: a resumed run at another thread count rounds differently from there on."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+    return {"command": shlex.join(["python", script, *sys.argv[1:]]), "threads": torch.get_num_threads(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def portable_command(script, flags):
+    """A script's command line as anyone can rerun it from the repository root: paths relative to
+    the repository, the data folder as given (the default cache written as ~/...)."""
+    words, previous = ["python", script], None
+    for flag in map(str, flags):
+        if previous == "--data-dir":
+            words.append(flag.replace(os.path.expanduser("~"), "~", 1) if flag == CACHE else flag)
+        elif os.path.isabs(flag):
+            words.append(os.path.relpath(flag, ROOT))
+        else:
+            words.append(flag)
+        previous = flag
+    return shlex.join(words)
 
 
 def clean_revision(allow_dirty):
@@ -217,9 +242,10 @@ class Scripts:
         if self.stopping:
             sys.exit(f"error: interrupted before {script} started; calling this again continues")
         cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
-        if " ".join(cmd[1:]) not in self.commands:
-            self.commands.append(" ".join(cmd[1:]))
-        print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
+        command = portable_command(script, flags)
+        if command not in self.commands:
+            self.commands.append(command)
+        print(f"[{time.strftime('%H:%M:%S')}] {command}", flush=True)
         child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         child.script = script
         self.running.append(child)

@@ -50,6 +50,11 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
     result = json.load(open(tmp_path / "head-paper-seed2.json"))
     assert result["complete"] and result["git"] and len(result["commands"]) == 3
     assert "--schedule step-fraction" in result["commands"][1]
+    # rerunnable from the repository root on any machine: relative paths, the data folder as given
+    assert result["commands"][0].startswith("python train_sgd.py ") and ROOT not in result["commands"][0]
+    assert f"--data-dir {tiny_data} " in result["commands"][0]
+    assert result["invocations"][0]["command"].startswith("python bench/head.py --seed 2 ")
+    assert result["invocations"][0]["threads"] >= 1
     assert [(h["n"], h["twa_epochs"]) for h in result["head"]] == [(2, 1), (3, 1)]
     only = subprocess.run(list(map(str, cmd + ["--twa-per-epoch", "1", "--name", "head-sparse"])),
                           check=True, capture_output=True, text=True, timeout=900)

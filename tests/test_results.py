@@ -247,7 +247,7 @@ def test_a_runner_passes_one_sigterm_to_each_script_and_starts_none_after_it(tmp
         with pytest.raises(SystemExit, match="interrupted before"):
             scripts.start(str(script), [])
     assert (tmp_path / "count").read_text() == "1"
-    assert commands == [f"{script} --flag 1"]
+    assert commands == [f"python {script} --flag 1"]
     assert signal.getsignal(signal.SIGTERM) is before
 
 
