@@ -164,16 +164,16 @@ def invocation():
 def portable_command(script, flags):
     """A script's command line as anyone can rerun it from the repository root: paths relative to
     the repository, the data folder as given (the default cache written as ~/...)."""
-    words, previous = ["python", script], None
+    words, previous = ["python", shlex.quote(script)], None
     for flag in map(str, flags):
-        if previous == "--data-dir":
-            words.append(flag.replace(os.path.expanduser("~"), "~", 1) if flag == CACHE else flag)
-        elif os.path.isabs(flag):
-            words.append(os.path.relpath(flag, ROOT))
+        if previous == "--data-dir" and flag == CACHE:
+            words.append("~/.cache/twa-data/cifar10")  # unquoted, so that a shell expands the ~
+        elif os.path.isabs(flag) and previous != "--data-dir":
+            words.append(shlex.quote(os.path.relpath(flag, ROOT)))
         else:
-            words.append(flag)
+            words.append(shlex.quote(flag))
         previous = flag
-    return shlex.join(words)
+    return " ".join(words)
 
 
 def clean_revision(allow_dirty):
