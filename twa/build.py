@@ -11,6 +11,7 @@ Two generator schemes share one loop (add_generator, SpanBuilder.add) and one fi
 A Scheme says what the generators are in terms of the checkpoints and back; finish turns that into
 the Span's checkpoint coordinates, mean coordinates m and to_alpha."""
 import logging
+import numbers
 import os
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -18,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.modules.batchnorm import _NormBase
 
-from .checkpoints import (check_readable, current_weights, describe, read_parameters,
+from .checkpoints import (check_readable, current_weights, describe, layout, read_parameters,
                           trainable_parameters)
 from .sharding import sharding_of
 from .storage import QUANT_GROUP
@@ -40,6 +41,8 @@ def parameter_blocks(params, min_size=None):
     tensor), and the last block keeps whatever remains."""
     if min_size is None:
         return [(0, sum(p.numel() for _, p in params), [name for name, _ in params])]
+    if isinstance(min_size, bool) or not isinstance(min_size, numbers.Integral):
+        raise TypeError(f"layer_size must be None or an int, not {type(min_size).__name__}")
     if min_size < 0:
         raise ValueError(f"layer_size must be None or >= 0, not {min_size}")
     blocks, offset = [], 0
@@ -204,10 +207,12 @@ def from_checkpoints(model, checkpoints, bits=32, tol=1e-5, device=None, progres
         add_generator(builders, j, w, anchor, shard, tol)
     warn_dropped(builders, lambda j: names[j], n)
     scheme = anchored(n)
-    return Subspace([b.finish(scheme) for b in builders], mean, names, shard)
+    return Subspace([b.finish(scheme) for b in builders], mean, names, shard, layout(params))
 
 
 def check_tolerance(tol):
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"tol must be a number in (0, 1), not {type(tol).__name__}")
     if not 0 < tol < 1:
         raise ValueError(f"tol must lie in (0, 1), not {tol}: a checkpoint's residual is measured "
                          "relative to its norm")
@@ -235,7 +240,7 @@ def reference_from_checkpoints(model, checkpoints, device=None, progress=None, g
         builder.add(j, w, None, shard)
     for j, _ in builder.dropped:
         log.warning("%s adds no new direction; left out of the reference basis", names[j])
-    return Subspace([builder.finish(raw(n))], mean, names, shard)
+    return Subspace([builder.finish(raw(n))], mean, names, shard, layout(params))
 
 
 @torch.no_grad()
@@ -246,6 +251,11 @@ def combination_residual(space, model, checkpoints, alpha):
     in mean + the stored rows' span, which only approximates the checkpoints'. Streams the
     checkpoints once more (every process its shard)."""
     params, shard = trainable_parameters(model), space.shard
+    space.check_model(params)
+    checkpoints, alpha = list(checkpoints), torch.as_tensor(alpha)
+    if tuple(alpha.shape) != (len(space.spans), len(checkpoints)):
+        raise ValueError(f"alpha must be {len(space.spans)} x {len(checkpoints)} (blocks x "
+                         f"checkpoints), not {tuple(alpha.shape)}")
     w = current_weights(params, "the model's weights", shard=shard).to(space.device)
     total = torch.zeros(shard.local_size, dtype=torch.float64, device=space.device)
     buffer = torch.empty(shard.local_size, device=space.device)

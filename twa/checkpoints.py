@@ -110,11 +110,33 @@ def describe(source, index=None):
 def trainable_parameters(model):
     """(name, parameter) pairs that TWA averages: trainable parameters, buffers excluded (of an FSDP2
     model: its sharded parameters, see reshard)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
     reshard(model)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: nothing to average")
     return params
+
+
+def layout(params):
+    """(name, shape) of each trainable parameter, in order: where its entries lie in the flat vector."""
+    return [(name, tuple(p.shape)) for name, p in params]
+
+
+def check_layout(expected, params, owner):
+    """Refuse a model whose trainable parameters are laid out otherwise than `expected` (the layout()
+    that `owner`, e.g. "the subspace", was built for): an equal number of entries is not enough,
+    since the flat vector places each weight by its position. Names are not compared (a renamed or
+    wrapped module places its weights alike); shapes are."""
+    found = layout(params)
+    if len(found) != len(expected):
+        raise ValueError(f"the model has {len(found)} trainable parameters, {owner} was built for "
+                         f"{len(expected)}")
+    for (name, shape), (built, built_shape) in zip(found, expected):
+        if shape != tuple(built_shape):
+            raise ValueError(f"the model's trainable parameter '{name}' has shape {shape}, where "
+                             f"{owner} was built for '{built}' of shape {tuple(built_shape)}")
 
 
 def reshard(model):

@@ -2,9 +2,11 @@
 part of the checkpoints' span, with the checkpoints' coordinates), and Subspace, which writes the
 weights as mean + P^T (c - m) over all the blocks. Reads no files: twa.build makes these."""
 import math
+import numbers
 
 import torch
 
+from .checkpoints import check_layout
 from .sharding import Sharding
 
 
@@ -38,12 +40,16 @@ class Subspace:
     The mean is kept in float32. P is block-diagonal: each block b of parameters
     (one block for the ICLR method, one per layer group for layer-wise TWA) has its own span (a Span
     with orthonormal rows over the block's entries), and c concatenates their coordinates. Storing P
-    in 16, 8 or 4 bits then perturbs only the deviation from the mean, never the mean itself."""
+    in 16, 8 or 4 bits then perturbs only the deviation from the mean, never the mean itself.
 
-    def __init__(self, spans, mean, names, shard=None):
-        self.spans, self.mean, self.names = spans, mean, names
+    `names` names the checkpoints; `layout` (checkpoints.layout) the trainable parameters it was
+    built for, which check_model compares a model's against (None: their total size only)."""
+
+    def __init__(self, spans, mean, names, shard=None, layout=None):
+        self.spans, self.mean, self.names, self.layout = spans, mean, names, layout
         self.shard = shard or Sharding(mean.numel())
         self.device = mean.device
+        self.revision = 0  # counts the rotations of the basis: a TWA's coordinates follow none
         self._index_spans()
 
     def _index_spans(self):
@@ -61,6 +67,45 @@ class Subspace:
         return torch.cat([p.reshape(-1) for p in pieces]) if self.spans else \
             torch.zeros(0, dtype=torch.float64, device=self.device)
 
+    def check_model(self, params):
+        """Refuse (name, parameter) pairs other than those the subspace was built for."""
+        dim = sum(p.numel() for _, p in params)
+        if dim != self.shard.dim:
+            raise ValueError(f"the model has {dim} trainable parameters, the subspace {self.shard.dim}")
+        if self.layout is not None:
+            check_layout(self.layout, params, "the subspace")
+
+    def checkpoint_index(self, start):
+        """`start` checked as the number of a checkpoint, in [0, n). A negative number is refused,
+        not counted from the end: the scripts' --train_start -1 means the mean, start="mean" here."""
+        if isinstance(start, str):
+            raise ValueError(f"start must be 'mean' or a checkpoint number, not {start!r}")
+        if isinstance(start, bool) or not isinstance(start, numbers.Integral):  # numpy ints pass
+            raise TypeError(f"start must be 'mean' or a checkpoint number, not {type(start).__name__}")
+        if not 0 <= start < len(self.names):
+            raise ValueError(f"start={start} is no checkpoint: they are numbered 0 to "
+                             f"{len(self.names) - 1}" + (" (the mean is start='mean')" if start < 0
+                                                         else ""))
+        return int(start)
+
+    def coordinates(self, c, name="c"):
+        """c as float64 on the subspace's device; refused unless it holds exactly `rank` values (a
+        0-d or other-length tensor would broadcast). Reads shapes only: no copy to the host."""
+        if not torch.is_tensor(c):
+            raise TypeError(f"{name} must be a tensor of {self.rank} coordinates, not "
+                            f"{type(c).__name__}")
+        if tuple(c.shape) != (self.rank,):
+            raise ValueError(f"{name} must hold the subspace's {self.rank} coordinates, not a "
+                             f"tensor of shape {tuple(c.shape)}")
+        return c.detach().to(device=self.device, dtype=torch.float64)
+
+    def _whole_vector(self, w, name):
+        """w refused unless it is a vector of all D entries (a shorter one would broadcast)."""
+        if not torch.is_tensor(w) or tuple(w.shape) != (self.shard.dim,):
+            raise ValueError(f"{name} must be a vector of the model's {self.shard.dim} trainable "
+                             f"weights, not {tuple(w.shape) if torch.is_tensor(w) else type(w).__name__}")
+        return w
+
     def _pieces(self, c):
         """c split into the spans' coordinates."""
         return [c[a:b] for a, b in zip(self.offsets, self.offsets[1:])]
@@ -73,6 +118,8 @@ class Subspace:
         each block: mean + their span. They lie in the span, so this is a rotation of P; nothing is
         reloaded. Returns the fraction of the checkpoints' variance that the kept directions explain."""
         largest = max(span.rank for span in self.spans)
+        if isinstance(n_components, bool) or not isinstance(n_components, numbers.Integral):
+            raise TypeError(f"n_components must be an int, not {type(n_components).__name__}")
         if not 1 <= n_components <= largest:
             raise ValueError(f"n_components must be in [1, {largest}], not {n_components}")
         kept = total = 0.0
@@ -87,13 +134,15 @@ class Subspace:
             span.to_alpha = span.to_alpha @ directions
             energy = singular.square()
             kept, total = kept + energy[:m].sum().item(), total + energy.sum().item()
+        self.revision += 1
         self._index_spans()
         return kept / max(total, 1e-300)
 
     def start_coordinates(self, start="mean"):
         """Coordinates of the checkpoints' mean ("mean") or of checkpoint number `start`."""
-        if start == "mean":
+        if isinstance(start, str) and start == "mean":
             return self.mean_coords.clone()
+        start = self.checkpoint_index(start)
         return self._concat(span.checkpoint_coords[start] for span in self.spans)
 
     def gradient(self, g):
@@ -104,7 +153,8 @@ class Subspace:
 
     def nearest_coordinates(self, w):
         """P w, the coordinates of the point of the subspace nearest to w (all D entries)."""
-        part = self.shard.local_part(w).to(device=self.device, dtype=torch.float32)
+        part = self.shard.local_part(self._whole_vector(w, "w")).to(device=self.device,
+                                                                    dtype=torch.float32)
         centred = part - self.mean
         products = self._concat(span.basis.matvec(centred[span.shard_slice], float64_sums=True)
                                 for span in self.spans)
@@ -112,7 +162,7 @@ class Subspace:
 
     def weights(self, c, out):
         """out = mean + P^T (c - P mean): the weights at coordinates c (this shard's entries)."""
-        step = c.detach().to(device=self.device, dtype=torch.float64) - self.mean_coords
+        step = self.coordinates(c) - self.mean_coords
         out.copy_(self.mean)
         for span, piece in zip(self.spans, self._pieces(step)):
             span.basis.rmatvec(piece, out[span.shard_slice], accumulate=True)
@@ -124,6 +174,7 @@ class Subspace:
         if self.shard.world > 1:
             raise RuntimeError("project_ needs the whole basis; under torch.distributed use "
                                "gradient() (summed over the shards) and the TWA trainer")
+        self._whole_vector(g, "g")
         for span in self.spans:
             span.basis.rmatvec(span.basis.matvec(g[span.shard_slice]), out=g[span.shard_slice])
         return g
@@ -141,7 +192,7 @@ class Subspace:
 
     def checkpoint_coefficients(self, c):
         """alpha (blocks x n) with sum_i alpha_bi w_i = the weights at coordinates c in block b."""
-        step = c.detach().to(device=self.device, dtype=torch.float64) - self.mean_coords
+        step = self.coordinates(c) - self.mean_coords
         return torch.stack([1.0 / len(self.names) + span.to_alpha @ piece
                             for span, piece in zip(self.spans, self._pieces(step))]).cpu()
 
@@ -166,7 +217,8 @@ class Subspace:
 
     def relative_residual(self, w):
         """||w - (nearest point of the subspace)|| / ||w||: 0 for points of the subspace."""
-        part = self.shard.local_part(w).to(device=self.device, dtype=torch.float32)
+        part = self.shard.local_part(self._whole_vector(w, "w")).to(device=self.device,
+                                                                    dtype=torch.float32)
         inside = self.weights(self.nearest_coordinates(w), torch.empty_like(part))
         return self.shard.norm(part.double() - inside.double()) / max(self.shard.norm(part), 1e-300)
 
