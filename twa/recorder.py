@@ -1,9 +1,12 @@
 """Building the span while SGD trains, from weights recorded in memory instead of checkpoint files."""
+import numbers
+import os
+
 import torch
 
 from .build import (add_generator, anchored, check_tolerance, parameter_blocks, span_builders,
                     warn_dropped)
-from .checkpoints import current_weights, trainable_parameters
+from .checkpoints import check_layout, current_weights, layout, trainable_parameters
 from .sharding import sharding_of
 from .subspace import Subspace
 
@@ -14,16 +17,21 @@ class SubspaceRecorder:
     for those checkpoints: the same generators ({w_1, w_2 - w_1, ..., w_n - w_1}, streamed by the
     same loop), span, mean, alpha bookkeeping, blocks and column shards. The mean, known only at the
     end, comes from a float64 running sum. The cost over the files route: that sum (2 D-sized
-    vectors), no extra pass."""
+    vectors), no extra pass.
+
+    add() accepts the model given here, or one whose trainable parameters have the same shapes in
+    the same order; capacity is an int >= 1 whose bases fit the device's memory."""
 
     def __init__(self, model, capacity, bits=32, tol=1e-5, layer_size=None, device=None, group=None):
         self.model, self.params = model, trainable_parameters(model)
+        self.layout = layout(self.params)
         device = torch.device(device) if device is not None else self.params[0][1].device
         self.shard = sharding_of(self.params, group)
         check_tolerance(tol)
+        blocks = parameter_blocks(self.params, layer_size)
+        check_capacity(capacity, blocks, self.shard, bits, device)
         self.capacity, self.tol, self.names, self.handed_out = capacity, tol, [], False
-        self.builders = span_builders(parameter_blocks(self.params, layer_size), capacity, capacity,
-                                      self.shard, bits, device)
+        self.builders = span_builders(blocks, capacity, capacity, self.shard, bits, device)
         self.total = torch.zeros(self.shard.local_size, dtype=torch.float64, device=device)
         self.anchor = torch.zeros(self.shard.local_size, device=device)
         self.work = torch.empty(self.shard.local_size, device=device)
@@ -39,6 +47,7 @@ class SubspaceRecorder:
         if j == self.capacity:
             raise ValueError(f"the recorder is full: capacity {self.capacity}")
         params = trainable_parameters(self.model if model is None else model)
+        check_layout(self.layout, params, "the recorder")
         w = current_weights(params, f"the weights recorded as #{j}", out=self.work, shard=self.shard)
         self.total += w
         add_generator(self.builders, j, w, self.anchor, self.shard, self.tol)
@@ -52,18 +61,20 @@ class SubspaceRecorder:
         warn_dropped(self.builders, lambda j: self.names[j], n)
         scheme = anchored(n)
         return Subspace([b.finish(scheme) for b in self.builders], (self.total / n).float(),
-                        list(self.names), self.shard)
+                        list(self.names), self.shard, self.layout)
 
     def state_dict(self):
         """Everything add() has accumulated (for a resume state; about the basis' size)."""
-        return {"names": list(self.names), "total": self.total, "anchor": self.anchor,
+        return {"names": list(self.names), "layout": self.layout, "total": self.total,
+                "anchor": self.anchor,
                 "builders": [{"coords": b.coords, "kept": list(b.kept), "dropped": list(b.dropped),
                               "largest": b.largest,
                               **b.basis.state_dict()} for b in self.builders]}
 
     def load_state_dict(self, state):
-        if len(state["builders"]) != len(self.builders):
-            raise ValueError("the recorded state has another block layout")
+        """Restore a state_dict(); a state of another model, capacity or format is refused (ValueError)
+        before anything is changed."""
+        self.check_state(state)
         self.names = list(state["names"])
         self.total.copy_(state["total"])
         self.anchor.copy_(state["anchor"])
@@ -72,3 +83,60 @@ class SubspaceRecorder:
             builder.kept, builder.dropped = list(saved["kept"]), [tuple(d) for d in saved["dropped"]]
             builder.largest = saved.get("largest", 0.0)  # states saved before it was kept: 0
             builder.basis.load_state_dict(saved)
+
+    def check_state(self, state):
+        """Raise ValueError unless `state` is a state_dict() of a recorder like this one."""
+        if not isinstance(state, dict) or not {"names", "total", "anchor", "builders"} <= set(state):
+            raise ValueError("the recorded state is not a SubspaceRecorder.state_dict()")
+        if "layout" in state and [(n, tuple(s)) for n, s in state["layout"]] != self.layout:
+            raise ValueError("the recorded state is of a model with other trainable parameters")
+        if not isinstance(state["names"], list) or not all(isinstance(n, str) for n in state["names"]):
+            raise ValueError("the recorded state's names are not a list of strings")
+        if len(state["names"]) > self.capacity:
+            raise ValueError(f"the recorded state holds {len(state['names'])} weights, more than "
+                             f"the capacity {self.capacity}")
+        for key in ("total", "anchor"):
+            if not torch.is_tensor(state[key]) or state[key].shape != self.total.shape:
+                raise ValueError(f"the recorded state's {key} is not a tensor of shape "
+                                 f"{tuple(self.total.shape)}: another model or sharding")
+        if len(state["builders"]) != len(self.builders):
+            raise ValueError("the recorded state has another block layout")
+        for builder, saved in zip(self.builders, state["builders"]):
+            if not torch.is_tensor(saved.get("coords")) or saved["coords"].shape != builder.coords.shape:
+                raise ValueError("the recorded state was made with another capacity")
+            builder.basis.check_state(saved)
+
+
+def check_capacity(capacity, blocks, shard, bits, device):
+    """Refuse a capacity that is no int >= 1, or whose allocations alone exceed the memory of the
+    device that holds them. Each block's bases take capacity x entries and its coordinates capacity
+    x capacity float64 values, whatever is recorded later: an absurd capacity would otherwise ask
+    torch for exabytes (a traceback from its allocator) or be killed by the system mid-training."""
+    if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral):
+        raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
+    if capacity < 1:
+        raise ValueError(f"capacity must be at least 1, not {capacity}")
+    basis = coords = 0
+    for start, stop, _ in blocks:
+        columns = shard.local_slice(start, stop)
+        basis += min(capacity, stop - start) * (columns.stop - columns.start) * bits // 8
+        coords += 8 * capacity * capacity
+    needs = {torch.device("cpu"): coords}  # the coordinates stay on the host
+    needs[device] = needs.get(device, 0) + basis
+    for where, need in needs.items():
+        have = _memory(where)
+        if have is not None and need > have:
+            raise ValueError(f"capacity {capacity} needs at least {need / 2**30:.3g} GiB on {where}, "
+                             f"which has {have / 2**30:.3g} GiB")
+
+
+def _memory(device):
+    """The total memory of a device in bytes, None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None

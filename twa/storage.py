@@ -30,7 +30,7 @@ def Basis(capacity, dim, bits=32, device="cpu"):
     """Room for `capacity` rows of length `dim` in the format of `bits` (32, 16, 8 or 4)."""
     formats = {32: Float32, 16: Float16, 8: Affine, 4: Affine}
     if bits not in formats:
-        raise ValueError(f"bits must be 32, 16, 8 or 4, not {bits}")
+        raise ValueError(f"bits must be 32, 16, 8 or 4, not {bits!r}")
     return formats[bits](capacity, dim, bits, device)
 
 
@@ -59,9 +59,26 @@ class Storage:
     def state_dict(self):
         return {"rows": self.rows, "bits": self.bits, "rounding": self.rounding, **self.tensors()}
 
+    def check_state(self, state):
+        """Raise ValueError unless `state` (a state_dict()) fits this basis: its format, its number
+        of rows, and every stored tensor's shape."""
+        if state.get("bits") != self.bits:
+            raise ValueError(f"the stored basis has {state.get('bits')} bits, not {self.bits}")
+        rows = state.get("rows")
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows <= len(self.rounding):
+            raise ValueError(f"the stored basis has {rows!r} rows, where this one holds at most "
+                             f"{len(self.rounding)}")
+        expected = {**{name: t.shape for name, t in self.tensors().items()},
+                    "rounding": self.rounding.shape}
+        for name, shape in expected.items():
+            saved = state.get(name)
+            if name != "rounding" or name in state:  # states saved before it was recorded lack it
+                if not torch.is_tensor(saved) or saved.shape != shape:
+                    raise ValueError(f"the stored basis' {name} is not a tensor of shape "
+                                     f"{tuple(shape)}")
+
     def load_state_dict(self, state):
-        if state["bits"] != self.bits:
-            raise ValueError(f"the stored basis has {state['bits']} bits, not {self.bits}")
+        self.check_state(state)
         for name, tensor in self.tensors().items():
             tensor.copy_(state[name])
         # states saved before the rounding was recorded: its expected value for their format
