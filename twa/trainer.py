@@ -1,10 +1,14 @@
 """Training inside the subspace: the model's trainable parameters become views of one flat vector
 that TWA.step rewrites as mean + P^T (c - m) after each optimizer step on the coordinates c."""
+import inspect
+
 import torch
 from torch import nn
 
+from .binding import Binding
 from .checkpoints import fsdp_modules, trainable_parameters
 from .sharding import DTensor
+from .subspace import Subspace
 
 
 def flatten_parameters_(params, size=None):
@@ -74,17 +78,34 @@ class TWA:
     scales the axes of whichever orthonormal basis Gram-Schmidt happened to produce. Plain SGD on the
     two differs by the preconditioner D^T D, by the centre of weight decay (c = 0, the origin, against
     beta = 0, the mean), and by reach: beta moves only along the deviations, so it cannot scale the
-    mean itself, which c can."""
+    mean itself, which c can.
+
+    The model must keep the parameters it had here (step checks each one's storage, identity and
+    requires_grad). `start`: "mean", a checkpoint number in [0, n) (negative numbers are refused,
+    not counted from the end), or a tensor of the trained size. step() needs an optimizer that holds
+    parameters() and whose step() takes no closure (LBFGS is refused). A step after no backward
+    pass steps with a zero gradient, as after zero_grad(set_to_none=False); a non-finite gradient
+    reaches c as it would reach any torch optimizer's parameters (refusing it would cost a copy to
+    the host every step). TWA owns the trainable weights: a load_state_dict into the model is
+    overwritten by the next step; move to other weights with move_to."""
 
     def __init__(self, model, space, start="mean", train="coordinates"):
         if train not in ("coordinates", "alpha"):
             raise ValueError(f"train must be 'coordinates' or 'alpha', not {train!r}")
+        if not isinstance(space, Subspace):
+            raise TypeError(f"space must be a twa.Subspace, not {type(space).__name__}")
         self.space, shard = space, space.shard
-        self.params = [p for _, p in trainable_parameters(model)]
+        named = trainable_parameters(model)
+        space.check_model(named)
+        self.params = [p for _, p in named]
+        self.directions = space.deviation_directions() if train == "alpha" else None
+        size = space.rank if train == "coordinates" else len(space.names) * len(space.spans)
+        if space.rank == 0 or (self.directions and not any(n.any() for _, n in self.directions)):
+            raise ValueError("nothing to train: the subspace has rank 0" if space.rank == 0 else
+                             "nothing to train: with train='alpha' every checkpoint equals the mean")
+        self.trained = nn.Parameter(torch.zeros(size, dtype=torch.float64, device=space.device))
+        start = self._start_value(start)  # checked before the model is touched
         self.fsdp_modules = fsdp_modules(model)  # found once: write_weights runs every step
-        dim = sum(p.numel() for p in self.params)
-        if dim != shard.dim:
-            raise ValueError(f"the model has {dim} trainable parameters, the subspace {shard.dim}")
         if shard.follows_model:  # FSDP2: the local shards stay the model's, copied in and out
             self.flat_weights, self.flat_grads, self.views, self.local_weights = _local_buffers(
                 self.params, space.device)
@@ -96,18 +117,12 @@ class TWA:
             self.own_layout = {p for p, _ in self.copied}
             # the shard's weights are computed here, then gathered into flat_weights; its gradient
             # is reduce-scattered here from flat_grads
-            self.shard_weights, self.shard_grads = (self.flat_weights[:dim], None) \
+            self.shard_weights, self.shard_grads = (self.flat_weights[:shard.dim], None) \
                 if shard.world == 1 else \
                 torch.zeros(2, shard.per_rank, dtype=self.flat_weights.dtype, device=space.device)
-        # a parameter that is a view of flat_weights, and where it points: see check_bound
-        self.bound = next(((p, p.data_ptr()) for p in self.params if p not in self.own_layout), None)
-        self.directions = space.deviation_directions() if train == "alpha" else None
-        size = space.rank if train == "coordinates" else len(space.names) * len(space.spans)
-        if space.rank == 0 or (self.directions and not any(n.any() for _, n in self.directions)):
-            raise ValueError("nothing to train: the subspace has rank 0" if space.rank == 0 else
-                             "nothing to train: with train='alpha' every checkpoint equals the mean")
-        self.trained = nn.Parameter(torch.zeros(size, dtype=torch.float64, device=space.device))
-        self.move_to(start)
+        self.binding, self.revision = Binding(model, named), space.revision
+        self.checked_optimizer = None  # the last optimizer found to hold the trained tensor
+        self._jump(start)
 
     def parameters(self):
         return [self.trained]
@@ -135,7 +150,7 @@ class TWA:
     def step(self, optimizer):
         """dL/dc = P g; one optimizer step on c (or beta); then the weights become mean + P^T (c - P mean)."""
         if not torch.compiler.is_compiling():  # traced once, a check of Python state is no guard
-            self.check_bound()
+            self.check(optimizer)
         self._collect_gradients()
         shard = self.space.shard
         if shard.world == 1 or shard.follows_model:  # FSDP2 has reduce-scattered and averaged
@@ -151,29 +166,63 @@ class TWA:
         optimizer.step()
         self.write_weights()
 
-    def check_bound(self):
-        """Moving or casting the model (model.to(...)) after TWA(model, space) gives the parameters
-        new storage: the model would then train on weights that no step writes, and nothing would
-        move."""
-        if self.bound is not None and self.bound[0].data_ptr() != self.bound[1]:
-            raise RuntimeError("the model's parameters were moved or replaced after TWA(model, "
-                               "space) (model.to(...)?): TWA no longer writes them; move the model "
-                               "before building the subspace and the TWA")
+    def check(self, optimizer):
+        """Raise before a step that would not train the model: its parameters changed since
+        TWA(model, space) (see Binding), the subspace rotated under the coordinates, or an optimizer
+        that cannot step them. Reads Python-side metadata only: no copy to the host."""
+        self.binding.check()
+        if self.space.revision != self.revision:
+            raise RuntimeError("the subspace was rotated (to_principal_components) after TWA(model, "
+                               "space): the coordinates no longer mean the same weights; build the "
+                               "TWA after changing the subspace")
+        self.check_optimizer(optimizer)
+
+    def check_optimizer(self, optimizer):
+        """Refuse an optimizer that would not move the trained tensor: one that does not hold it
+        (nothing would move, and no error), or one whose step needs a closure (step calls
+        optimizer.step() with none). Remembered once found good: a step checks it in O(1)."""
+        if optimizer is not None and optimizer is self.checked_optimizer:
+            return
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is None or not callable(getattr(optimizer, "step", None)):
+            raise TypeError(f"optimizer must be a torch optimizer, not {type(optimizer).__name__}")
+        if not any(p is self.trained for group in groups for p in group["params"]):
+            raise ValueError("the optimizer does not hold the TWA coordinates: build it on "
+                             "trainer.parameters(), not on the model's parameters")
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+        if closure is not None and closure.default is inspect.Parameter.empty:
+            raise ValueError(f"{type(optimizer).__name__}.step needs a closure, which TWA.step "
+                             "does not give: use an optimizer whose step takes none (SGD, AdamW...)")
+        self.checked_optimizer = optimizer
+
+    def move_to(self, start):
+        """Jump to the checkpoints' mean ("mean"), checkpoint number `start` (in [0, n)), or a given
+        value of the trained tensor (coordinates, or beta with train="alpha"). A wrong start raises
+        before anything changes."""
+        self._jump(self._start_value(start))
 
     @torch.no_grad()
-    def move_to(self, start):
-        """Jump to the checkpoints' mean ("mean"), checkpoint number `start`, or a given value of the
-        trained tensor (coordinates, or beta with train="alpha")."""
-        if torch.is_tensor(start):
-            self.trained.copy_(start)
-        elif self.directions is None:
-            self.trained.copy_(self.space.start_coordinates(start))
-        else:  # beta: zero at the mean; checkpoint j is |w_j - mean| along its own direction
-            self.trained.zero_()
-            if start != "mean":
-                beta = self.trained.view(len(self.space.spans), -1)
-                beta[:, start] = torch.stack([norms[start] for _, norms in self.directions])
+    def _jump(self, value):
+        self.trained.copy_(value)
         self.write_weights()
+
+    def _start_value(self, start):
+        """The trained tensor's value at `start`, checked (see move_to)."""
+        if torch.is_tensor(start):
+            if tuple(start.shape) != tuple(self.trained.shape) or not start.is_floating_point():
+                raise ValueError(f"start must be a floating-point tensor of shape "
+                                 f"{tuple(self.trained.shape)}, not a {start.dtype} tensor of shape "
+                                 f"{tuple(start.shape)}")
+            if not bool(torch.isfinite(start).all()):
+                raise ValueError("start holds NaN or Inf values")
+            return start.detach().to(self.trained)
+        if self.directions is None:
+            return self.space.start_coordinates(start)
+        beta = torch.zeros_like(self.trained).view(len(self.space.spans), -1)
+        if not (isinstance(start, str) and start == "mean"):  # beta: zero at the mean; checkpoint
+            j = self.space.checkpoint_index(start)  # j is |w_j - mean| along its own direction
+            beta[:, j] = torch.stack([norms[j] for _, norms in self.directions])
+        return beta.view(-1)
 
     @torch.no_grad()
     def write_weights(self):
