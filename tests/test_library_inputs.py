@@ -387,3 +387,22 @@ def test_sparse_and_accumulated_gradients_train_as_dense_summed_ones():
         trainer.step(opt)
         results.append(trainer.trained.detach().clone())
     assert torch.allclose(results[0], results[1], atol=1e-6)
+
+
+# --- Where a basis is kept ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,message", [("gpu", "device 'gpu' is no device"),
+                                            ("meta", "not 'meta'"), (3.5, "device 3.5 is no device")])
+def test_a_device_that_holds_no_basis_is_named(device, message):
+    model = mlp()
+    with pytest.raises(ValueError, match=message):
+        twa.Subspace.from_checkpoints(model, walk(model), device=device)
+    with pytest.raises(ValueError, match=message):
+        twa.SubspaceRecorder(model, capacity=2, device=device)
+
+
+def test_a_model_on_the_meta_device_is_named():
+    with torch.device("meta"):
+        model = mlp()
+    with pytest.raises(ValueError, match="parameters are on the meta device"):
+        twa.SubspaceRecorder(model, capacity=2)

@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 from torch.nn.modules.batchnorm import _NormBase
 
-from .checkpoints import (check_readable, current_weights, describe, layout, read_parameters,
-                          trainable_parameters)
+from .checkpoints import (basis_device, check_readable, current_weights, describe, layout,
+                          read_parameters, trainable_parameters)
 from .sharding import sharding_of
 from .storage import QUANT_GROUP
 from .subspace import Span, Subspace
@@ -289,7 +289,7 @@ def _first_pass(model, checkpoints, device, progress, group):
     the checkpoints (each checked readable before any long work) with their names, the progress
     wrapper, this process's column shard and its part of the checkpoints' mean (the first pass)."""
     params = trainable_parameters(model)
-    device = torch.device(device) if device is not None else params[0][1].device
+    device = basis_device(device, params)
     if isinstance(checkpoints, (str, bytes, os.PathLike, Mapping)):  # list() would split it up
         raise ValueError(f"checkpoints must be a list of files or state_dicts, not one "
                          f"{type(checkpoints).__name__}: pass [it]")

@@ -119,6 +119,19 @@ def trainable_parameters(model):
     return params
 
 
+def basis_device(device, params):
+    """Where a basis is kept: `device` (anything torch.device takes), else the first parameter's;
+    the meta device, which holds no values, is refused."""
+    try:
+        found = torch.device(device) if device is not None else params[0][1].device
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is no device ({first_line(err)})") from None
+    if found.type == "meta":
+        raise ValueError("a basis needs a device that holds values, not 'meta'" if device is not None
+                         else "the model's parameters are on the meta device: materialise them first")
+    return found
+
+
 def layout(params):
     """(name, shape) of each trainable parameter, in order: where its entries lie in the flat vector."""
     return [(name, tuple(p.shape)) for name, p in params]

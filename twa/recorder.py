@@ -6,7 +6,7 @@ import torch
 
 from .build import (add_generator, anchored, check_tolerance, parameter_blocks, span_builders,
                     warn_dropped)
-from .checkpoints import check_layout, current_weights, layout, trainable_parameters
+from .checkpoints import basis_device, check_layout, current_weights, layout, trainable_parameters
 from .sharding import sharding_of
 from .subspace import Subspace
 
@@ -25,7 +25,7 @@ class SubspaceRecorder:
     def __init__(self, model, capacity, bits=32, tol=1e-5, layer_size=None, device=None, group=None):
         self.model, self.params = model, trainable_parameters(model)
         self.layout = layout(self.params)
-        device = torch.device(device) if device is not None else self.params[0][1].device
+        device = basis_device(device, self.params)
         self.shard = sharding_of(self.params, group)
         check_tolerance(tol)
         blocks = parameter_blocks(self.params, layer_size)
