@@ -1,7 +1,8 @@
 """Trainable Weight Averaging (Li et al., ICLR 2023): train the coefficients of a weighted average of
 checkpoints, i.e. run SGD inside the subspace that the checkpoints span.
 
-Works with any nn.Module and any training loop:
+Works with any nn.Module, any training loop and any torch optimizer whose step needs no closure
+(LBFGS's does):
 
     model.load_state_dict(torch.load("ckpt/100.pt", weights_only=True))  # frozen layers, buffers
     space = Subspace.from_checkpoints(model, [f"ckpt/{i}.pt" for i in range(101)])
@@ -19,8 +20,13 @@ coordinates: the same trajectory, with no D-sized optimizer state. With layer_si
 version's layer-wise TWA) each block of consecutive parameter tensors gets its own coefficients: P is
 block-diagonal and alpha has one row per block.
 
+Wrong arguments raise ValueError or TypeError naming them (CheckpointError, a ValueError, for
+checkpoints) before anything changes; a model or subspace changed under a TWA raises RuntimeError
+at its next step.
+
 Where each piece lives (imports run downwards only):
 - trainer.py    TWA: the model's weights are w = mean + P^T (c - m), rewritten after every step.
+- binding.py    what TWA(model, space) bound, which every step checks is still the model's.
 - recorder.py   SubspaceRecorder: the span built while SGD trains, from weights in memory.
 - build.py      the streaming construction from checkpoints and its generator schemes; what m (the
                 stored mean's coordinates), the checkpoints' coordinates and to_alpha
