@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.modules.batchnorm import _NormBase
 
-from .checkpoints import (basis_device, check_readable, current_weights, describe, layout,
+from .checkpoints import (basis_device, check_readable, current_weights, describe, is_int, layout,
                           read_parameters, trainable_parameters)
 from .sharding import sharding_of
 from .storage import QUANT_GROUP
@@ -41,7 +41,7 @@ def parameter_blocks(params, min_size=None):
     tensor), and the last block keeps whatever remains."""
     if min_size is None:
         return [(0, sum(p.numel() for _, p in params), [name for name, _ in params])]
-    if isinstance(min_size, bool) or not isinstance(min_size, numbers.Integral):
+    if not is_int(min_size):
         raise TypeError(f"layer_size must be None or an int, not {type(min_size).__name__}")
     if min_size < 0:
         raise ValueError(f"layer_size must be None or >= 0, not {min_size}")

@@ -1,6 +1,7 @@
 """Reading checkpoints: state_dicts from files (weights only), sharded checkpoint folders or mappings,
 wrapper prefixes removed, flattened into the float32 vector of a model's trainable parameters (or one
 shard of it)."""
+import numbers
 import os
 import pickle
 import warnings
@@ -117,6 +118,11 @@ def trainable_parameters(model):
     if not params:
         raise ValueError("the model has no trainable parameters: nothing to average")
     return params
+
+
+def is_int(value):
+    """Whether value is an integer (numpy's too) and no bool, which Python counts as one."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def basis_device(device, params):

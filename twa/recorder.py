@@ -1,12 +1,12 @@
 """Building the span while SGD trains, from weights recorded in memory instead of checkpoint files."""
-import numbers
 import os
 
 import torch
 
 from .build import (add_generator, anchored, check_tolerance, parameter_blocks, span_builders,
                     warn_dropped)
-from .checkpoints import basis_device, check_layout, current_weights, layout, trainable_parameters
+from .checkpoints import (basis_device, check_layout, current_weights, is_int, layout,
+                          trainable_parameters)
 from .sharding import sharding_of
 from .subspace import Subspace
 
@@ -112,7 +112,7 @@ def check_capacity(capacity, blocks, shard, bits, device):
     device that holds them. Each block's bases take capacity x entries and its coordinates capacity
     x capacity float64 values, whatever is recorded later: an absurd capacity would otherwise ask
     torch for exabytes (a traceback from its allocator) or be killed by the system mid-training."""
-    if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral):
+    if not is_int(capacity):
         raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
     if capacity < 1:
         raise ValueError(f"capacity must be at least 1, not {capacity}")

@@ -65,17 +65,15 @@ class Storage:
         if state.get("bits") != self.bits:
             raise ValueError(f"the stored basis has {state.get('bits')} bits, not {self.bits}")
         rows = state.get("rows")
-        if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows <= len(self.rounding):
+        if not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= len(self.rounding):
             raise ValueError(f"the stored basis has {rows!r} rows, where this one holds at most "
                              f"{len(self.rounding)}")
-        expected = {**{name: t.shape for name, t in self.tensors().items()},
-                    "rounding": self.rounding.shape}
-        for name, shape in expected.items():
-            saved = state.get(name)
-            if name != "rounding" or name in state:  # states saved before it was recorded lack it
-                if not torch.is_tensor(saved) or saved.shape != shape:
-                    raise ValueError(f"the stored basis' {name} is not a tensor of shape "
-                                     f"{tuple(shape)}")
+        shapes = {name: t.shape for name, t in self.tensors().items()}
+        if "rounding" in state:  # states saved before it was recorded lack it
+            shapes["rounding"] = self.rounding.shape
+        for name, shape in shapes.items():
+            if not torch.is_tensor(state.get(name)) or state[name].shape != shape:
+                raise ValueError(f"the stored basis' {name} is not a tensor of shape {tuple(shape)}")
 
     def load_state_dict(self, state):
         self.check_state(state)

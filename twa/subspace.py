@@ -2,11 +2,10 @@
 part of the checkpoints' span, with the checkpoints' coordinates), and Subspace, which writes the
 weights as mean + P^T (c - m) over all the blocks. Reads no files: twa.build makes these."""
 import math
-import numbers
 
 import torch
 
-from .checkpoints import check_layout
+from .checkpoints import check_layout, is_int
 from .sharding import Sharding
 
 
@@ -80,7 +79,7 @@ class Subspace:
         not counted from the end: the scripts' --train_start -1 means the mean, start="mean" here."""
         if isinstance(start, str):
             raise ValueError(f"start must be 'mean' or a checkpoint number, not {start!r}")
-        if isinstance(start, bool) or not isinstance(start, numbers.Integral):  # numpy ints pass
+        if not is_int(start):
             raise TypeError(f"start must be 'mean' or a checkpoint number, not {type(start).__name__}")
         if not 0 <= start < len(self.names):
             raise ValueError(f"start={start} is no checkpoint: they are numbered 0 to "
@@ -118,7 +117,7 @@ class Subspace:
         each block: mean + their span. They lie in the span, so this is a rotation of P; nothing is
         reloaded. Returns the fraction of the checkpoints' variance that the kept directions explain."""
         largest = max(span.rank for span in self.spans)
-        if isinstance(n_components, bool) or not isinstance(n_components, numbers.Integral):
+        if not is_int(n_components):
             raise TypeError(f"n_components must be an int, not {type(n_components).__name__}")
         if not 1 <= n_components <= largest:
             raise ValueError(f"n_components must be in [1, {largest}], not {n_components}")
