@@ -22,6 +22,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+import schema
+
 LOGGER = logging.getLogger("plot")
 METRICS_FILENAME = "metrics.jsonl"
 SPLIT_STYLES = {"train": "-", "test": "--"}
@@ -54,8 +56,8 @@ def parse_metrics_line(line, path, line_number):
     """Parse one JSON line; return the row, or None when it has no epoch."""
     try:
         row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise PlotInputError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise PlotInputError(f"{path}:{line_number}: not valid JSON ({error})") from None
     if not isinstance(row, dict) or not is_number(row.get("epoch")):
         return None
     return row
@@ -80,34 +82,32 @@ def read_metrics(path):
     return rows
 
 
+def load_json(path):
+    """The JSON value in the file `path`; PlotInputError naming it where there is none."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise PlotInputError(f"{path}: not valid JSON ({error})") from None
+
+
 def read_coefficients(path):
     """Read a coefficients JSON file; return (names, alpha, uniform or None)."""
     path = Path(path)
     if not path.is_file():
         raise PlotInputError(f"{path}: no such file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise PlotInputError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
-    if not isinstance(data, dict):
-        raise PlotInputError(f"{path}: expected a JSON object with 'checkpoints' and 'alpha'")
-    names, alpha, uniform = data.get("checkpoints"), data.get("alpha"), data.get("uniform")
-    if alpha is None and isinstance(data.get("blocks"), list) and data["blocks"]:
-        alpha = blocks_mean(data["blocks"], path)
-    check_coefficients(names, alpha, uniform, source=path)
+    data = schema.validate(load_json(path), schema.COEFFICIENTS, path)
+    names, alpha, uniform = data["checkpoints"], data.get("alpha"), data.get("uniform")
+    if alpha is None:
+        alpha = blocks_mean(data["blocks"])
     return [str(name) for name in names], [float(a) for a in alpha], uniform
 
 
-def blocks_mean(blocks, source):
+def blocks_mean(blocks):
     """Layer-wise TWA's per-block alphas, averaged with each block's share of the parameters as
     its weight: one bar per checkpoint."""
-    try:
-        total = sum(block["entries"] for block in blocks)
-        return [sum(block["entries"] * block["alpha"][i] for block in blocks) / total
-                for i in range(len(blocks[0]["alpha"]))]
-    except (KeyError, TypeError, IndexError):
-        raise PlotInputError(f"{source}: 'blocks' must hold 'entries' and equal-length 'alpha' "
-                             "lists") from None
+    total = sum(block["entries"] for block in blocks)
+    return [sum(block["entries"] * block["alpha"][i] for block in blocks) / total
+            for i in range(len(blocks[0]["alpha"]))]
 
 
 def check_coefficients(names, alpha, uniform, source):
@@ -130,7 +130,9 @@ def check_coefficients(names, alpha, uniform, source):
 
 def save_figure(fig, path):
     """Write `fig` to `path` as PNG atomically, creating the folder if needed."""
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # a link is written through: the file it names is replaced
+    if path.exists() and not path.is_file():  # renamed over, /dev/null would become a PNG
+        raise PlotInputError(f"{path} exists and is not a regular file; it is left as it is")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as handle:
         temp_path = handle.name
@@ -248,11 +250,7 @@ def read_results(run):
     path = resolve_metrics_path(run).parent / "twa_results.json"
     if not path.is_file():
         return None
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PlotInputError(f"{path}: not valid JSON ({error})") from None
-    return results if isinstance(results, dict) else None
+    return schema.validate(load_json(path), schema.TWA_RESULTS, path)
 
 
 def split_stages(label, rows, twa_start=0):
@@ -328,7 +326,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except (PlotInputError, OSError, UnicodeDecodeError) as error:
+    except (PlotInputError, schema.ShapeError, OSError, UnicodeDecodeError) as error:
         LOGGER.error("plot.py %s: error: %s", args.command, error)
         sys.exit(EXIT_BAD_INPUT)
 

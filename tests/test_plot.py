@@ -94,7 +94,7 @@ def test_layerwise_coefficients_plot_the_size_weighted_mean(tmp_path):
     assert (tmp_path / "alpha.png").read_bytes().startswith(PNG_SIGNATURE)
     sys.path.insert(0, str(PLOT_SCRIPT.parent))
     import plot
-    assert plot.blocks_mean(json.loads(path.read_text())["blocks"], path) == [0.75, 0.25]
+    assert plot.blocks_mean(json.loads(path.read_text())["blocks"]) == [0.75, 0.25]
 
 
 def test_twa_continues_from_the_head_with_swa_and_final_markers(tmp_path):
@@ -116,3 +116,47 @@ def test_twa_continues_from_the_head_with_swa_and_final_markers(tmp_path):
     result = run_plot("curves", run, "-o", tmp_path / "c.png")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "c.png").stat().st_mode & 0o777 == 0o644  # readable by everyone
+
+
+def refused_in_one_line(result, *fragments):
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_coefficients_of_the_wrong_shape_name_the_file_and_field(tmp_path):
+    cases = [
+        ({"checkpoints": ["a"], "alpha": None, "blocks": [{"entries": 0, "alpha": [1.0]}]},
+         "blocks[0].entries: expected an integer >= 1, got 0"),
+        ({"checkpoints": ["a", "b"], "alpha": None, "blocks": [{"entries": 1, "alpha": [1.0, 0.0]},
+                                                              {"entries": 1, "alpha": [1.0]}]},
+         "2 checkpoints but alpha lists of 1, 2 values"),
+        ({"checkpoints": ["a"], "alpha": [float("nan")]}, "alpha[0]: expected a finite number, got nan"),
+        ({"checkpoints": ["a"], "alpha": ["0.5"]}, "alpha[0]: expected a finite number"),
+        ({"checkpoints": ["a"], "alpha": None}, "no 'alpha' and no 'blocks'"),
+        ({"alpha": [1.0]}, "no 'checkpoints' field"),
+        ([1.0], "expected an object, got a list"),
+        ({"checkpoints": ["a"], "alpha": [1.0], "uniform": "x"}, "uniform: expected a finite number"),
+    ]
+    for i, (data, fragment) in enumerate(cases):
+        path = tmp_path / f"c{i}.json"
+        path.write_text(json.dumps(data))
+        refused_in_one_line(run_plot("coefficients", path, "-o", tmp_path / "out.png"), str(path), fragment)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    refused_in_one_line(run_plot("coefficients", deep, "-o", tmp_path / "out.png"), "not valid JSON")
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_twa_results_file_of_the_wrong_shape_is_refused_not_ignored(tmp_path):
+    run = write_metrics(tmp_path / "run", offset=0.0)
+    for data, fragment in (({"start_epoch": "2"}, "start_epoch: expected a finite number"),
+                           ([{"start_epoch": 2}], "expected an object, got a list"),
+                           ({"swa": {"accuracy": [55.0]}}, "swa.accuracy: expected a finite number")):
+        (run / "twa_results.json").write_text(json.dumps(data))
+        refused_in_one_line(run_plot("curves", run, "-o", tmp_path / "c.png"), "twa_results.json",
+                            fragment)
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("[" * 100_000 + "\n")
+    refused_in_one_line(run_plot("curves", metrics, "-o", tmp_path / "c.png"), "metrics.jsonl:1")
