@@ -275,3 +275,249 @@ def test_basis_spectrum_records_its_command_and_revision(tmp_path):
     missing = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1].endswith("are missing, the first " + str(tmp_path / "4.pt"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# bench/report.py: the rule, the reading of results files, one protocol and one run per seed a table
+# ---------------------------------------------------------------------------------------------------
+
+import report  # noqa: E402
+
+
+def scored(*flags):
+    """Per-image scores a - b of one seed from its -1/0/1 list."""
+    return np.array(flags)
+
+
+def test_rule_interval_by_hand():
+    # seed 1: +1 on image 0 (d = 25 points); seed 2: +1 on images 0 and 1 (d = 50); N = 4
+    # e_i = 100, 50, 0, 0 (mean 37.5): var_images = (62.5^2 + 12.5^2 + 2 * 37.5^2) / 3 = 6875 / 3
+    # var_seeds = (25 - 50)^2 / 2 = 312.5; SE^2 = 312.5 / 2 + 6875 / 12 = 729.1667; t(1) = 12.706
+    mean, low, high = report.rule_interval([scored(1, 0, 0, 0), scored(1, 1, 0, 0)])
+    assert mean == 37.5
+    assert high - mean == pytest.approx(12.706 * 729.1667 ** 0.5, rel=1e-6)
+    assert mean - low == pytest.approx(high - mean)
+    # one seed: e_i = 100, 0, 0, 0, var = 2500, SE = sqrt(2500 / 4) = 25, 1.96 * 25 = 49
+    assert report.rule_interval([scored(1, 0, 0, 0)]) == pytest.approx((25, -24, 74))
+    with pytest.raises(ValueError, match="4 and 3 images"):
+        report.rule_interval([scored(1, 0, 0, 0), scored(1, 0, 0)])
+
+
+def test_seeds_that_agree_do_not_hide_the_test_sets_noise():
+    """Three seeds with the same paired difference on noisy images: the t interval over the seeds has
+    no width, the rule's is as wide as the images allow, so +0.4 points is not settled."""
+    one = np.array([1] * 600 + [-1] * 560 + [0] * 8840)  # +0.40 points on 10,000 images
+    cells = report.over_seed_cells([(seed, one) for seed in (1, 2, 3)])
+    assert cells[2] == "+0.40 [+0.40, +0.40]"  # t over the seeds alone
+    mean, low, high = report.rule_interval([one] * 3)
+    image_se = (np.var(100.0 * one, ddof=1) / one.size) ** 0.5
+    assert high - mean == pytest.approx(4.303 * image_se) and high - mean > 1.4
+    assert cells[:2] == [f"+0.40 [{low:+.2f}, {high:+.2f}]", "not settled"]
+
+
+@pytest.mark.parametrize("low, high, word", [
+    (0.1, 0.9, "better"), (0.05, 0.25, "better (within +-0.3)"), (-0.9, -0.1, "worse"),
+    (-0.25, -0.01, "worse (within +-0.3)"), (-0.2, 0.3, "matches"), (-0.5, 0.2, "not settled"),
+    (-0.1, 0.31, "not settled")])
+def test_each_verdict_word(low, high, word):
+    assert report.verdict(low, high) == word
+
+
+def test_every_verdict_word_from_per_image_results():
+    """Each word reached from scores through the interval, and the words without an interval."""
+    def seeds(gains, losses, n=10_000):
+        return [(s, np.array([1] * (g + s) + [-1] * (l + s) + [0] * (n - g - l - 2 * s)))
+                for s, (g, l) in enumerate(zip(gains, losses))]
+    words = {
+        "better": seeds([900] * 3, [100] * 3),
+        "worse": seeds([100] * 3, [900] * 3),
+        "better (within +-0.3)": seeds([10_750] * 3, [9_250] * 3, n=1_000_000),  # +0.15
+        "matches": seeds([2_000] * 3, [2_000] * 3, n=1_000_000),
+        "not settled": seeds([300] * 3, [260] * 3),
+    }
+    for word, scored_seeds in words.items():
+        assert report.over_seed_cells(scored_seeds)[1] == word
+    assert report.over_seed_cells([], unscored=[(1, 0.5), (2, 0.4)])[1:] == [
+        "not settled (no per-image results)", "+0.45 [-0.19, +1.09]"]
+    assert report.over_seed_cells(words["better"], shared=False)[1] == "not settled (other data folders)"
+    partial = report.over_seed_cells(words["better"][:2], unscored=[(7, 8.0)])
+    assert partial[0].endswith(" over seeds 0, 1") and partial[1] == "better"
+    assert report.over_seed_cells(words["better"][:1], unscored=[(7, 8.0)])[0].endswith(
+        " (one seed: seed 0)")
+
+
+def test_t_quantile_beyond_the_table():
+    assert report.t975(10) == 2.228
+    assert report.t975(11) == pytest.approx(2.20099, abs=2e-5)
+    assert report.t975(30) == pytest.approx(2.04227, abs=2e-5)
+    assert report.t975(10_000) == pytest.approx(1.960, abs=1e-3)
+
+
+N_TEST = 40
+
+
+def packed(rng, p=0.7):
+    return runfiles.pack_bits(rng.random(N_TEST) < p)
+
+
+def head_record(seed, epochs=3, **changes):
+    """A bench/head.py record of the shape report.py reads, per-image results of N_TEST images."""
+    rng = np.random.default_rng(seed)
+    record = {"seed": seed, "name": "h", "epochs": epochs, "sgd_wd": 1e-4, "checkpoints_per_epoch": 1,
+              "twa": {"lr": 2.0}, "data_dir": "data", "complete": True,
+              "sgd": {"test_correct": [packed(rng) for _ in range(epochs)]},
+              "head": [{"n": 2, "sgd_epochs": 1, "twa_epochs": 1, "swa": {"correct": packed(rng)},
+                        "before_bn": {"correct": packed(rng)},
+                        "twa": {"recompute": {"correct": packed(rng)}}}]}
+    record.update(changes)
+    return record
+
+
+def tail_record(seed, key="swalr0.1", **changes):
+    rng = np.random.default_rng(seed)
+    variant = {"swa_acc": 80.0, "twa_acc": 81.0, "swa_correct": packed(rng), "twa_correct": packed(rng)}
+    return {"seed": seed, "swa_start": 16, "epochs": 30, "checkpoints_per_epoch": 2, "data_dir": "data",
+            "runs": {key: {"tail": {"orth-lr2-e2": variant}}}, **changes}
+
+
+def write(folder, name, record):
+    path = folder / name
+    path.write_text(json.dumps(record) if not isinstance(record, str) else record)
+    return path
+
+
+def run_report(folder, *names, test_images=N_TEST):
+    """report.py's output for --name NAMES, or its one-line refusal as 'refused: ...'."""
+    argv = ["--results", str(folder), "--test-images", str(test_images), "--name", *names]
+    try:
+        report.main(argv)
+    except SystemExit as stop:
+        assert "\n" not in str(stop.code), stop.code
+        return f"refused: {stop.code}"
+    return "ok"
+
+
+def test_one_name_holds_one_protocol_and_one_run_per_seed(tmp_path):
+    write(tmp_path, "h-seed1.json", head_record(1))
+    write(tmp_path, "h-seed2.json", head_record(2))
+    assert run_report(tmp_path, "h") == "ok"
+    write(tmp_path, "h-seed3.json", head_record(3, epochs=4))  # another E under the same name
+    message = run_report(tmp_path, "h")
+    assert "differ in epochs" in message and "h-seed1.json" in message and "h-seed3.json" in message
+    (tmp_path / "h-seed3.json").unlink()
+    write(tmp_path, "h-seed1-copy.json", head_record(1))  # one seed counted twice
+    message = run_report(tmp_path, "h")
+    assert "seed 1 is in more than one of" in message and "h-seed1-copy.json" in message
+    assert "seed 1 is in more than one of" in run_report(tmp_path, "h:1", "h:1")
+    (tmp_path / "h-seed1-copy.json").unlink()
+    write(tmp_path, "h-seed3.json", tail_record(3))  # another runner's record
+    assert "a table reads one kind" in run_report(tmp_path, "h")
+    assert "a table reads one kind" in run_report(tmp_path, "h*")  # a glob: the same check
+    # a tail seed has a file per swa_lr: the same seed twice in one swa_lr only is refused
+    write(tmp_path, "t-seed1.json", tail_record(1))
+    write(tmp_path, "t-seed1-swalr0.05.json", tail_record(1, key="swalr0.05"))
+    assert run_report(tmp_path, "t") == "ok"
+    write(tmp_path, "t-seed1-again.json", tail_record(1))
+    assert "seed 1 (swalr0.1) is in more than one of" in run_report(tmp_path, "t")
+
+
+def broken(path, value):
+    """head_record(1) with the field at `path` (keys and indices) set to value, or deleted (...)."""
+    record = head_record(1)
+    *parents, last = path
+    holder = record
+    for key in parents:
+        holder = holder[key]
+    if value is ...:
+        del holder[last]
+    else:
+        holder[last] = value
+    return record
+
+
+@pytest.mark.parametrize("record, message", [
+    (broken(["seed"], ...), "h-seed1.json: no 'seed' field"),
+    (broken(["head"], {"n": 2}), "h-seed1.json: head: expected a list, got an object"),
+    (broken(["head", 0, "swa", "correct"], None), "head[0].swa.correct: expected a string, got null"),
+    (broken(["epochs"], "3"), "epochs: expected an integer >= 1, got the string '3'"),
+    (broken(["sgd_wd"], float("nan")), "sgd_wd: expected a finite number, got nan"),
+    (broken(["seed"], True), "seed: expected an integer >= 0, got true"),
+    (broken(["head", 0, "twa"], []), "head[0].twa: expected an object, got a list"),
+    (broken(["head", 0, "sgd_epochs"], 5), "sgd.test_correct: 3 epochs recorded, 5 needed"),
+    (broken(["head", 0, "sgd_epochs"], -1), "head[0].sgd_epochs: expected an integer >= 1, got -1"),
+    (broken(["head", 0, "twa", "recompute", "correct"], runfiles.pack_bits([1] * 80)),
+     "head[0].twa.recompute.correct: packed results of 10 bytes do not hold 40 flags"),
+    (broken(["head", 0, "swa", "correct"], "not base64!"), "head[0].swa.correct: not packed"),
+    ([head_record(1)], "h-seed1.json: not a record of"),
+    ("[" * 100_000, "h-seed1.json: not a readable results file"),
+    ("", "h-seed1.json: not a readable results file"),
+])
+def test_a_results_file_of_the_wrong_shape_is_one_line_naming_file_and_field(tmp_path, record, message):
+    write(tmp_path, "h-seed1.json", record)
+    assert message in run_report(tmp_path, "h")
+
+
+def test_what_is_not_a_results_file_is_refused_without_reading_it(tmp_path):
+    (tmp_path / "d-seed1.json").mkdir()
+    assert "d-seed1.json: not a regular file" in run_report(tmp_path, "d")
+    os.mkfifo(tmp_path / "f-seed1.json")  # reading would wait for a writer forever
+    assert "f-seed1.json: not a regular file" in run_report(tmp_path, "f")
+    with open(tmp_path / "big-seed1.json", "wb") as f:
+        f.truncate(report.MAX_BYTES + 1)
+    assert "too large for a results file" in run_report(tmp_path, "big")
+    write(tmp_path, "bytes-seed1.json", "")
+    (tmp_path / "bytes-seed1.json").write_bytes(b'{"seed": "\xff"}')
+    assert "bytes-seed1.json: not a readable results file" in run_report(tmp_path, "bytes")
+    assert run_report(tmp_path, "nothing") == f"refused: no nothing-seed*.json in {tmp_path}"
+    assert "at least 2 images" in run_report(tmp_path, "d", test_images=1)
+
+
+def test_names_and_folders_are_taken_as_written(tmp_path):
+    folder = tmp_path / "results [1] ü"  # glob magic and unicode in the folder
+    folder.mkdir()
+    write(folder, "héad-ü-seed1.json", head_record(1))
+    assert run_report(folder, "héad-ü") == "ok"
+
+
+def test_seeds_scored_on_test_sets_of_other_sizes_are_refused_naming_the_file(tmp_path):
+    write(tmp_path, "h-seed1.json", head_record(1))
+    other = head_record(2)
+    other["sgd"]["test_correct"][0] = runfiles.pack_bits([1] * 48)
+    write(tmp_path, "h-seed2.json", other)
+    assert "h-seed2.json: sgd.test_correct[0]: packed results of 6 bytes do not hold 40" in run_report(
+        tmp_path, "h")
+
+
+def e200_record(seed, twa, sgd200, sgd110, **changes):
+    def entry(correct):
+        return {"accuracy": 100 * np.mean(correct), "correct": runfiles.pack_bits(correct)}
+    return {"seed": seed, "name": "head-e200", "epochs": 200, "twa_end": 100, "twa_epochs": 10,
+            "data_dir": "data", "sgd200": entry(sgd200), "sgd110": entry(sgd110),
+            "twa": {"recompute": entry(twa), "running": entry(twa)}, **changes}
+
+
+def test_head_e200_report_compares_twa_with_both_sgd_budgets(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    n = 2000
+    truth = rng.random(n) < 0.9
+    arms = {}
+    for seed in (1, 2, 3):
+        sgd200 = truth ^ (rng.random(n) < 0.05)
+        arms[seed] = (sgd200 ^ (rng.random(n) < 0.02), sgd200, sgd200 ^ (rng.random(n) < 0.04))
+        write(tmp_path, f"head-e200-seed{seed}.json", e200_record(seed, *arms[seed]))
+    assert run_report(tmp_path, "head-e200", test_images=n) == "ok"
+    out = capsys.readouterr().out
+    for baseline, k in (("SGD(200)", 1), ("SGD(110)", 2)):
+        scores = [arms[s][0].astype(int) - arms[s][k] for s in (1, 2, 3)]
+        mean, low, high = report.rule_interval(scores)
+        row = next(x for x in out.splitlines()
+                   if x.startswith(f"| TWA(100+10), BN recompute - {baseline} | 1, 2, 3 |"))
+        assert f"| {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {report.verdict(low, high)} |" in row
+        assert f"| 1 | TWA(100+10), BN running - {baseline} |" in out
+    record = e200_record(1, *arms[1])
+    record["sgd110"]["accuracy"] += 1  # a runner that wrote another model's accuracy
+    write(tmp_path, "head-e200-seed1.json", record)
+    assert "sgd110.accuracy" in run_report(tmp_path, "head-e200", test_images=n)
+    del record["twa"]["recompute"]
+    write(tmp_path, "head-e200-seed1.json", record)
+    assert "twa: no 'recompute' field" in run_report(tmp_path, "head-e200", test_images=n)
