@@ -1,6 +1,8 @@
 """Tests for plot.py, run as a command-line script in a subprocess."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +162,12 @@ def test_a_twa_results_file_of_the_wrong_shape_is_refused_not_ignored(tmp_path):
     metrics = run / "metrics.jsonl"
     metrics.write_text("[" * 100_000 + "\n")
     refused_in_one_line(run_plot("curves", metrics, "-o", tmp_path / "c.png"), "metrics.jsonl:1")
+
+
+def test_an_output_that_is_not_a_regular_file_is_left_alone(tmp_path):
+    run = write_metrics(tmp_path / "run", offset=0.0)
+    fifo = tmp_path / "figure.png"
+    os.mkfifo(fifo)
+    refused_in_one_line(run_plot("curves", run, "-o", fifo), "not a regular file")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png", "run"]  # no temp file left
