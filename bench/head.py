@@ -15,6 +15,15 @@
 Every evaluated model records which test images it got right (packed bits), so that bench/report.py
 gives paired intervals: SGD at every epoch, SWA, TWA before and after each BatchNorm pass.
 
+With --budget-matched, a second SGD run trains for --twa-end plus the longest --twa-epochs epochs on
+its own step schedule (its lr steps at 50% and 75% of that budget): the baseline that "TWA saves
+epochs" must beat, which simply trains less. Its per-epoch record goes to "sgd_matched".
+
+For the paper's budget (E = 200, checkpoints 0..100 at one per epoch, 10 TWA epochs):
+
+    python bench/head.py --seed 1 --epochs 200 --twa-end 100 --per-epoch 1 --twa-epochs 10 \
+        --budget-matched --name head-e200
+
 With --twa-during-sgd, TWA starts as soon as SGD has written the checkpoint of epoch --twa-end, in
 a second process beside SGD, rather than after SGD's last epoch: on a GPU, where one small model
 leaves it mostly idle, the TWA results then come in the time of SGD alone, and a run stopped by a
@@ -59,6 +68,8 @@ def parse_args():
     parser.add_argument("--train-subset", type=int, default=0,
                         help="train on this many images (0: all; small values for a dry run)")
     parser.add_argument("--name", default="head-paper", help="results/<name>-seed<k>.json")
+    parser.add_argument("--budget-matched", action="store_true",
+                        help="also train SGD for --twa-end + max(--twa-epochs) epochs on its own schedule")
     parser.add_argument("--twa-during-sgd", action="store_true",
                         help="start TWA in a second process once SGD has written the checkpoint of "
                              "epoch --twa-end, instead of after SGD")
@@ -106,6 +117,19 @@ class Pipeline(common.Experiment):
         return self.start("train_sgd.py", ["--epochs", self.args.epochs, "--lr", 0.1, "--wd", self.args.wd,
                                            "--schedule", "step", "--save-every", self.args.per_epoch,
                                            "--save-dir", folder, *resume])
+
+    def budget_matched(self):
+        """SGD on its own schedule for the epochs TWA spends in all (SGD's and its own), recorded
+        under "sgd_matched"; resumed where stopped, skipped where finished."""
+        epochs = self.args.twa_end + max(self.args.twa_epochs)
+        folder = os.path.join(self.run_dir, f"sgd-{epochs}")
+        state = os.path.join(folder, "state.pt")
+        if not (os.path.exists(state) and runfiles.load_torch(state)["progress"]["epoch"] >= epochs):
+            resume = ["--resume"] if os.path.exists(state) else []
+            self.run("train_sgd.py", ["--epochs", epochs, "--lr", 0.1, "--wd", self.args.wd, "--schedule",
+                                      "step", "--save-dir", folder, *resume])
+        self.report["sgd_matched"] = {"epochs": epochs, **common.sgd_record(folder)}
+        self.save()
 
     def wait_for_twa_checkpoints(self, sgd):
         """Until SGD has written the last checkpoint TWA spans (checkpoints are written whole, by
@@ -186,6 +210,8 @@ def main():
             run_twa(pipe)
             if sgd:
                 pipe.scripts.wait(sgd)
+            if args.budget_matched:
+                pipe.budget_matched()
         except KeyboardInterrupt:  # Ctrl-C reached SGD too (one process group): it saves and stops
             if sgd:
                 sgd.wait()
