@@ -23,9 +23,12 @@ The rule (fixed before the E = 200 runs; every verdict this report prints follow
   Interval. For a difference (e.g. TWA - SGD, TWA - SWA) over S seeds that share one test set of N
   images, with per-image correctness per seed: let d_s be seed s's paired difference in accuracy
   (points), D their mean over seeds, and e_i the per-image difference averaged over seeds.
-      SE^2 = var_seeds(d_s) / S + var_images(e_i) / N      (sample variances, in points^2)
-      interval = D +- t_{0.975, S-1} * SE
-  For S = 1: the normal quantile 1.96 and the image term alone, marked "(one seed)". Why: the seeds
+      SE^2 = a + b,  a = var_seeds(d_s) / S,  b = var_images(e_i) / N   (sample variances, points^2)
+      interval = D +- t_{0.975, df} * SE,  df = (a + b)^2 / (a^2 / (S - 1) + b^2 / (N - 1))
+  df is Welch-Satterthwaite's (rounded down): the seed term is estimated from S - 1 degrees of
+  freedom, the image term from N - 1, and t(S - 1) on both would widen the image term's 1.96 to
+  4.3 with 3 seeds for no reason. For S = 1: the normal quantile 1.96 and the image term alone,
+  marked "(one seed)". Why both terms: the seeds
   share the test set, so the spread of the seeds alone misses the test set's draw (over-seed t
   intervals came out narrower than per-image noise allows, e.g. [+0.33, +0.39] on a 10k test set),
   and the image term alone misses seed-to-seed variation; the sum counts the seed-by-image
@@ -180,9 +183,19 @@ def rule_interval(scores):
     if seeds == 1:
         half = 1.96 * math.sqrt(image_term)
     else:
-        half = t975(seeds - 1) * math.sqrt(differences.var(ddof=1) / seeds + image_term)
+        seed_term = differences.var(ddof=1) / seeds
+        half = t975(satterthwaite(seed_term, seeds - 1, image_term, images - 1)) * math.sqrt(
+            seed_term + image_term)
     mean = float(differences.mean())
     return mean, mean - half, mean + half
+
+
+def satterthwaite(a, df_a, b, df_b):
+    """Welch-Satterthwaite's degrees of freedom of the variance estimate a + b, rounded down (never
+    below the smaller of the two, where both terms are 0)."""
+    if a + b == 0:
+        return min(df_a, df_b)
+    return max(min(df_a, df_b), math.floor((a + b) ** 2 / (a ** 2 / df_a + b ** 2 / df_b)))
 
 
 def verdict(low, high):

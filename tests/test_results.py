@@ -292,10 +292,11 @@ def scored(*flags):
 def test_rule_interval_by_hand():
     # seed 1: +1 on image 0 (d = 25 points); seed 2: +1 on images 0 and 1 (d = 50); N = 4
     # e_i = 100, 50, 0, 0 (mean 37.5): var_images = (62.5^2 + 12.5^2 + 2 * 37.5^2) / 3 = 6875 / 3
-    # var_seeds = (25 - 50)^2 / 2 = 312.5; SE^2 = 312.5 / 2 + 6875 / 12 = 729.1667; t(1) = 12.706
+    # var_seeds = (25 - 50)^2 / 2 = 312.5; a = 312.5 / 2 = 156.25, b = 6875 / 12 = 572.9167
+    # df = 729.1667^2 / (156.25^2 / 1 + 572.9167^2 / 3) = 3.97, rounded down 3: t(3) = 3.182
     mean, low, high = report.rule_interval([scored(1, 0, 0, 0), scored(1, 1, 0, 0)])
     assert mean == 37.5
-    assert high - mean == pytest.approx(12.706 * 729.1667 ** 0.5, rel=1e-6)
+    assert high - mean == pytest.approx(3.182 * 729.1667 ** 0.5, rel=1e-6)
     assert mean - low == pytest.approx(high - mean)
     # one seed: e_i = 100, 0, 0, 0, var = 2500, SE = sqrt(2500 / 4) = 25, 1.96 * 25 = 49
     assert report.rule_interval([scored(1, 0, 0, 0)]) == pytest.approx((25, -24, 74))
@@ -311,7 +312,8 @@ def test_seeds_that_agree_do_not_hide_the_test_sets_noise():
     assert cells[2] == "+0.40 [+0.40, +0.40]"  # t over the seeds alone
     mean, low, high = report.rule_interval([one] * 3)
     image_se = (np.var(100.0 * one, ddof=1) / one.size) ** 0.5
-    assert high - mean == pytest.approx(4.303 * image_se) and high - mean > 1.4
+    # no seed-to-seed spread: the image term's 9,999 degrees of freedom, t = 1.960
+    assert high - mean == pytest.approx(report.t975(9999) * image_se) and high - mean > 0.6
     assert cells[:2] == [f"+0.40 [{low:+.2f}, {high:+.2f}]", "not settled"]
 
 
