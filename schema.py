@@ -142,7 +142,6 @@ def all_of(*shapes):
 # the files: what each reader uses (other fields pass unchecked)
 # ---------------------------------------------------------------------------------------------------
 
-SCORED = {"accuracy": number, "correct": bits}  # a model's test accuracy and which images it got right
 SEED = count(0)
 
 
@@ -165,7 +164,7 @@ def sgd_curve_covers_the_epochs(run, field):
 HEAD = all_of({
     "seed": SEED, "epochs": count(1), "name": text, "sgd_wd": number, "checkpoints_per_epoch": count(1),
     "twa": anything, "complete?": flag, "data_dir?": nullable(text),
-    "sgd": {"test_correct": [bits]},
+    "sgd": {"test_correct": [bits]}, "sgd_matched?": {"epochs": count(1), "test_correct": nonempty(bits)},
     "head": [{"n": count(1), "sgd_epochs": count(1), "twa_epochs": count(1), "swa": {"correct": bits},
               "before_bn": {"correct": bits}, "twa": each({"correct": bits})}],
 }, sgd_covers_the_epochs)
@@ -191,16 +190,6 @@ SOUPS = {
     "seed": SEED, "ingredients": nonempty({"accuracy": number}),
     "methods": each({"accuracy": number, "held_out": {"accuracy": number}}),
 }
-
-# the paper's budget (issue 42): per seed, TWA over SGD's first `twa_end` epochs trained `twa_epochs`
-# more, against SGD(200) and SGD(110) each on its own schedule; "twa" holds one entry per BatchNorm
-# mode ("recompute", "running")
-HEAD_E200 = {
-    "seed": SEED, "name": text, "epochs": count(1), "twa_end": count(1), "twa_epochs": count(1),
-    "complete?": flag, "data_dir?": nullable(text),
-    "sgd200": SCORED, "sgd110": SCORED, "twa": all_of(each(SCORED), {"recompute": SCORED}),
-}
-
 
 def same_lengths(data, field):
     """coefficients.json: one coefficient per checkpoint, in `alpha` or in every block."""

@@ -9,8 +9,9 @@ bench/head.py's runs (--name head-paper): paired differences within each seed an
 each with the interval and the verdict of the rule below; with --against NAME, two such protocols on
 the same seeds and E (e.g. another SGD weight decay): each model against its namesake, and the change
 of its gap to SGD(E); with several names (--name head-paper-4ep:1,3 head-paper:2), the seeds of one
-protocol pooled into one table. For the paper's budget (--name head-e200, issue 42): TWA(100+10)
-against SGD(200) and against SGD(110) on its own schedule. For bench/tail_swa.py's runs (--name
+protocol pooled into one table. A run made with --budget-matched (the paper's budget: --name
+head-e200) also has each TWA against SGD trained for TWA's epochs on its own schedule, e.g.
+TWA(100+10) against SGD(110). For bench/tail_swa.py's runs (--name
 tail-swa): TWA against SWA of the same checkpoints, and the TWA variants that differ in one choice
 (checkpoint density, TWA epochs, TWA-v) against each other. For bench/soups.py's (--name
 soups-diverse): each soup's held-out and test accuracy.
@@ -269,7 +270,14 @@ def head_models(run):
         models[f"{twa}, before BN"] = (spent, head["before_bn"]["correct"])
         for mode, result in head["twa"].items():
             models[f"{twa}, BN {mode}"] = (spent, result["correct"])
+    if "sgd_matched" in run:  # SGD trained for TWA's budget on its own schedule (--budget-matched)
+        matched = run["sgd_matched"]
+        models[matched_label(matched["epochs"])] = (matched["epochs"], matched["test_correct"][-1])
     return models
+
+
+def matched_label(epochs):
+    return f"SGD({epochs}), own schedule"
 
 
 def paired_rows(runs, bits):
@@ -319,7 +327,8 @@ def head_comparisons(models, e):
     for n, k in runs:
         spent = models[name(n, k, "BN recompute")][0]
         for bn in ("BN recompute", "BN running"):
-            pairs += [(name(n, k, bn), f"SGD({e})"), (name(n, k, bn), f"SGD({min(spent, e)})")]
+            pairs += [(name(n, k, bn), f"SGD({e})"), (name(n, k, bn), f"SGD({min(spent, e)})"),
+                      (name(n, k, bn), matched_label(spent))]
         pairs += [(name(n, k, "BN running"), name(n, k, "BN recompute")),
                   (name(n, k, "BN recompute"), name(n, k, "before BN"))]
         pairs += [(name(n, k, "BN recompute"), name(m, k, "BN recompute")) for m, j in runs
@@ -400,53 +409,6 @@ def protocol_over_seeds(label, seeds, shared):
     if seeds[0][2] is None:
         return row + ["", "", ""]
     return row + over_seed_cells([(seed, g) for seed, _, g in seeds], shared)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the paper's budget (--name head-e200): TWA(100+10) against SGD(200) and SGD(110), each on its own
-# schedule (schema.HEAD_E200)
-# ---------------------------------------------------------------------------------------------------
-
-E200_BASELINES = ("sgd200", "sgd110")
-
-
-def e200_bits(run, field, entry, n_test):
-    """An entry's per-image results, refused where they disagree with its accuracy."""
-    correct = unpack_bits(entry["correct"], n_test)
-    if abs(100 * correct.mean() - entry["accuracy"]) > 0.005 + 50 / n_test:
-        raise SystemExit(f"{run.path}: {field}.accuracy {entry['accuracy']} disagrees with its "
-                         f"per-image results ({100 * correct.mean():.2f} of {n_test} images)")
-    return correct
-
-
-def e200_report(runs, n_test, title):
-    """TWA - SGD(200) and TWA - SGD(110) for each BatchNorm mode, within each seed and over the seeds."""
-    per_seed, by_label, accuracy = [], {}, {}
-    for run in runs:
-        twa_name = f"TWA({run['twa_end']}+{run['twa_epochs']})"
-        baselines = {f"SGD({key[3:]})": (e200_bits(run, key, run[key], n_test), run[key]["accuracy"])
-                     for key in E200_BASELINES}
-        for mode, twa in run["twa"].items():
-            correct = e200_bits(run, f"twa.{mode}", twa, n_test)
-            accuracy.setdefault(f"{twa_name}, BN {mode}", []).append(twa["accuracy"])
-            for name, (baseline, baseline_accuracy) in baselines.items():
-                label = f"{twa_name}, BN {mode} - {name}"
-                scores = minus(correct, baseline)
-                per_seed.append([run["seed"], label, f"{twa['accuracy']:.2f}",
-                                 f"{baseline_accuracy:.2f}", *seed_cells(scores)])
-                by_label.setdefault(label, []).append((run["seed"], scores))
-        for name, (_, baseline_accuracy) in baselines.items():
-            accuracy.setdefault(name, []).append(baseline_accuracy)
-    shared = one_test_set(runs)
-    over = [[label, ", ".join(str(seed) for seed, _ in scored), *over_seed_cells(scored, shared)]
-            for label, scored in by_label.items()]
-    print(f"{title}\n\nTest accuracy (%), mean +- std over the seeds:\n")
-    print(markdown(["model", "test acc"], [[k, mean_std(v)] for k, v in accuracy.items()]))
-    print(f"\nOver the seeds: differences in points, 95% intervals and verdicts by the rule in "
-          f"bench/report.py (margin {MARGIN}):\n")
-    print(markdown(["comparison", "seeds", *RULE_COLUMNS], over))
-    print(f"\nWithin each seed (one seed each: the image term over the {n_test} test images):\n")
-    print(markdown(["seed", "comparison", "TWA", "SGD", "difference (points)", "verdict"], per_seed))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -565,9 +527,6 @@ class Kind:
 
 
 KINDS = (  # the first whose keys a file has
-    Kind("the head-e200 runner", ("sgd200",), schema.HEAD_E200,
-         ("epochs", "twa_end", "twa_epochs", "arch", "sgd_wd", "checkpoints_per_epoch", "train_subset",
-          "batch_size", "twa_config")),
     Kind("bench/tail_swa.py", ("swa_start",), schema.TAIL, ("epochs", "checkpoints_per_epoch", "swa_start")),
     Kind("bench/head.py", ("head", "sgd_wd"), schema.HEAD,
          ("epochs", "arch", "sgd_wd", "checkpoints_per_epoch", "twa_end", "train_subset", "batch_size",
@@ -720,8 +679,6 @@ def report(args):
         if runner != "bench/head.py" or others[0].kind.runner != runner:
             raise SystemExit("--against compares two sets of bench/head.py runs")
         protocol_report(runs, others, args.test_images)
-    elif runner == "the head-e200 runner":
-        e200_report(runs, args.test_images, f"{name}: seeds {', '.join(str(r['seed']) for r in runs)}")
     elif runner == "bench/tail_swa.py":  # a seed may have a file per swa_lr
         tail_report(runs, args.test_images,
                     f"{name}: seeds {', '.join(str(s) for s in sorted({r['seed'] for r in runs}))}")

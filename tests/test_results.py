@@ -490,36 +490,24 @@ def test_seeds_scored_on_test_sets_of_other_sizes_are_refused_naming_the_file(tm
         tmp_path, "h")
 
 
-def e200_record(seed, twa, sgd200, sgd110, **changes):
-    def entry(correct):
-        return {"accuracy": 100 * np.mean(correct), "correct": runfiles.pack_bits(correct)}
-    return {"seed": seed, "name": "head-e200", "epochs": 200, "twa_end": 100, "twa_epochs": 10,
-            "data_dir": "data", "sgd200": entry(sgd200), "sgd110": entry(sgd110),
-            "twa": {"recompute": entry(twa), "running": entry(twa)}, **changes}
-
-
-def test_head_e200_report_compares_twa_with_both_sgd_budgets(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    n = 2000
-    truth = rng.random(n) < 0.9
-    arms = {}
+def test_budget_matched_sgd_is_a_baseline_of_every_twa_it_matches(tmp_path, capsys):
+    """A head.py record with sgd_matched (SGD on its own schedule for TWA's 1 + 1 epochs): each TWA
+    is compared with it by the rule, within each seed and over the seeds."""
+    scores = []
     for seed in (1, 2, 3):
-        sgd200 = truth ^ (rng.random(n) < 0.05)
-        arms[seed] = (sgd200 ^ (rng.random(n) < 0.02), sgd200, sgd200 ^ (rng.random(n) < 0.04))
-        write(tmp_path, f"head-e200-seed{seed}.json", e200_record(seed, *arms[seed]))
-    assert run_report(tmp_path, "head-e200", test_images=n) == "ok"
+        record = head_record(seed)
+        rng = np.random.default_rng(10 + seed)
+        matched = rng.random(N_TEST) < 0.6
+        record["sgd_matched"] = {"epochs": 2, "test_correct": [packed(rng), runfiles.pack_bits(matched)]}
+        twa = runfiles.unpack_bits(record["head"][0]["twa"]["recompute"]["correct"], N_TEST)
+        scores.append(twa.astype(int) - matched)
+        write(tmp_path, f"head-e200-seed{seed}.json", record)
+    assert run_report(tmp_path, "head-e200") == "ok"
     out = capsys.readouterr().out
-    for baseline, k in (("SGD(200)", 1), ("SGD(110)", 2)):
-        scores = [arms[s][0].astype(int) - arms[s][k] for s in (1, 2, 3)]
-        mean, low, high = report.rule_interval(scores)
-        row = next(x for x in out.splitlines()
-                   if x.startswith(f"| TWA(100+10), BN recompute - {baseline} | 1, 2, 3 |"))
-        assert f"| {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {report.verdict(low, high)} |" in row
-        assert f"| 1 | TWA(100+10), BN running - {baseline} |" in out
-    record = e200_record(1, *arms[1])
-    record["sgd110"]["accuracy"] += 1  # a runner that wrote another model's accuracy
-    write(tmp_path, "head-e200-seed1.json", record)
-    assert "sgd110.accuracy" in run_report(tmp_path, "head-e200", test_images=n)
-    del record["twa"]["recompute"]
-    write(tmp_path, "head-e200-seed1.json", record)
-    assert "twa: no 'recompute' field" in run_report(tmp_path, "head-e200", test_images=n)
+    mean, low, high = report.rule_interval(scores)
+    row = next(x for x in out.splitlines()
+               if x.startswith("| TWA, 2 ckpts, 1 ep, BN recompute - SGD(2), own schedule | 3 |"))
+    assert f"| {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {report.verdict(low, high)} |" in row
+    record["sgd_matched"]["test_correct"] = []
+    write(tmp_path, "head-e200-seed3.json", record)
+    assert "sgd_matched.test_correct" in run_report(tmp_path, "head-e200")
