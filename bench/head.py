@@ -165,13 +165,16 @@ class Pipeline(common.Experiment):
         folder = self.twa_folder(stride, epochs)
         name = os.path.basename(folder)
         results = os.path.join(folder, "twa_results.json")
+        wall = None
         if not self.twa_done(stride, epochs):
+            started = time.time()
             self.run("train_twa.py", [
                 "--save-dir", checkpoints, "--output-dir", folder, "--log-dir", folder,
                 "--params_start", 0, "--params_end", self.args.twa_end * per + 1,
                 "--params_stride", stride, "--train_start", -1, "--epochs", epochs,
                 "--lr", TWA["lr"], "--wd", TWA["wd"], "--schedule", TWA["schedule"],
                 "--bn", *TWA["bn"], "--resume"])  # --resume: a killed run's state continues
+            wall = time.time() - started  # the whole process: start, basis, training, BN passes
         with open(results) as f:
             out = json.load(f)
         with open(os.path.join(folder, "coefficients.json")) as f:
@@ -185,7 +188,8 @@ class Pipeline(common.Experiment):
                                                         "correct": rows[-1]["test_correct"]},
                 "twa": {mode: score(r) for mode, r in out["twa_by_bn"].items()},
                 "twa_curve_before_bn": [r["test_acc"] for r in rows], "alpha": alpha,
-                "rank": out["basis"]["rank"], "seconds": out["train_seconds"]}
+                "rank": out["basis"]["rank"], "seconds": out["train_seconds"],
+                "basis_seconds": out["basis"]["seconds"], "wall_seconds": wall}
 
     def save(self):
         runfiles.save_json(self.report, self.path)

@@ -60,6 +60,7 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
     assert result["invocations"][0]["command"].startswith("python bench/head.py --seed 2 ")
     assert result["invocations"][0]["threads"] >= 1
     assert [(h["n"], h["twa_epochs"]) for h in result["head"]] == [(2, 1), (3, 1)]
+    assert all(h["wall_seconds"] > h["basis_seconds"] >= 0 for h in result["head"])  # the TWA arm's cost
     only = subprocess.run(list(map(str, cmd + ["--twa-per-epoch", "1", "--name", "head-sparse"])),
                           check=True, capture_output=True, text=True, timeout=900)
     sparse = json.load(open(tmp_path / "head-sparse-seed2.json"))
