@@ -227,4 +227,28 @@ def check_common_args(args):
     if args.datasets != "CIFAR10" and args.datasets != "CIFAR100" and not os.path.isdir(args.data_dir):
         raise UsageError(f"--data-dir {args.data_dir} does not exist")
     args.log_dir = args.log_dir or args.save_dir
+    check_log_name(args.log_name, args.log_dir)
     args.normalize = args.normalize or data.default_normalization(args.datasets)
+
+
+def check_log_name(name, log_dir):
+    """--log-name names one file, <log-dir>/<name>.log: no folder, and short enough for the file
+    system of --log-dir (the nearest folder of it that exists; 255 bytes where it cannot say)."""
+    if name in ("", ".", "..") or os.sep in name:
+        raise UsageError(f"--log-name {name!r} must be a file name: not empty, '.' or '..', and "
+                         f"without '{os.sep}' (the folder is --log-dir)")
+    size, limit = len(os.fsencode(f"{name}.log")), name_limit(log_dir)
+    if size > limit:
+        raise UsageError(f"--log-name is too long: {name[:20]}....log is {size} bytes, and the file "
+                         f"system of {log_dir} takes names of at most {limit}")
+
+
+def name_limit(folder):
+    """The longest file name, in bytes, that the file system holding `folder` takes."""
+    existing = os.path.abspath(folder)
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255

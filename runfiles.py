@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,7 @@ def atomic_write_all(files):
     """atomic_write for several (path, write) pairs that belong together (one run's outputs): every
     temp file is written and flushed first, and only then are they renamed into place, so a failed
     write leaves all the previous files, never new ones beside old ones."""
+    files = [(write_target(path), write) for path, write in files]  # every target checked first
     written = []
     try:
         for path, write in files:
@@ -91,6 +93,33 @@ def atomic_write_all(files):
                 os.remove(tmp)
     for folder in {os.path.dirname(os.path.abspath(path)) for _, path in written}:
         flush_folder(folder)
+
+
+# what a path may name besides a regular file; a rename over any of them replaces it
+KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+         (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+         (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def write_target(path, folder=False):
+    """The path that a write of `path` replaces: `path`, or where it is a symbolic link to a file
+    the file it names, which is written through (the link stays, as with open(path, "w")). What
+    exists there and is not a regular file is refused with a WriteFailed and left as it is: renamed
+    over, a device node such as /dev/null (run as root), a named pipe or a folder would be replaced
+    by a file. With `folder` the path must be a folder, if anything, and a link is refused (its
+    target may lie on another file system than the folder written beside it)."""
+    target = path if folder else os.path.realpath(path)
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return target
+    except OSError as err:  # a link loop, a folder that cannot be searched
+        raise WriteFailed(f"cannot write {path} ({err.strerror})") from None
+    if (stat.S_ISDIR if folder else stat.S_ISREG)(mode):
+        return target
+    kind = next((name for test, name in KINDS if test(mode)), "no regular file")
+    raise WriteFailed(f"cannot write {path}: it is {kind}, not a "
+                      f"{'folder' if folder else 'regular file'}, and is left as it is")
 
 
 def _replace(tmp, path):
@@ -213,6 +242,7 @@ def replace_folder(tmp, path):
         with open(file, "rb+") as f:
             os.fsync(f.fileno())
     flush_folder(tmp)
+    path = write_target(path, folder=True)
     old = f"{path}.old"
     shutil.rmtree(old, ignore_errors=True)
     try:

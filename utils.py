@@ -16,7 +16,7 @@ import data
 import distributed
 import models
 import twa
-from runfiles import FolderLock, UsageError, git_revision, save_json
+from runfiles import FolderLock, UsageError, git_revision, save_json, write_target
 
 log = logging.getLogger("twa")
 SPLIT_FILE = "split.json"  # the held-out indices of --val-split, beside the checkpoints
@@ -165,9 +165,10 @@ def setup_logging(log_dir, log_name, enabled=True):
     if not enabled:
         return
     os.makedirs(log_dir, exist_ok=True)
+    # appended to, not replaced; a named pipe would block the run until something reads it
+    path = write_target(os.path.join(log_dir, f"{log_name}.log"))
     fmt = EscapingFormatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stdout),
-                    logging.FileHandler(os.path.join(log_dir, f"{log_name}.log"))):
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(path)):
         handler.setFormatter(fmt)
         log.addHandler(handler)  # also twa.py's logger: it logs under its module name, "twa"
 

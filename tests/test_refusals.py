@@ -1,0 +1,101 @@
+"""What the scripts refuse, in one line, rather than harm a file that is not theirs, leave a torn
+one, or change a run's numerics on the quiet: outputs that are not regular files, file names that
+are no file names, failed sharded saves, a split that leaves nothing to train on, and resumes under
+other flags or another number of processes."""
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+
+import pytest
+
+import cli
+import runfiles
+import train_sgd
+import train_twa
+from conftest import ROOT
+from test_cli import common, run
+
+
+@pytest.fixture
+def odd_paths(tmp_path):
+    """name -> a path that exists and is no regular file: a named pipe, a folder, a socket, and a
+    symbolic link to the machine's /dev/null (a character device; mknod needs privileges)."""
+    paths = {"pipe": tmp_path / "pipe", "folder": tmp_path / "folder", "socket": tmp_path / "sock",
+             "device": tmp_path / "null"}
+    os.mkfifo(paths["pipe"])
+    os.mkdir(paths["folder"])
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(paths["socket"]))
+    os.symlink("/dev/null", paths["device"])
+    yield paths
+    server.close()
+
+
+def test_an_atomic_write_refuses_what_is_no_regular_file_and_leaves_it(odd_paths, tmp_path):
+    kinds = {"pipe": "a named pipe", "folder": "a folder", "socket": "a socket",
+             "device": "a character device"}
+    for name, path in odd_paths.items():
+        before = os.lstat(path)
+        with pytest.raises(runfiles.WriteFailed, match=f"it is {kinds[name]}, not a regular file"):
+            runfiles.save_json({"a": 1}, path)
+        after = os.lstat(path)
+        assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode), name
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    # several outputs together: the refusal comes before any of them is written
+    with pytest.raises(runfiles.WriteFailed):
+        runfiles.atomic_write_all([(tmp_path / "first.json", runfiles.json_writer(1)),
+                                   (odd_paths["pipe"], runfiles.json_writer(2))])
+    assert not (tmp_path / "first.json").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_an_atomic_write_through_a_link_replaces_the_file_it_names(tmp_path):
+    target = tmp_path / "elsewhere" / "results.json"
+    os.makedirs(target.parent)
+    target.write_text("old")
+    os.symlink(target, tmp_path / "link.json")
+    runfiles.save_json({"new": 1}, tmp_path / "link.json")
+    assert os.path.islink(tmp_path / "link.json") and json.loads(target.read_text()) == {"new": 1}
+
+
+def test_a_folder_checkpoint_replaces_only_a_folder(odd_paths, tmp_path):
+    for path in (odd_paths["pipe"], odd_paths["device"], tmp_path / "file"):
+        path.touch()
+        (tmp_path / "new.tmp").mkdir(exist_ok=True)
+        with pytest.raises(runfiles.WriteFailed, match="not a folder"):
+            runfiles.replace_folder(str(tmp_path / "new.tmp"), str(path))
+        assert not os.path.isdir(path)
+    assert os.path.islink(odd_paths["device"])
+
+
+def test_plot_refuses_an_output_that_is_no_regular_file(odd_paths, tmp_path):
+    rows = tmp_path / "metrics.jsonl"
+    rows.write_text(json.dumps({"stage": "sgd", "epoch": 1, "train_loss": 1.0, "test_loss": 1.0,
+                                "train_acc": 50.0, "test_acc": 50.0}) + "\n")
+    for path in odd_paths.values():
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), "curves", str(rows),
+                               "-o", str(path)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "not a regular file" in proc.stderr, proc.stderr[-500:]
+        assert proc.stderr.count("\n") == 1, proc.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+@pytest.mark.parametrize("name,message", [("a/b", "must be a file name"), ("", "must be a file name"),
+                                          (".", "must be a file name"), ("..", "must be a file name"),
+                                          ("x" * 300, "--log-name is too long")])
+def test_a_log_name_that_is_no_file_name_is_a_usage_error(name, message, tmp_path, capsys):
+    for main in (train_sgd.main, train_twa.main):
+        with pytest.raises(SystemExit) as stopped:
+            cli.run_main(main, ["--save-dir", str(tmp_path), "--log-name", name, "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_log_file_that_is_a_named_pipe_is_refused_not_waited_on(tiny_data, tmp_path):
+    os.makedirs(tmp_path / "run")
+    os.mkfifo(tmp_path / "run" / "log.log")
+    proc = run("train_sgd.py", *common(tiny_data, tmp_path / "run", "--epochs", 1), check=False)
+    assert proc.returncode == 1 and "log.log: it is a named pipe" in proc.stderr, proc.stderr[-500:]
