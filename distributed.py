@@ -271,12 +271,25 @@ def save_sharded(model, path, ctx, optimizer=None):
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's
     barrier(ctx)
-    with warnings.catch_warnings():  # one process alone is told it "assumes" a single process
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save(state, checkpoint_id=tmp)  # returns once every process's shards are written
+    try:
+        with warnings.catch_warnings():  # one process alone is told it "assumes" a single process
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(state, checkpoint_id=tmp)  # returns once every process's shards are written
+    except dcp.api.CheckpointException as err:  # on every process, once all have tried to write
+        shutil.rmtree(tmp, ignore_errors=True)  # its truncated shards
+        raise runfiles.WriteFailed(f"cannot write {path} ({_first_failure(err, ctx)}); the "
+                                   "previous checkpoint, if any, is intact") from None
     if ctx.is_main:
         runfiles.replace_folder(tmp, path)
     barrier(ctx)
+
+
+def _first_failure(err, ctx):
+    """The first line of the first failed process's error in a CheckpointException (whose own
+    text is every process's traceback), naming the process when there are several."""
+    rank, (cause, _) = min(err.failures.items(), key=lambda item: item[0])
+    line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return f"process {rank}: {line}" if ctx.world > 1 else line
 
 
 def load_sharded_state(model, optimizer, path):

@@ -4,6 +4,7 @@ are no file names, failed sharded saves, a split that leaves nothing to train on
 other flags or another number of processes."""
 import json
 import os
+import resource
 import socket
 import stat
 import subprocess
@@ -99,3 +100,17 @@ def test_a_log_file_that_is_a_named_pipe_is_refused_not_waited_on(tiny_data, tmp
     os.mkfifo(tmp_path / "run" / "log.log")
     proc = run("train_sgd.py", *common(tiny_data, tmp_path / "run", "--epochs", 1), check=False)
     assert proc.returncode == 1 and "log.log: it is a named pipe" in proc.stderr, proc.stderr[-500:]
+
+
+@pytest.mark.slow
+def test_a_failed_sharded_save_is_one_line_and_leaves_no_torn_folder(tiny_data, tmp_path):
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_sgd.py"),
+                           *map(str, common(tiny_data, tmp_path / "full", "--epochs", 1,
+                                            "--sharded-checkpoints")), "--quiet"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: cannot write {tmp_path / 'full' / '0.dcp'} (")
+    assert proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert not [n for n in os.listdir(tmp_path / "full") if n.endswith((".dcp", ".tmp"))]
