@@ -290,6 +290,9 @@ def resolve_split(args, n, recorded):
                              f"from the {split['percent']:g}% (seed {split['seed']}) recorded in {recorded}")
         if not all(0 <= i < n for i in split["held_out"]):
             raise UsageError(f"{recorded} holds indices outside the {n} training images")
+        if len(split["held_out"]) >= n:  # distinct indices, checked above: every image held out
+            raise UsageError(f"{recorded} holds out all {n} training images: none is left to train "
+                             "on or to recompute BatchNorm over")
         return split
     if not args.val_split:
         return {}

@@ -114,3 +114,15 @@ def test_a_failed_sharded_save_is_one_line_and_leaves_no_torn_folder(tiny_data, 
     assert proc.stderr.startswith(f"error: cannot write {tmp_path / 'full' / '0.dcp'} (")
     assert proc.stderr.count("\n") == 1, proc.stderr[-2000:]
     assert not [n for n in os.listdir(tmp_path / "full") if n.endswith((".dcp", ".tmp"))]
+
+
+@pytest.mark.slow
+def test_a_recorded_split_that_holds_out_every_image_is_refused(tiny_data, tmp_path):
+    run("train_sgd.py", *common(tiny_data, tmp_path / "sgd", "--epochs", 1, "--save-every", 1))
+    (tmp_path / "split.json").write_text(json.dumps({"examples": 48, "percent": 100, "seed": 0,
+                                                     "held_out": list(range(48))}))
+    proc = run("train_twa.py", *common(tiny_data, tmp_path / "sgd", "--params_end", 2, "--split",
+                                       tmp_path / "split.json", "--output-dir", tmp_path / "out"),
+               check=False)
+    assert proc.returncode == 2 and "holds out all 48 training images" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out" / "twa.pt").exists()
