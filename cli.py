@@ -17,11 +17,14 @@ import runfiles
 from runfiles import UsageError, WriteFailed
 
 log = logging.getLogger("twa")
-# the common flags that shape a run's weights (each script adds its own): --resume refuses a state
-# saved with other values, and every process must have the same
+# the common flags that shape a run's weights or their rounding (each script adds its own):
+# --resume refuses a state saved with other values, and every process must have the same. --amp,
+# --compile, --channels-last, --loader and --fsdp pick other kernels, fusions, crops or reduction
+# orders; --fsdp-keep-gathered, --cuda-graphs and --threads do not (the same kernels run; a thread
+# count changes no code path, only how a CPU kernel splits its sums, as a machine's load does)
 SHAPING = ("datasets", "arch", "train_subset", "val_split", "split_seed", "batch_size", "momentum",
            "randomseed", "epochs", "lr", "weight_decay", "schedule", "label_smoothing", "normalize",
-           "deterministic")
+           "deterministic", "amp", "compile", "channels_last", "loader", "fsdp")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -85,18 +88,18 @@ INPUTS = {"checkpoints": "checkpoint files", "sha256": "checkpoint contents (the
           "recorded": "recorded weights"}
 
 
-def read_resume(args, state_path, flags, inputs=None, missing_ok=False, epochs=None):
-    """The resume state at state_path when --resume, checked against the flags it was saved with
-    (check_resume) and, when given, the inputs it was built from; None without --resume. With
-    missing_ok, a run stopped before its first state starts afresh (with a warning). epochs: the
-    stage's length, when not --epochs."""
+def read_resume(args, state_path, flags, world, inputs=None, missing_ok=False, epochs=None):
+    """The resume state at state_path when --resume, checked against the flags and the number of
+    processes (world) it was saved with (check_resume) and, when given, the inputs it was built
+    from; None without --resume. With missing_ok, a run stopped before its first state starts
+    afresh (with a warning). epochs: the stage's length, when not --epochs."""
     if not args.resume:
         return None
     if missing_ok and not os.path.exists(state_path):
         log.warning("--resume: no %s yet (stopped before its first state): starting afresh", state_path)
         return None
     resume = runfiles.load_torch(state_path)
-    check_resume(resume, args, flags, state_path, args.epochs if epochs is None else epochs)
+    check_resume(resume, args, flags, state_path, args.epochs if epochs is None else epochs, world)
     saved = resume.get("inputs") or {}
     for key in inputs or ():
         if saved.get(key) != inputs[key]:
@@ -105,9 +108,11 @@ def read_resume(args, state_path, flags, inputs=None, missing_ok=False, epochs=N
     return resume
 
 
-def check_resume(resume, args, flags, state_path, epochs):
+def check_resume(resume, args, flags, state_path, epochs, world):
     """Refuse, before any long work, a resume state of another script or run: the first of `flags`
-    whose value differs from the one it was saved with is named, and impossible counters too."""
+    whose value differs from the one it was saved with is named, another number of processes (the
+    global batch is summed, and BatchNorm's statistics reduced, in another order; each process
+    draws its own dropout), and impossible counters."""
     saved = resume.get("args") if isinstance(resume, dict) else None
     progress = resume.get("progress") if isinstance(resume, dict) else None
     if not isinstance(saved, dict) or not isinstance(progress, dict):
@@ -116,11 +121,26 @@ def check_resume(resume, args, flags, state_path, epochs):
         value = getattr(args, flag)  # a switch that a state predates was off
         if saved.get(flag, False if isinstance(value, bool) else None) != value:
             raise UsageError(f"{state_path} was saved with --{flag.replace('_', '-')} "
-                             f"{saved.get(flag)}, not {value}; resume with the same "
-                             "flags, or start without --resume in another folder")
+                             f"{as_given(saved.get(flag))}, not {as_given(value)}; resume with the "
+                             "same flags, or start without --resume in another folder")
+    if saved_world(resume) != world:
+        raise UsageError(f"{state_path} was saved by {saved_world(resume)} processes, not {world}; "
+                         "resume with as many, or start without --resume in another folder")
     counters = [progress.get(key) for key in ("epoch", "batch")]
     if not all(isinstance(v, int) and v >= 0 for v in counters) or counters[0] > epochs:
         raise UsageError(f"{state_path} holds impossible counters {progress}")
+
+
+def as_given(value):
+    """A flag's value as a command line gives it (a list as its words)."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+
+
+def saved_world(resume):
+    """The number of processes that saved a resume state: one random state each (a lone tensor in
+    states saved before they were kept per process)."""
+    rng = resume.get("rng")
+    return len(rng) if isinstance(rng, (list, tuple)) else 1
 
 
 def script_parser(description):

@@ -85,7 +85,7 @@ def train_in_subspace(settings, ctx, loaders, model, space, report, state_path, 
         trainer.move_to(resume["trained"])
         model.load_state_dict(resume["buffers"], strict=False)
         loop.load_optimizer(optimizer, resume["optimizer"], settings.loop, trainer.trained.device)
-        utils.restore_rng(resume["rng"], ctx, state_path)
+        utils.restore_rng(resume["rng"], ctx)
         progress = resume["progress"]
         log.info("resumed at epoch %d, batch %d", progress["epoch"], progress["batch"])
 

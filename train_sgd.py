@@ -26,7 +26,7 @@ from runfiles import UsageError
 
 STATE = "state.pt"
 # the flags that shape a run: --resume refuses a state saved with other values
-SHAPING = cli.SHAPING + ("fsdp", "sharded_checkpoints", "swa_start", "swa_lr", "save_every", "init",
+SHAPING = cli.SHAPING + ("sharded_checkpoints", "swa_start", "swa_lr", "save_every", "init",
                          "twa_at", "record_every", "twa_epochs", "twa_opt", "twa_lr", "twa_wd",
                          "twa_schedule", "coefficients", "pbits", "layer_size", "tol")
 
@@ -120,7 +120,7 @@ def main(argv=None):
     state_path = os.path.join(args.save_dir, STATE)
     with distributed.agreement(ctx):  # what a node may lack or hold wrongly stops every process
         utils.lock_folders(args, ctx, [args.save_dir])
-        resume = read_resume(args, state_path)
+        resume = read_resume(args, state_path, ctx.world)
         split = os.path.join(args.save_dir, utils.SPLIT_FILE)  # --val-split's held-out part
         loaders, model = utils.setup_run(args, ctx, "sgd", split if resume and os.path.exists(split)
                                        else None, split)
@@ -150,7 +150,7 @@ def main(argv=None):
     progress = {"epoch": 0, "batch": 0, "checkpoint": 0, "totals": None, "elapsed": 0.0}
     if resume:
         load_resume_state(args, model, optimizer, settings, ctx, resume)
-        utils.restore_rng(resume["rng"], ctx, state_path)
+        utils.restore_rng(resume["rng"], ctx)
         progress = resume["progress"]
         restore_recorder(recorder, resume, state_path)
         log.info("resumed at epoch %d, batch %d, checkpoint %d", progress["epoch"], progress["batch"],
@@ -247,7 +247,7 @@ def has_checkpoint(folder, i):
     return any(os.path.exists(os.path.join(folder, f"{i}{suffix}")) for suffix in (".pt", ".dcp"))
 
 
-def read_resume(args, state_path):
+def read_resume(args, state_path, world):
     """The resume state when --resume (checked against the flags), else None. A folder killed
     between its 0.pt and its first state (nothing past 0.pt) holds no progress: --resume starts
     it afresh."""
@@ -262,7 +262,7 @@ def read_resume(args, state_path):
                              "be resumed, and starting afresh would overwrite them")
         log.warning("%s holds 0.pt but no %s: starting afresh", args.save_dir, STATE)
         return None
-    return cli.read_resume(args, state_path, SHAPING)
+    return cli.read_resume(args, state_path, SHAPING, world)
 
 
 def check_same_data(resume, digest, state_path):
@@ -312,8 +312,8 @@ def train_recorded_subspace(args, ctx, loaders, model, recorder):
               "coefficients": args.coefficients, "val_split": args.val_split,
               "batch_size": args.batch_size, "data": utils.data_digest(loaders)}
     with distributed.agreement(ctx):  # no TWA state yet is normal: SGD was what ran
-        resume = cli.read_resume(args, state_path, SHAPING, inputs, epochs=args.twa_epochs) \
-            if os.path.exists(state_path) else None
+        resume = cli.read_resume(args, state_path, SHAPING, ctx.world, inputs,
+                                 epochs=args.twa_epochs) if os.path.exists(state_path) else None
     stage.train_in_subspace(stage.TWASettings.of_train_sgd(args), ctx, loaders, model, space, report,
                             state_path, inputs, resume)
 

@@ -37,7 +37,7 @@ NOT_CHECKPOINT_FOLDERS = ("state-", ".tmp", ".old")  # and the resume states' sh
 # first that differs (--opt before --lr, whose default it sets)
 SHAPING = ("opt",) + cli.SHAPING + ("warmup_epochs", "params_start", "params_end", "params_stride",
                          "train_start", "extract", "n_components", "pbits", "layer_size", "tol",
-                         "basis", "coefficients")
+                         "basis", "coefficients", "bn")
 SPLIT_RECORD = "twa_split.json"  # the split a TWA run used, in its log folder (never read back)
 
 
@@ -307,7 +307,7 @@ def main(argv=None):
     inputs = {"checkpoints": files, "sha256": distributed.from_node_main(ctx, digests),
               "data": utils.data_digest(loaders), "generators": "anchored"}
     with distributed.agreement(ctx):
-        resume = cli.read_resume(args, state_path, SHAPING, inputs, missing_ok=True)
+        resume = cli.read_resume(args, state_path, SHAPING, ctx.world, inputs, missing_ok=True)
     # nodes that hold other files under the same names would build a patchwork basis
     utils.check_ranks_agree(ctx, args, SHAPING, loaders, resume_progress=resume and resume["progress"],
                             checkpoint_files=(files, inputs["sha256"]))

@@ -100,18 +100,12 @@ def all_rng_states(ctx):
     return states
 
 
-def restore_rng(saved, ctx, state_path):
-    """Restore this rank's saved random state (a list by rank; older states hold one CPU state)."""
+def restore_rng(saved, ctx):
+    """Restore this rank's saved random state: a list by rank, of as many processes as this run's
+    (cli.check_resume), or one CPU state in states saved before they were kept per process."""
     if torch.is_tensor(saved):
         saved = [{"cpu": saved, "cuda": None}]
-    if len(saved) == ctx.world:
-        set_rng_state(saved[ctx.rank], ctx.device)
-        return
-    log.warning("%s was saved by %d processes, not %d: the random states go on from process 0's "
-                "(dropout masks differ from an uninterrupted run)", state_path, len(saved), ctx.world)
-    set_rng_state(saved[0], ctx.device)
-    if ctx.rank:  # a stream of its own, drawn from process 0's
-        torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,))) + 7919 * ctx.rank)
+    set_rng_state(saved[ctx.rank], ctx.device)
 
 
 def build_model(arch, datasets, num_classes, device, channels_last=False):

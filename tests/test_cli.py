@@ -353,4 +353,4 @@ def test_a_resume_with_another_optimizer_names_it_not_the_rate_it_implies():
     other = train_twa.parse_args(["--params_end", "3", "--opt", "AdamW"])  # --lr's default follows
     state = {"args": vars(saved), "progress": {"epoch": 0, "batch": 0}}
     with pytest.raises(cli.UsageError, match="--opt SGD, not AdamW"):
-        cli.check_resume(state, other, train_twa.SHAPING, "twa_state.pt", other.epochs)
+        cli.check_resume(state, other, train_twa.SHAPING, "twa_state.pt", other.epochs, 1)

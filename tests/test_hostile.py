@@ -341,9 +341,9 @@ def test_processes_draw_their_own_dropout_and_save_each_random_state():
     ctx = type("Ctx", (), {"world": 1, "rank": 0, "device": torch.device("cpu")})()
     states = utils.all_rng_states(ctx)
     expected = torch.rand(3)
-    utils.restore_rng(states, ctx, "state.pt")
+    utils.restore_rng(states, ctx)
     assert torch.equal(torch.rand(3), expected)
-    utils.restore_rng(states[0]["cpu"], ctx, "state.pt")  # a state saved before: one CPU state
+    utils.restore_rng(states[0]["cpu"], ctx)  # a state saved before: one CPU state
     assert torch.equal(torch.rand(3), expected)
 
 

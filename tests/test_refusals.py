@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import cli
 import runfiles
@@ -126,3 +127,35 @@ def test_a_recorded_split_that_holds_out_every_image_is_refused(tiny_data, tmp_p
                check=False)
     assert proc.returncode == 2 and "holds out all 48 training images" in proc.stderr, proc.stderr
     assert not (tmp_path / "out" / "twa.pt").exists()
+
+
+def resume_state(args, world=1):
+    return {"args": vars(args), "progress": {"epoch": 0, "batch": 0},
+            "rng": [{"cpu": torch.get_rng_state(), "cuda": None}] * world}
+
+
+@pytest.mark.parametrize("script,flag,value,saved,now", [
+    (train_sgd, "--amp", [], "False", "True"),
+    (train_sgd, "--fsdp", [], "False", "True"),
+    (train_sgd, "--channels-last", [], "False", "True"),
+    (train_sgd, "--loader", ["torchvision"], "memory", "torchvision"),
+    (train_twa, "--amp", [], "False", "True"),
+    (train_twa, "--fsdp", [], "False", "True"),
+    (train_twa, "--bn", ["running", "recompute"], "recompute", "running recompute"),
+])
+def test_a_resume_names_a_flag_that_changes_the_numerics(script, flag, value, saved, now):
+    base = ["--params_end", "3"] if script is train_twa else []
+    old, new = script.parse_args(base), script.parse_args([*base, flag, *value])
+    with pytest.raises(cli.UsageError, match=f"was saved with {flag} {saved}, not {now}") as err:
+        cli.check_resume(resume_state(old), new, script.SHAPING, "state.pt", new.epochs, 1)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_resume_names_another_number_of_processes():
+    args = train_sgd.parse_args([])
+    cli.check_resume(resume_state(args, world=2), args, train_sgd.SHAPING, "state.pt", 1, 2)
+    for saved, now in ((2, 1), (1, 4)):
+        with pytest.raises(cli.UsageError, match=f"saved by {saved} processes, not {now}"):
+            cli.check_resume(resume_state(args, saved), args, train_sgd.SHAPING, "state.pt", 1, now)
+    legacy = {**resume_state(args), "rng": torch.get_rng_state()}  # one CPU state: one process
+    cli.check_resume(legacy, args, train_sgd.SHAPING, "state.pt", 1, 1)
