@@ -94,7 +94,7 @@ class TWA:
             raise ValueError(f"train must be 'coordinates' or 'alpha', not {train!r}")
         if not isinstance(space, Subspace):
             raise TypeError(f"space must be a twa.Subspace, not {type(space).__name__}")
-        self.space, shard = space, space.shard
+        self.space, self.train, shard = space, train, space.shard
         named = trainable_parameters(model)
         space.check_model(named)
         self.params = [p for _, p in named]
@@ -151,6 +151,14 @@ class TWA:
         """dL/dc = P g; one optimizer step on c (or beta); then the weights become mean + P^T (c - P mean)."""
         if not torch.compiler.is_compiling():  # traced once, a check of Python state is no guard
             self.check(optimizer)
+        self.project_gradient()
+        optimizer.step()
+        self.write_weights()
+
+    @torch.no_grad()
+    def project_gradient(self):
+        """trained.grad = dL/dc = P g (or dL/dbeta) from the gradients g that the backward pass
+        left in the model, which are then zeroed."""
         self._collect_gradients()
         shard = self.space.shard
         if shard.world == 1 or shard.follows_model:  # FSDP2 has reduce-scattered and averaged
@@ -163,19 +171,21 @@ class TWA:
                               zip(self.directions, self.space._pieces(grad))])
         self.trained.grad = grad
         self.flat_grads.zero_()
-        optimizer.step()
-        self.write_weights()
 
     def check(self, optimizer):
-        """Raise before a step that would not train the model: its parameters changed since
-        TWA(model, space) (see Binding), the subspace rotated under the coordinates, or an optimizer
-        that cannot step them. Reads Python-side metadata only: no copy to the host."""
+        """Raise before a step that would not train the model: see check_model, or an optimizer
+        that cannot step the coordinates. Reads Python-side metadata only: no copy to the host."""
+        self.check_model()
+        self.check_optimizer(optimizer)
+
+    def check_model(self):
+        """Raise if the model's parameters changed since TWA(model, space) (see Binding) or the
+        subspace rotated under the coordinates."""
         self.binding.check()
         if self.space.revision != self.revision:
             raise RuntimeError("the subspace was rotated (to_principal_components) after TWA(model, "
                                "space): the coordinates no longer mean the same weights; build the "
                                "TWA after changing the subspace")
-        self.check_optimizer(optimizer)
 
     def check_optimizer(self, optimizer):
         """Refuse an optimizer that would not move the trained tensor: one that does not hold it
