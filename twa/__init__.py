@@ -1,17 +1,20 @@
 """Trainable Weight Averaging (Li et al., ICLR 2023): train the coefficients of a weighted average of
 checkpoints, i.e. run SGD inside the subspace that the checkpoints span.
 
-Works with any nn.Module, any training loop and any torch optimizer whose step needs no closure
-(LBFGS's does):
+Works with any nn.Module and any training loop or trainer that takes a torch optimizer:
 
     model.load_state_dict(torch.load("ckpt/100.pt", weights_only=True))  # frozen layers, buffers
     space = Subspace.from_checkpoints(model, [f"ckpt/{i}.pt" for i in range(101)])
-    trainer = TWA(model, space)                      # model now holds the mean of the checkpoints
-    opt = torch.optim.SGD(trainer.parameters(), lr=2, momentum=0.9, weight_decay=1e-5)
-    for x, y in loader:
+    opt = SubspaceOptimizer(model, space, torch.optim.SGD, lr=2, momentum=0.9, weight_decay=1e-5)
+    for x, y in loader:                              # model now holds the mean of the checkpoints
+        opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        trainer.step(opt)                            # dL/dc = P g; step on c; weights from c
-    alpha = space.checkpoint_coefficients(trainer.coordinates)[0]   # sum_i alpha_i w_i = weights
+        opt.step()                                   # dL/dc = P g; step on c; weights from c
+    alpha = space.checkpoint_coefficients(opt.coordinates)[0]   # sum_i alpha_i w_i = weights
+
+SubspaceOptimizer is TWA(model, space) and its step(inner_optimizer) in the shape of a torch
+optimizer; a loop may use those two directly (trainer.step(opt) with opt built on
+trainer.parameters()), for the same steps.
 
 P (k x D) is an orthonormal basis of the checkpoints' span, built by streaming the checkpoints one at a
 time (Gram-Schmidt applied twice per vector), so that only P itself is ever held in memory. Training
@@ -25,6 +28,7 @@ checkpoints) before anything changes; a model or subspace changed under a TWA ra
 at its next step.
 
 Where each piece lives (imports run downwards only):
+- optimizer.py  SubspaceOptimizer: TWA as a torch.optim.Optimizer, for trainers and LR schedulers.
 - trainer.py    TWA: the model's weights are w = mean + P^T (c - m), rewritten after every step.
 - binding.py    what TWA(model, space) bound, which every step checks is still the model's.
 - recorder.py   SubspaceRecorder: the span built while SGD trains, from weights in memory.
@@ -44,6 +48,7 @@ Where each piece lives (imports run downwards only):
 from .build import combination_residual, from_checkpoints, parameter_blocks, reference_from_checkpoints
 from .checkpoints import (CheckpointError, check_readable, flatten_checkpoint, load_state_dict,
                           trainable_parameters)
+from .optimizer import SubspaceOptimizer
 from .recorder import SubspaceRecorder
 from .sharding import Sharding
 from .storage import Basis
@@ -55,7 +60,7 @@ from .trainer import TWA
 Subspace.from_checkpoints = staticmethod(from_checkpoints)
 Subspace.reference_from_checkpoints = staticmethod(reference_from_checkpoints)
 
-__all__ = ["Basis", "CheckpointError", "Sharding", "Span", "Subspace", "SubspaceRecorder", "TWA",
-           "check_readable", "combination_residual", "flatten_checkpoint", "from_checkpoints",
-           "load_state_dict", "parameter_blocks", "reference_from_checkpoints",
+__all__ = ["Basis", "CheckpointError", "Sharding", "Span", "Subspace", "SubspaceOptimizer",
+           "SubspaceRecorder", "TWA", "check_readable", "combination_residual", "flatten_checkpoint",
+           "from_checkpoints", "load_state_dict", "parameter_blocks", "reference_from_checkpoints",
            "trainable_parameters"]
