@@ -105,3 +105,18 @@ def test_files_recorder_and_resumed_recorder_build_the_same_rows(bits):
             assert torch.equal(space.spans[0].basis.tensors()[name], stored), name
         assert torch.equal(space.spans[0].checkpoint_coords, files.spans[0].checkpoint_coords)
         assert torch.equal(space.spans[0].to_alpha, files.spans[0].to_alpha)
+
+
+def test_a_state_left_out_under_another_drop_rule_resumes_with_a_warning(caplog):
+    """Its generators and coordinates mean what this build's do, so it resumes; but what its rule
+    left out stays out, which a warning says for such a state only."""
+    model = one_block()
+    walk = random_walk(model, 6, step=0.05)
+    state = recorded(model, walk[:3] + [dict(walk[2])], 8, bits=4).state_dict()  # one left out
+    earlier = {key: value for key, value in state.items() if key != "drop_rule"}
+    for saved, warned in ((earlier, True), (state, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="twa"):
+            resumed = recorded(model, walk[3:], 8, saved, bits=4)
+        assert ("under another drop rule" in caplog.text) == warned
+        assert resumed.subspace().rank == 6

@@ -95,6 +95,12 @@ def orthogonalise_(basis, w, shard):
     return coords, shard.norm(w)
 
 
+# The rule by which SpanBuilder.add leaves a generator out of a rounded basis, named in recorder
+# states: one recorded under another rule resumes (its generators and coordinates mean the same),
+# but keeps out what that rule left out.
+DROP_RULE = "within 4x the rounding of the rows it combines"
+
+
 class SpanBuilder:
     """Gram-Schmidt over the generators of one block, fed one at a time: each is orthogonalised
     against the rows so far, and its direction kept unless it is (nearly) in their span."""

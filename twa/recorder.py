@@ -1,14 +1,17 @@
 """Building the span while SGD trains, from weights recorded in memory instead of checkpoint files."""
+import logging
 import os
 
 import torch
 
-from .build import (add_generator, anchored, check_tolerance, parameter_blocks, span_builders,
-                    warn_dropped)
+from .build import (DROP_RULE, add_generator, anchored, check_tolerance, parameter_blocks,
+                    span_builders, warn_dropped)
 from .checkpoints import (basis_device, check_layout, current_weights, is_int, layout,
                           trainable_parameters)
 from .sharding import sharding_of
 from .subspace import Subspace
+
+log = logging.getLogger("twa")
 
 
 class SubspaceRecorder:
@@ -66,7 +69,7 @@ class SubspaceRecorder:
     def state_dict(self):
         """Everything add() has accumulated (for a resume state; about the basis' size)."""
         return {"names": list(self.names), "layout": self.layout, "total": self.total,
-                "anchor": self.anchor,
+                "anchor": self.anchor, "drop_rule": DROP_RULE,
                 "builders": [{"coords": b.coords, "kept": list(b.kept), "dropped": list(b.dropped),
                               "largest": b.largest,
                               **b.basis.state_dict()} for b in self.builders]}
@@ -83,6 +86,7 @@ class SubspaceRecorder:
             builder.kept, builder.dropped = list(saved["kept"]), [tuple(d) for d in saved["dropped"]]
             builder.largest = saved.get("largest", 0.0)  # states saved before it was kept: 0
             builder.basis.load_state_dict(saved)
+        warn_other_rule(state, self.builders)
 
     def check_state(self, state):
         """Raise ValueError unless `state` is a state_dict() of a recorder like this one."""
@@ -105,6 +109,16 @@ class SubspaceRecorder:
             if not torch.is_tensor(saved.get("coords")) or saved["coords"].shape != builder.coords.shape:
                 raise ValueError("the recorded state was made with another capacity")
             builder.basis.check_state(saved)
+
+
+def warn_other_rule(state, builders):
+    """Say so when a state whose rounded bases left generators out under another drop rule
+    resumes: those stay out, where the rule of this build might have kept them."""
+    left_out = sum(len(b.dropped) for b in builders if b.basis.bits < 32)
+    if left_out and state.get("drop_rule") != DROP_RULE:
+        log.warning("the recorded state left %d directions out of its rounded basis under another "
+                    "drop rule, which this build might have kept; they stay out: record afresh for "
+                    "the whole span", left_out)
 
 
 def check_capacity(capacity, blocks, shard, bits, device):
