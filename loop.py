@@ -123,6 +123,12 @@ def _local(tensor):
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def at_least_float32(logits):
+    """Logits for the loss: bfloat16 ones (--amp) widened to float32, where the softmax keeps its
+    small probabilities; float64 ones (a float64 model) kept as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def set_lr(optimizer, lr):
     """Set the rate of every group; a rate held as a tensor (see learning_rate) is filled in place
     (fill_ launches a kernel on a GPU; copying a host value would wait for the device)."""
@@ -166,7 +172,7 @@ def make_step(forward, update, settings, ctx):
     def step(images, labels, lr, scale):
         with autocast(ctx.device, settings.amp):
             logits = forward(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.label_smoothing,
+        loss = F.cross_entropy(at_least_float32(logits), labels, label_smoothing=settings.label_smoothing,
                                reduction="sum")
         (loss * scale).backward()
         update(lr)
@@ -231,7 +237,7 @@ def _evaluate(model, loader, amp, ctx):
         with autocast(device, amp):
             logits = model(images)
         hits = logits.argmax(1) == labels
-        sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
+        sums[0] += F.cross_entropy(at_least_float32(logits), labels, reduction="sum")
         sums[1] += hits.sum()
         sums[2] += len(labels)
         right[next(shares).to(device)] = hits.to(torch.int32)

@@ -10,7 +10,7 @@ from torch import nn
 
 import twa
 from test_cli import common, final_weights, run, start, wait_for
-from test_distributed import launch, relative_difference
+from test_distributed import TWA_ORDERS, launch, relative_difference
 from test_distributed import flags as dist_flags
 from test_twa import random_walk
 
@@ -109,7 +109,7 @@ def test_one_command_equals_train_sgd_then_train_twa(tiny_data, tmp_path):
     run("train_twa.py", *common(tiny_data, tmp_path / "two", "--params_end", 5, "--epochs", 2,
                                 "--lr", 0.3))
     one, two = final_weights(tmp_path / "one" / "twa.pt"), final_weights(tmp_path / "two" / "twa.pt")
-    assert relative_difference(two, one) <= 1e-5
+    assert relative_difference(two, one) <= TWA_ORDERS  # the recorder's sums and the files'
     results = [json.load(open(tmp_path / d / "twa_results.json")) for d in ("one", "two")]
     assert results[0]["swa"]["loss"] == pytest.approx(results[1]["swa"]["loss"], rel=1e-5)
     alphas = [json.load(open(tmp_path / d / "coefficients.json"))["alpha"] for d in ("one", "two")]
@@ -137,12 +137,11 @@ def test_one_command_resumed_in_either_phase_equals_uninterrupted(tiny_data, tmp
 @pytest.mark.slow
 def test_one_command_on_two_processes_matches_one(tiny_data, tmp_path):
     """Two SGD steps recorded (they agree to rounding across process counts, see test_distributed),
-    then one TWA epoch over the sharded recorded basis (a second epoch amplifies the SGD steps'
-    rounding differences to 2e-5, as it does over files)."""
+    then one TWA epoch over the sharded recorded basis: float32 sums in other orders (TWA_ORDERS)."""
     online = ["--epochs", 2, "--twa-at", 1, "--record-every", 2, "--twa-epochs", 1, "--twa-lr", 0.1,
               "--lr", 0.02]
     for n in (1, 2):
         launch("train_sgd.py", n, *dist_flags(tiny_data, tmp_path / f"p{n}"), *online)
     one, two = (final_weights(tmp_path / f"p{n}" / "twa.pt") for n in (1, 2))
     params = {k: v for k, v in one.items() if "running" not in k and "num_batches" not in k}
-    assert relative_difference(params, {k: two[k] for k in params}) <= 1e-5
+    assert relative_difference(params, {k: two[k] for k in params}) <= TWA_ORDERS
