@@ -34,12 +34,15 @@ class FolderLock:
     def __init__(self, folders):
         self.files = []
         for folder in sorted({os.path.abspath(f) for f in folders}):
+            lock = os.path.join(folder, ".twa-lock")
             try:
                 os.makedirs(folder, exist_ok=True)
+                write_target(lock)  # opened for appending, a named pipe would not seek
                 # a path in sys.argv may hold bytes that are not UTF-8: written escaped
-                handle = open(os.path.join(folder, ".twa-lock"), "a+", errors="backslashreplace")
+                handle = open(lock, "a+", errors="backslashreplace")
             except OSError as err:
-                raise UsageError(f"cannot write to {folder}: {err.strerror}") from None
+                detail = f"{err.filename or folder}: {err.strerror}" if err.strerror else str(err)
+                raise UsageError(f"cannot write to {folder} ({detail})") from None
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -194,8 +197,18 @@ def json_writer(obj):
     return text_writer(json.dumps(obj, indent=1) + "\n")
 
 
+def check_regular(path, folders=False):
+    """Refuse with a UsageError an existing input that is no regular file (nor, with `folders`, a
+    folder, such as a sharded checkpoint): reading a named pipe waits for a writer forever, and a
+    device may never end."""
+    if os.path.exists(path) and not (os.path.isfile(path) or folders and os.path.isdir(path)):
+        kind = next((name for test, name in KINDS if test(os.stat(path).st_mode)), "no regular file")
+        raise UsageError(f"{path} is {kind}, not a {'file or folder' if folders else 'regular file'}")
+
+
 def load_torch(path):
     """torch.load with weights_only=True (no code runs on load) and one-line errors."""
+    check_regular(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -285,6 +298,7 @@ def read_manifest(path):
     """The entries of a checkpoints.json ({} when there is none)."""
     if not os.path.exists(path):
         return {}
+    check_regular(path)
     try:
         with open(path) as f:
             entries = json.load(f)
@@ -371,6 +385,7 @@ def read_jsonl(path):
     UsageError naming the file and the line."""
     if not os.path.exists(path):
         return []
+    check_regular(path)
     rows = []
     with open(path) as f:
         for number, line in enumerate(f, start=1):

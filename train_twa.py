@@ -143,6 +143,7 @@ def check_inputs(args, ctx):
     for path in files:
         if not os.path.exists(path):
             raise UsageError(f"checkpoint not found: {path}")
+        runfiles.check_regular(path, folders=True)
         try:
             twa.check_readable(path)
         except twa.CheckpointError as err:
@@ -152,12 +153,18 @@ def check_inputs(args, ctx):
 
 def check_no_earlier_run(args):
     """A folder that holds another TWA run's outputs is not replaced without --overwrite (or
-    continued without --resume): its results would be lost without a word."""
+    continued without --resume): its results would be lost without a word. An output path that
+    no file can replace (a folder, a named pipe) is refused here too, not after the training."""
+    outputs = [os.path.join(args.output_dir, name) for name in ("twa.pt", "coefficients.json", STATE)]
+    outputs.append(os.path.join(args.log_dir, "twa_results.json"))
+    for path in outputs:
+        try:
+            runfiles.write_target(path)
+        except runfiles.WriteFailed as err:
+            raise UsageError(str(err)) from None
     if args.resume or args.overwrite:
         return
-    outputs = [os.path.join(args.output_dir, name) for name in ("twa.pt", "coefficients.json", STATE)]
-    found = next((path for path in [*outputs, os.path.join(args.log_dir, "twa_results.json")]
-                  if os.path.exists(path)), None)
+    found = next((path for path in outputs if os.path.exists(path)), None)
     if found:
         raise UsageError(f"{found} is an earlier TWA run's; --resume continues it, --overwrite "
                          "replaces it, or choose another --output-dir")

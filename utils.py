@@ -16,7 +16,7 @@ import data
 import distributed
 import models
 import twa
-from runfiles import FolderLock, UsageError, git_revision, save_json, write_target
+from runfiles import FolderLock, UsageError, check_regular, git_revision, save_json, write_target
 
 log = logging.getLogger("twa")
 SPLIT_FILE = "split.json"  # the held-out indices of --val-split, beside the checkpoints
@@ -124,6 +124,7 @@ def build_model(arch, datasets, num_classes, device, channels_last=False):
 def load_weights(model, path, args):
     """Load a checkpoint file (parameters and buffers) into the model, or stop with one line that
     says plainly why it does not fit."""
+    check_regular(path, folders=True)
     try:
         state = twa.load_state_dict(path, names=model.state_dict().keys())
     except twa.CheckpointError as err:

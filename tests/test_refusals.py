@@ -117,12 +117,49 @@ def test_a_failed_sharded_save_is_one_line_and_leaves_no_torn_folder(tiny_data, 
     assert not [n for n in os.listdir(tmp_path / "full") if n.endswith((".dcp", ".tmp"))]
 
 
+@pytest.fixture(scope="module")
+def sgd_run(tiny_data, tmp_path_factory):
+    save = tmp_path_factory.mktemp("refusals-sgd")
+    run("train_sgd.py", *common(tiny_data, save, "--epochs", 1, "--save-every", 1))
+    return save
+
+
+def test_an_input_that_is_no_regular_file_is_refused_not_waited_on(odd_paths):
+    for read in (runfiles.read_jsonl, runfiles.read_manifest, runfiles.load_torch):
+        for name in ("pipe", "folder", "socket"):
+            with pytest.raises(cli.UsageError, match="not a regular file"):
+                read(str(odd_paths[name]))
+
+
 @pytest.mark.slow
-def test_a_recorded_split_that_holds_out_every_image_is_refused(tiny_data, tmp_path):
-    run("train_sgd.py", *common(tiny_data, tmp_path / "sgd", "--epochs", 1, "--save-every", 1))
+def test_a_checkpoint_that_is_a_named_pipe_is_refused_not_waited_on(sgd_run, tiny_data, tmp_path):
+    os.symlink(sgd_run / "0.pt", tmp_path / "0.pt")
+    os.mkfifo(tmp_path / "1.pt")
+    proc = run("train_twa.py", *common(tiny_data, tmp_path, "--params_end", 2), check=False)
+    assert proc.returncode == 2 and "1.pt is a named pipe, not a file or folder" in proc.stderr
+
+
+@pytest.mark.slow
+def test_an_output_no_file_can_replace_is_refused_before_the_training(sgd_run, tiny_data, tmp_path):
+    os.makedirs(tmp_path / "out" / "twa.pt")
+    proc = run("train_twa.py", *common(tiny_data, sgd_run, "--params_end", 2, "--overwrite",
+                                       "--output-dir", tmp_path / "out", "--log-dir", tmp_path / "out"),
+               check=False)
+    assert proc.returncode == 2 and "twa.pt: it is a folder, not a regular file" in proc.stderr
+    assert "subspace:" not in (tmp_path / "out" / "log.log").read_text()  # before the basis
+
+
+def test_a_lock_file_that_is_no_regular_file_is_one_line(odd_paths, tmp_path):
+    os.mkfifo(tmp_path / ".twa-lock")
+    with pytest.raises(cli.UsageError, match=r"\.twa-lock: it is a named pipe"):
+        runfiles.FolderLock([tmp_path])
+
+
+@pytest.mark.slow
+def test_a_recorded_split_that_holds_out_every_image_is_refused(sgd_run, tiny_data, tmp_path):
     (tmp_path / "split.json").write_text(json.dumps({"examples": 48, "percent": 100, "seed": 0,
                                                      "held_out": list(range(48))}))
-    proc = run("train_twa.py", *common(tiny_data, tmp_path / "sgd", "--params_end", 2, "--split",
+    proc = run("train_twa.py", *common(tiny_data, sgd_run, "--params_end", 2, "--split",
                                        tmp_path / "split.json", "--output-dir", tmp_path / "out"),
                check=False)
     assert proc.returncode == 2 and "holds out all 48 training images" in proc.stderr, proc.stderr
