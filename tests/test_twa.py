@@ -280,29 +280,6 @@ def test_truncated_checkpoint_is_caught_before_loading(tmp_path):
     assert os.path.getsize(tmp_path / "1.pt") < len(data)
 
 
-def test_readme_snippet_runs(tmp_path, monkeypatch):
-    """The few-line usage shown in README.md, run as written on 101 small checkpoints."""
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    usage = readme.split("## Use TWA on your own model", 1)[1]
-    snippet = usage.split("```python\n", 1)[1].split("```", 1)[0]
-    model = mlp()
-    os.makedirs(tmp_path / "ckpt")
-    for i, state in enumerate(random_walk(model, 101, step=0.02)):
-        torch.save(state, tmp_path / "ckpt" / f"{i}.pt")
-    gen = torch.Generator().manual_seed(0)
-    loader = [(torch.randn(8, 20, generator=gen), torch.randint(0, 5, (8,), generator=gen))
-              for _ in range(3)]
-    monkeypatch.chdir(tmp_path)
-    scope = {"build_model": lambda: model, "loader": loader}
-    exec(snippet, scope)
-    assert os.path.exists(tmp_path / "twa.pt")
-    weights = torch.nn.utils.parameters_to_vector(model.parameters()).double()
-    stacked = torch.stack([flat(torch.load(tmp_path / "ckpt" / f"{i}.pt", weights_only=True), model)
-                           for i in range(101)])
-    assert scope["space"].rank == 101
-    assert (scope["alpha"] @ stacked.double() - weights).norm() / weights.norm() <= 1e-5
-
-
 def test_training_checkpoint_loads_its_model_or_says_what_it_holds(tmp_path):
     model = mlp()
     torch.save({"model": model.state_dict(), "optimizer": {"lr": 0.1}}, tmp_path / "train.pt")
