@@ -26,6 +26,14 @@ say() { echo "[run.sh $(date +%H:%M:%S)] $*"; }
 
 prepare_out() {  # an earlier run's folder: continue it, replace it, or stop and name the knobs
     resume=()
+    for knob in EPOCHS SEED SUBSET SWA_START; do  # the counts run.sh computes with
+        if [ -n "${!knob:-}" ] && ! [[ "${!knob}" =~ ^[0-9]+$ ]]; then
+            echo "run.sh: $knob=${!knob} is not a whole number" >&2; exit 2
+        fi
+    done
+    if [ "${RESUME:-0}" = 1 ] && [ "${FRESH:-0}" = 1 ]; then
+        echo "run.sh: RESUME=1 continues the earlier run and FRESH=1 removes it: set one" >&2; exit 2
+    fi
     [ -e "$OUT" ] || return 0
     if [ "${RESUME:-0}" = 1 ]; then  # a run stopped before its first checkpoint starts afresh
         if compgen -G "$OUT/*.pt" > /dev/null || compgen -G "$OUT/checkpoints/*.pt" > /dev/null; then

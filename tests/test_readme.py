@@ -103,3 +103,15 @@ def test_run_sh_quick_run_twice_names_its_knobs_then_resumes_or_starts_again(tmp
     fresh = run(FRESH="1")
     assert fresh.returncode == 0 and "removing" in fresh.stdout
     assert (tmp_path / "out" / "checkpoints" / "4.pt").exists()
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"EPOCHS": "abc"}, "EPOCHS=abc is not a whole number"),
+    ({"SUBSET": "-1"}, "SUBSET=-1 is not a whole number"),
+    ({"RESUME": "1", "FRESH": "1"}, "set one"),
+])
+def test_run_sh_refuses_malformed_or_contradicting_knobs_before_any_work(tmp_path, knobs, message):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), **knobs}
+    done = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "quick"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr and not (tmp_path / "out").exists()
