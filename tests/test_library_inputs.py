@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import twa
+from test_twa import random_walk
 
 
 def mlp(seed=0, hidden=8):
@@ -17,13 +18,7 @@ def mlp(seed=0, hidden=8):
 
 
 def walk(model, n=3, step=0.05, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    out = []
-    for _ in range(n):
-        state = {k: v + step * torch.randn(v.shape, generator=gen) for k, v in state.items()}
-        out.append(state)
-    return out
+    return random_walk(model, n, step, seed)
 
 
 def trained(model=None, **options):
