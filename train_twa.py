@@ -47,8 +47,8 @@ def parse_args(argv=None):
     add("--epochs", type=int, default=10, help="TWA training epochs")
     add("--lr", type=float, default=None, help="learning rate of the coefficients (default: 2 for "
         "SGD, 0.01 for AdamW). A step moves the weights by lr |P g|; with SGD, 0.2 to 10 trained well "
-        "on ResNet-20 and a small CNN and 20 diverged (docs/library.md): with checkpoints close "
-        "together, try smaller rates on --val-split's held-out part")
+        "on ResNet-20 and a small CNN and 20 diverged (docs/library.md); checkpoints close together "
+        "want smaller rates")
     add("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-5, help="weight decay")
     add("--schedule", default="step", choices=loop.TWA_SCHEDULES,
         help="step: /10 at 50%% and 75%% of the epochs (the reference's; 1 or 2 epochs never reach "
