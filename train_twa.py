@@ -46,9 +46,9 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--epochs", type=int, default=10, help="TWA training epochs")
     add("--lr", type=float, default=None, help="learning rate of the coefficients (default: 2 for "
-        "SGD, 0.01 for AdamW). A step moves the weights by lr |P g|; with SGD, 0.2 to 10 trained well "
-        "on ResNet-20 and a small CNN and 20 diverged (docs/library.md); checkpoints close together "
-        "want smaller rates")
+        "SGD, the paper's, 0.01 for AdamW). With SGD, 0.2-0.5 trained ResNet-20, a small CNN and VGG16 "
+        "without normalisation; 2 trained the first two but took VGG16 to chance (docs/library.md): "
+        "compare a few rates on held-out data")
     add("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-5, help="weight decay")
     add("--schedule", default="step", choices=loop.TWA_SCHEDULES,
         help="step: /10 at 50%% and 75%% of the epochs (the reference's; 1 or 2 epochs never reach "
