@@ -1,7 +1,7 @@
 """Which learning rate the TWA coefficients need, and why: measured on several architectures.
 
     python bench/lr_scale.py [--archs resnet20 small-cnn VGG16] [--lrs 0.05 0.2 0.5 2 5]
-                             [--epochs 4] [--subset 10000] [--seed 1] [--name lr-scale]
+                             [--epochs 4] [--train-subset 10000] [--seed 1] [--name lr-scale]
 
 Per architecture, on a fixed random subset of CIFAR-10's training images (10% of it held out):
 1. SGD (lr 0.1, momentum 0.9, wd 5e-4), 2 snapshots per epoch (and the initial weights).
@@ -58,7 +58,7 @@ def parse_args():
                         help="TWA learning rates to try")
     parser.add_argument("--epochs", type=int, default=4, help="SGD epochs")
     parser.add_argument("--twa-epochs", type=int, default=2, help="TWA epochs per learning rate")
-    parser.add_argument("--subset", type=int, default=10000, help="training images used (0: all)")
+    parser.add_argument("--train-subset", type=int, default=10000, help="training images used (0: all)")
     parser.add_argument("--seed", type=int, default=1, help="seed of data order and initialisation")
     parser.add_argument("--name", default="lr-scale", help="results/<name>.json")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 ImageFolder tree (default: "
@@ -71,8 +71,8 @@ def parse_args():
     for arch in args.archs:
         if arch != "small-cnn" and arch not in models.ARCHS:
             parser.error(f"unknown arch {arch!r}; choose small-cnn or one of {', '.join(models.ARCHS)}")
-    if min(args.lrs) <= 0 or args.epochs < 1 or args.twa_epochs < 1 or args.subset < 0:
-        parser.error("learning rates and epochs must be positive, --subset at least 0")
+    if min(args.lrs) <= 0 or args.epochs < 1 or args.twa_epochs < 1 or args.train_subset < 0:
+        parser.error("learning rates and epochs must be positive, --train-subset at least 0")
     return args
 
 
@@ -170,10 +170,13 @@ def print_rows(rows):
 def main():
     args = parse_args()
     revision = common.clean_revision(args.allow_dirty)
-    flags = common.data_args(common.cifar10_dir(args.data_dir), batch_size=128, subset=args.subset)
+    flags = common.data_args(common.cifar10_dir(args.data_dir), batch_size=128, subset=args.train_subset)
     flags.randomseed = args.seed
     device = torch.device("cpu")
-    loaders = data.build_loaders(flags, device, split=lambda n: data.held_out_split(n, 10, args.seed))
+    try:
+        loaders = data.build_loaders(flags, device, split=lambda n: data.held_out_split(n, 10, args.seed))
+    except data.DataError as err:  # e.g. --train-subset beyond the data
+        sys.exit(f"error: {err}")
     rows = []
     for arch in args.archs:
         rows.append(measure(arch, args, loaders))
