@@ -511,3 +511,21 @@ def test_budget_matched_sgd_is_a_baseline_of_every_twa_it_matches(tmp_path, caps
     record["sgd_matched"]["test_correct"] = []
     write(tmp_path, "head-e200-seed3.json", record)
     assert "sgd_matched.test_correct" in run_report(tmp_path, "head-e200")
+
+
+def test_lr_scale_records_every_rate_with_the_scales_that_explain_it(tiny_data, tmp_path):
+    """bench/lr_scale.py at tiny size: SWA and each rate scored on held-out and test images, the
+    gradient's norms and the snapshots' spread, the command and the revision."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "lr_scale.py"), "--archs", "small-cnn",
+           "--lrs", "0.5", "2", "--epochs", "1", "--twa-epochs", "1", "--train-subset", "0",
+           "--data-dir", tiny_data, "--results", str(tmp_path), "--name", "t", "--allow-dirty"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    with open(tmp_path / "t.json") as f:
+        record = json.load(f)
+    (row,) = record["rows"]
+    assert set(row["twa"]) == {"0.5", "2"} and row["snapshots"] == 2  # initial + one batch an epoch
+    assert 0 < row["span_grad_norm"] <= row["grad_norm"] + 1e-9 and row["spread"] > 0  # |P g| <= |g|
+    assert row["twa"]["2"]["first_step_over_spread"] == pytest.approx(
+        4 * row["twa"]["0.5"]["first_step_over_spread"])
+    assert record["commands"][0].startswith("python bench/lr_scale.py --archs small-cnn")
+    assert record["git"] == runfiles.git_revision()
