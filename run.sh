@@ -35,12 +35,9 @@ prepare_out() {  # an earlier run's folder: continue it, replace it, or stop and
         echo "run.sh: RESUME=1 continues the earlier run and FRESH=1 removes it: set one" >&2; exit 2
     fi
     [ -e "$OUT" ] || return 0
-    if [ "${RESUME:-0}" = 1 ]; then  # a run stopped before its first checkpoint starts afresh
-        if compgen -G "$OUT/*.pt" > /dev/null || compgen -G "$OUT/checkpoints/*.pt" > /dev/null; then
-            resume=(--resume)
-        fi
-        return 0
-    fi
+    # a run that stopped before its first checkpoint (no data, say) left nothing to continue
+    compgen -G "$OUT/*.pt" > /dev/null || compgen -G "$OUT/checkpoints/*.pt" > /dev/null || return 0
+    if [ "${RESUME:-0}" = 1 ]; then resume=(--resume); return 0; fi
     if [ "${FRESH:-0}" = 1 ]; then
         if [ -f "$OUT/metrics.jsonl" ] || [ -f "$OUT/checkpoints/checkpoints.json" ] || [ -f "$OUT/sgd_args.json" ]; then
             say "FRESH=1: removing $OUT"; rm -rf -- "$OUT"; return 0
@@ -48,7 +45,8 @@ prepare_out() {  # an earlier run's folder: continue it, replace it, or stop and
         echo "run.sh: FRESH=1 removes only a folder these scripts wrote, and $OUT is not one" >&2; exit 2
     fi
     echo "run.sh: $OUT holds an earlier run: RESUME=1 bash run.sh $mode continues it," \
-         "FRESH=1 bash run.sh $mode starts it again, OUT=<folder> bash run.sh $mode writes elsewhere" >&2
+         "FRESH=1 bash run.sh $mode starts it again, OUT=<folder> bash run.sh $mode writes elsewhere" \
+         "(each with the same DATA_DIR and other settings as before)" >&2
     exit 2
 }
 

@@ -115,3 +115,15 @@ def test_run_sh_refuses_malformed_or_contradicting_knobs_before_any_work(tmp_pat
     done = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "quick"], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and message in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_run_sh_takes_a_folder_without_checkpoints_for_no_earlier_run(tmp_path):
+    """A run that failed before its first checkpoint (no data) left logs only: nothing to continue."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "log.log").write_text("a failed start\n")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DATA_DIR": str(tmp_path / "missing"),
+           "DATASET": "ImageFolder", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    done = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "quick"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "holds an earlier run" not in done.stderr
+    assert "1/2 SGD" in done.stdout  # it went on to train, and train_sgd.py refused the missing data
