@@ -15,7 +15,7 @@
 # DATA_DIR holding train/ and test/ (or val/) class folders is read as an ImageFolder tree; otherwise
 # CIFAR is downloaded into it (default ./datasets).
 # A second call finds the first one's OUT: RESUME=1 continues it (an interrupted run goes on, a
-# finished one prints its results again), FRESH=1 removes it and starts again.
+# finished one trains nothing more and writes its results again), FRESH=1 removes it and starts again.
 set -euo pipefail
 mode=${1:-quick}
 cd "$(dirname "$0")"
