@@ -132,6 +132,36 @@ def test_swa_point_is_lightnings_average(tmp_path):
     assert (mean - averaged).abs().max().item() < 1e-6 * averaged.abs().max().item()
 
 
+class Validated(Module):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+
+def test_swa_point_is_validated_before_twa(tmp_path):
+    """Tail (switch at max_epochs): the report's "swa" metrics are the validation loss at the
+    snapshots' mean with BatchNorm statistics recomputed there, as computed by hand."""
+    callback = twa.lightning.TWA(lr=0.5, twa_epochs=1, record_from=1)
+    module = Validated()
+    trainer = pl.Trainer(max_epochs=3, callbacks=[callback], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, loader(), loader())
+    assert trainer.current_epoch == 4  # the tail: the Trainer's 3 epochs, then 1 of TWA
+    model, offset = network(), 0
+    mean = callback.optimizer.twa.space.mean
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(mean[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+    twa.lightning.recompute_batch_norm(model, loader())
+    model.eval()
+    with torch.no_grad():
+        losses = [F.cross_entropy(model(x), y).item() for x, y in loader()]
+    assert abs(callback.result["swa"]["val_loss"] - sum(losses) / len(losses)) < 1e-5
+
+
 def test_resume_mid_recording_and_mid_twa_is_exact(tmp_path):
     """Trainer.fit(ckpt_path=...) from a checkpoint taken while recording (epoch 1) and during
     TWA (epochs 3 and 4) ends on the uninterrupted run's weights, bit for bit."""
@@ -177,11 +207,22 @@ class Manual(Module):
     (Manual, {}, {}, "manual optimization"),
     (Module, {"per_epoch": 5}, {}, "per_epoch=5 snapshots need as many batches"),
     (Module, {}, {"max_epochs": -1}, "max_epochs"),
+    (Module, {}, {"max_steps": 10}, "max_steps"),
+    (Module, {}, {"precision": "bf16-true"}, "float32 trainable parameters"),
 ])
 def test_bad_use_is_one_error_before_training(tmp_path, module, options, fit_options, message):
     callback = twa.lightning.TWA(lr=0.5, twa_epochs=1, **options)
     with pytest.raises(ValueError, match=message):
-        fit(module(), [callback], fit_options.get("max_epochs", 6), tmp_path)
+        fit(module(), [callback], fit_options.pop("max_epochs", 6), tmp_path, **fit_options)
+
+
+def test_an_early_stop_before_twa_finished_is_said(tmp_path):
+    class Stop(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = trainer.current_epoch == 1
+
+    with pytest.warns(UserWarning, match="before TWA finished"):
+        fit(Module(), [twa.lightning.TWA(lr=0.5, twa_epochs=2), Stop()], 4, tmp_path)
 
 
 def test_unsupported_strategies_and_arguments_are_refused():

@@ -14,6 +14,7 @@ import tempfile
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy,
                                          SingleDeviceStrategy)
 
@@ -45,7 +46,8 @@ class TWA(pl.Callback):
 
     At `switch_epoch` (default: the Trainer's max_epochs, i.e. after the user's training, as in the
     paper's tail; default 0 with `checkpoints`) the model jumps to the snapshots' mean (the SWA
-    point) and the optimizer becomes twa.SubspaceOptimizer(model, space, SGD, lr, momentum,
+    point), validated there once when the fit validates (BatchNorm statistics recomputed: the
+    report's "swa" metrics), and the optimizer becomes twa.SubspaceOptimizer(model, space, SGD, lr, momentum,
     weight_decay) for `twa_epochs` epochs, its lr times SCHEDULES[schedule](epoch, twa_epochs). Fit
     then ends: at switch_epoch + twa_epochs, which the paper's head (switch_epoch below max_epochs)
     reaches before max_epochs. The user's LR schedulers keep stepping the user's optimizer, which
@@ -82,7 +84,7 @@ class TWA(pl.Callback):
         self.twa_epochs, self.record_from, self.per_epoch = twa_epochs, record_from, per_epoch
         self.switch_epoch, self.checkpoints, self.schedule = switch_epoch, checkpoints, schedule
         self.bits, self.layer_size, self.bn_input, self.report = bits, layer_size, bn_input, report
-        self.recorder = self.optimizer = self.user_optimizer = self.saved = None
+        self.recorder = self.optimizer = self.user_optimizer = self.saved = self.swa_metrics = None
         self.result = None  # the report, once TWA is done
 
     # --- setup: every check before any training -------------------------------------------------
@@ -104,6 +106,9 @@ class TWA(pl.Callback):
         last = trainer.max_epochs
         if last is None or last < 0:
             raise ValueError("twa.lightning.TWA needs the Trainer's max_epochs")
+        if trainer.max_steps != -1:
+            raise ValueError("twa.lightning.TWA ends fit itself, after its epochs: max_steps would "
+                             "stop it before, or in the middle of, TWA; set max_epochs only")
         switch = self.switch_epoch if self.switch_epoch is not None else \
             0 if self.checkpoints is not None else last
         if switch > last:
@@ -118,6 +123,12 @@ class TWA(pl.Callback):
         return (switch - self.record_from) * self.per_epoch + 1
 
     def on_train_start(self, trainer, pl_module):
+        # checked here, where the strategy has converted the module (precision='bf16-true' would
+        # otherwise fail only at the switch, after the whole SGD phase)
+        dtypes = {p.dtype for p in pl_module.parameters() if p.requires_grad}
+        if dtypes != {torch.float32}:
+            raise ValueError(f"TWA needs float32 trainable parameters, not {sorted(map(str, dtypes))}: "
+                             "keep the weights in float32 (precision '32-true' or 'bf16-mixed')")
         if self.checkpoints is None and self.recorder is None:
             if math.isinf(trainer.num_training_batches):
                 raise ValueError("twa.lightning.TWA needs a training loader with a length")
@@ -166,9 +177,30 @@ class TWA(pl.Callback):
         self.optimizer = SubspaceOptimizer(pl_module, space, torch.optim.SGD, **self.options)
         if self.saved is not None and self.saved["optimizer"] is not None:
             self.optimizer.load_state_dict(self.saved["optimizer"])
+            self.swa_metrics = self.saved["swa"]
+        else:
+            self.swa_metrics = self.validate_swa(trainer, pl_module)
         self.user_optimizer = trainer.optimizers[0]
         trainer.optimizers = [self.optimizer]
         _save_user_optimizer(trainer.strategy, self.optimizer, self.user_optimizer)
+
+    def validate_swa(self, trainer, pl_module):
+        """The validation metrics at the snapshots' mean (the SWA point), with BatchNorm statistics
+        recomputed there: the fit loop's own validation, run once before the first TWA step (which
+        BatchNorm statistics do not affect: training normalises by each batch's own)."""
+        if not trainer.enable_validation:
+            return None
+        recompute_batch_norm(pl_module, trainer.train_dataloader, self.bn_input)
+        trainer.validating = True
+        trainer.fit_loop.epoch_loop.val_loop.run()
+        trainer.training = True
+        return {name: float(value) for name, value in trainer.callback_metrics.items()}
+
+    def on_train_end(self, trainer, pl_module):
+        if self.result is None:
+            rank_zero_warn(f"fit ended at epoch {trainer.current_epoch} before TWA finished (epochs "
+                           f"{self.switch} to {self.switch + self.twa_epochs - 1}): the model holds "
+                           "no TWA weights (an early stop?); resume from a checkpoint to finish")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         """Lightning clips the optimizer's parameters, here the coefficients, whose gradient exists
@@ -188,6 +220,7 @@ class TWA(pl.Callback):
         space = self.optimizer.twa.space
         alpha = space.checkpoint_coefficients(self.optimizer.coordinates)
         self.result = {"names": space.names, "rank": space.rank, "alpha": alpha.tolist(),
+                       "swa": self.swa_metrics,
                        **space.basis_quality(), "epochs": self.twa_epochs, **self.options,
                        "schedule": self.schedule, "switch_epoch": self.switch}
         if trainer.logger is not None:
@@ -204,7 +237,7 @@ class TWA(pl.Callback):
         recorder = self.recorder.state_dict() if self.recorder is not None else None
         return {"recorder": _every_process(recorder),
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "switch": self.switch}
+                "swa": self.swa_metrics, "switch": self.switch}
 
     def load_state_dict(self, state_dict):
         if state_dict.get("switch") != self.switch:
