@@ -2,7 +2,8 @@
 twa.lightning.TWA (head: 2 epochs of SGD recorded twice per epoch, then 2 of TWA), on one process
 or under DDPStrategy or ModelParallelStrategy (FSDP2, fully_shard per layer), a checkpoint per
 epoch. Rank 0 saves the final weights (gathered here, for the comparison only), the alphas and
-every collective that a TWA optimizer step made outside the forward and backward pass.
+every collective that a TWA optimizer step made outside the forward and backward pass. The
+validation (of the SWA point too) leaves FSDP2's root gathered before a TWA step.
 
     python tests/lightning_worker.py OUT {single,ddp,fsdp} [CHECKPOINT_TO_RESUME]
 """
@@ -50,6 +51,10 @@ class Module(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):  # an evaluation's forward, without backward
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y), sync_dist=True)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
@@ -112,7 +117,7 @@ def main(out, route, resume=None):
     trainer = pl.Trainer(max_epochs=6, accelerator="cpu", devices=world, strategy=strategy,
                          callbacks=[callback, saving], use_distributed_sampler=False, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=f"{out}.root")
-    trainer.fit(module, loader(world), ckpt_path=resume)
+    trainer.fit(module, loader(world), loader(world), ckpt_path=resume)
     weights = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                for name, p in module.net.named_parameters()}
     if trainer.is_global_zero:

@@ -181,6 +181,8 @@ class TWA:
     def check_model(self):
         """Raise if the model's parameters changed since TWA(model, space) (see Binding) or the
         subspace rotated under the coordinates."""
+        for unit in self.fsdp_modules:  # an evaluation's forward left the root's weights gathered
+            unit.reshard()              # (see checkpoints.reshard): its shards are the parameters
         self.binding.check()
         if self.space.revision != self.revision:
             raise RuntimeError("the subspace was rotated (to_principal_components) after TWA(model, "
