@@ -13,6 +13,7 @@ epochs 0-1, then one epoch of TWA), in interleaved rounds. Printed, as medians o
 """
 import argparse
 import statistics
+import tempfile
 import time
 
 import lightning.pytorch as pl
@@ -81,10 +82,11 @@ def fit(batches, with_twa):
         timed_method(callback, "enter_twa", seconds)
         timed_method(callback, "finish", seconds)
         callbacks.append(callback)
-    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", callbacks=[*callbacks, timer], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
-    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=128))
+    with tempfile.TemporaryDirectory() as folder:  # where the callback writes twa.json
+        trainer = pl.Trainer(max_epochs=3, accelerator="cpu", callbacks=[*callbacks, timer],
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=folder)
+        trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=128))
     return timer.epochs, seconds
 
 

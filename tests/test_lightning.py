@@ -173,6 +173,9 @@ def test_resume_mid_recording_and_mid_twa_is_exact(tmp_path):
         return module.net.state_dict(), callback.result["alpha"]
 
     weights, alpha = run(tmp_path / "whole")
+    other = twa.lightning.TWA(lr=0.5, twa_epochs=3, switch_epoch=3, per_epoch=1)
+    with pytest.raises(ValueError, match="per_epoch=2, this callback 1"):
+        fit(Module(), [other], 6, tmp_path / "other", tmp_path / "whole" / "epoch=1.ckpt")
     for epoch in (1, 3, 4):
         resumed, resumed_alpha = run(tmp_path / f"from{epoch}", tmp_path / "whole" / f"epoch={epoch}.ckpt")
         assert all(torch.equal(weights[k], resumed[k]) for k in weights), epoch

@@ -20,11 +20,13 @@ def test_pip_install_makes_twa_importable_from_any_folder(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", "import twa, soup; print(twa.__file__); "
-                          "print(sorted(set(twa.__dict__) & {'Subspace', 'TWA', 'SubspaceRecorder'}))"],
+    out = subprocess.run([sys.executable, "-c", "import sys, twa, soup; print(twa.__file__); "
+                          "print(sorted(set(twa.__dict__) & {'Subspace', 'TWA', 'SubspaceRecorder'})); "
+                          "print(sorted({'lightning', 'transformers', 'safetensors'} & set(sys.modules)))"],
                          cwd=elsewhere, env={**env, "PYTHONPATH": str(target)}, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    path, names = out.stdout.splitlines()
+    path, names, integrations = out.stdout.splitlines()
     assert path.startswith(str(target))
     assert names == "['Subspace', 'SubspaceRecorder', 'TWA']"
+    assert integrations == "[]"  # twa.lightning and twa.hf are imported by name only

@@ -9,7 +9,6 @@ Importable only where lightning is installed (`import twa` needs torch alone).""
 import json
 import math
 import os
-import tempfile
 
 import lightning.pytorch as pl
 import torch
@@ -118,6 +117,9 @@ class TWA(pl.Callback):
                              f"{switch} takes {self.snapshots(switch)} snapshot: TWA needs at least 2")
         self.switch = switch
         trainer.fit_loop.max_epochs = switch + self.twa_epochs
+        # a second fit with this callback starts afresh (a resumed one loads its state after this)
+        self.recorder = self.optimizer = self.user_optimizer = self.saved = self.swa_metrics = None
+        self.result = None
 
     def snapshots(self, switch):
         return (switch - self.record_from) * self.per_epoch + 1
@@ -237,12 +239,20 @@ class TWA(pl.Callback):
         recorder = self.recorder.state_dict() if self.recorder is not None else None
         return {"recorder": _every_process(recorder),
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "swa": self.swa_metrics, "switch": self.switch}
+                "swa": self.swa_metrics, "plan": self.plan()}
+
+    def plan(self):
+        """What a resumed fit must share with the checkpoint's: where the snapshots are, and what."""
+        return {"switch_epoch": self.switch, "record_from": self.record_from,
+                "per_epoch": self.per_epoch, "bits": self.bits, "layer_size": self.layer_size,
+                "checkpoints": None if self.checkpoints is None else [str(c) for c in self.checkpoints]}
 
     def load_state_dict(self, state_dict):
-        if state_dict.get("switch") != self.switch:
-            raise ValueError(f"the checkpoint's TWA switched at epoch {state_dict.get('switch')}, "
-                             f"this callback at {self.switch}")
+        saved = state_dict.get("plan", {})
+        for key, value in self.plan().items():
+            if saved.get(key) != value:
+                raise ValueError(f"the checkpoint's TWA has {key}={saved.get(key)!r}, this callback "
+                                 f"{value!r}: resume with the callback's settings of that run")
         self.saved = state_dict  # applied where the model's recorder and optimizer are built
 
 
@@ -315,8 +325,9 @@ def recompute_batch_norm(module, loader, model_input=first_element):
 
 
 def _write_json(path, value):
+    """Written whole or not at all: a temporary file beside it (the umask's permissions), renamed."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    temp = f"{path}.{os.getpid()}.tmp"
+    with open(temp, "w") as f:
         json.dump(value, f, indent=1)
     os.replace(temp, path)
