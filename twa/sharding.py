@@ -34,7 +34,8 @@ class Sharding:
     reduce-scatter of the gradient and one D-sized all-gather of the new weights, about the traffic
     of DDP's one all-reduce. Columns rather than rows: rows would need the whole D-sized gradient
     and weights to meet every rank's rows, and rank deficiency would leave shards uneven. Shards
-    hold whole quantisation groups (QUANT_GROUP entries), so that a low-bit basis splits cleanly."""
+    hold whole quantisation groups (QUANT_GROUP entries) of the D-vector; a block of layer-wise
+    TWA, which starts anywhere, gets its groups placed as one process would (see basis)."""
 
     follows_model = False  # see ModelSharding
 
@@ -47,6 +48,9 @@ class Sharding:
         self.lo = min(self.rank * self.per_rank, dim)
         self.hi = min(self.lo + self.per_rank, dim)
         self.dim = dim
+        # (start, stop, rank) of every process's columns, and this process's
+        self.owners = [(min(r * self.per_rank, dim), min((r + 1) * self.per_rank, dim), r)
+                       for r in range(self.world) if r * self.per_rank < dim]
         self.pieces = [(self.lo, self.hi)]
 
     @property
@@ -77,9 +81,56 @@ class Sharding:
 
     def basis(self, capacity, block, bits, device):
         """Room for `capacity` rows over this process's entries of block = (start, stop) of the
-        D-vector (its shards hold whole quantisation groups, so a low-bit basis splits cleanly)."""
-        columns = self.local_slice(*block)
-        return Basis(capacity, columns.stop - columns.start, bits, device)
+        D-vector. At 8 and 4 bits on several processes, quantisation groups are placed as one
+        process would place them (see GroupAligned): shards start where the D-vector's groups do,
+        but a block of layer-wise TWA starts anywhere, and its groups count from its start."""
+        if bits >= 16 or self.world == 1:
+            columns = self.local_slice(*block)
+            return Basis(capacity, columns.stop - columns.start, bits, device)
+        segments, groups, local_group = self._group_layout(block)
+        split = self._split_groups(block)
+        mine = [(at, local_group[g]) for at, g in enumerate(split) if g in local_group]
+        return GroupAligned(capacity, segments, groups, bits,
+                            functools.partial(self._agree, len(split), mine), device)
+
+    def _group_layout(self, block):
+        """Where this process's entries of the block go among the groups that hold them: the
+        segments (entry position, stored column, length), the number of groups, and the stored
+        index of the first and last group of each piece, by group number within the block."""
+        start, stop = block
+        segments, groups, local_group, last, position = [], 0, {}, -1, 0
+        for lo, hi in self.pieces:
+            lo, hi = max(lo, start), min(hi, stop)
+            if lo >= hi:
+                continue
+            first_group, last_group = (lo - start) // QUANT_GROUP, (hi - 1 - start) // QUANT_GROUP
+            index = groups - 1 if first_group == last else groups  # a group shared with the last piece
+            segments.append((position, index * QUANT_GROUP + (lo - start) % QUANT_GROUP, hi - lo))
+            local_group[first_group] = index
+            local_group[last_group] = index + last_group - first_group
+            groups, last, position = index + last_group - first_group + 1, last_group, position + hi - lo
+        return segments, groups, local_group
+
+    def _split_groups(self, block):
+        """The groups of the block (numbered within it) that hold entries of several processes,
+        the same list on every process."""
+        start, stop = block
+        inside = [(max(lo, start), rank) for lo, hi, rank in self.owners if lo < stop and hi > start]
+        changes = [lo - start for (lo, rank), (_, before) in zip(inside[1:], inside) if rank != before]
+        return sorted({at // QUANT_GROUP for at in changes if at % QUANT_GROUP})
+
+    def _agree(self, count, mine, low, high):
+        """low, high (rows x this process's groups) made the range over every process of each split
+        group (`mine`: (index among the `count` split groups, stored index) of this process's): one
+        all-reduce of 2 x rows x count values."""
+        if count:
+            shared = low.new_full((2, low.shape[0], count), -math.inf)
+            slots, stored = [s for s, _ in mine], [g for _, g in mine]
+            shared[0][:, slots], shared[1][:, slots] = -low[:, stored], high[:, stored]
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=self.group)
+            low[:, stored], high[:, stored] = -shared[0][:, slots], shared[1][:, slots]
+        return low, high
+
 
     def sum_(self, tensor):
         """Sum over the processes, in place (k-sized tensors only)."""
@@ -132,55 +183,6 @@ class ModelSharding(Sharding):
                     self.owners.append((offset + lo, offset + hi, rank))
             offset += p.numel()
         self.pieces = [(lo, hi) for lo, hi, rank in self.owners if rank == self.rank]
-
-    def basis(self, capacity, block, bits, device):
-        """At 8 and 4 bits: quantisation groups placed as one process would place them (see
-        GroupAligned), since the model's shards need not hold whole groups."""
-        if bits >= 16:
-            return super().basis(capacity, block, bits, device)
-        segments, groups, local_group = self._group_layout(block)
-        split = self._split_groups(block)
-        mine = [(at, local_group[g]) for at, g in enumerate(split) if g in local_group]
-        return GroupAligned(capacity, segments, groups, bits,
-                            functools.partial(self._agree, len(split), mine), device)
-
-    def _group_layout(self, block):
-        """Where this process's entries of the block go among the groups that hold them: the
-        segments (entry position, stored column, length), the number of groups, and the stored
-        index of the first and last group of each piece, by group number within the block."""
-        start, stop = block
-        segments, groups, local_group, last, position = [], 0, {}, -1, 0
-        for lo, hi in self.pieces:
-            lo, hi = max(lo, start), min(hi, stop)
-            if lo >= hi:
-                continue
-            first_group, last_group = (lo - start) // QUANT_GROUP, (hi - 1 - start) // QUANT_GROUP
-            index = groups - 1 if first_group == last else groups  # a group shared with the last piece
-            segments.append((position, index * QUANT_GROUP + (lo - start) % QUANT_GROUP, hi - lo))
-            local_group[first_group] = index
-            local_group[last_group] = index + last_group - first_group
-            groups, last, position = index + last_group - first_group + 1, last_group, position + hi - lo
-        return segments, groups, local_group
-
-    def _split_groups(self, block):
-        """The groups of the block (numbered within it) that hold entries of several processes,
-        the same list on every process."""
-        start, stop = block
-        inside = [(max(lo, start), rank) for lo, hi, rank in self.owners if lo < stop and hi > start]
-        changes = [lo - start for (lo, rank), (_, before) in zip(inside[1:], inside) if rank != before]
-        return sorted({at // QUANT_GROUP for at in changes if at % QUANT_GROUP})
-
-    def _agree(self, count, mine, low, high):
-        """low, high (rows x this process's groups) made the range over every process of each split
-        group (`mine`: (index among the `count` split groups, stored index) of this process's): one
-        all-reduce of 2 x rows x count values."""
-        if count:
-            shared = low.new_full((2, low.shape[0], count), -math.inf)
-            slots, stored = [s for s, _ in mine], [g for _, g in mine]
-            shared[0][:, slots], shared[1][:, slots] = -low[:, stored], high[:, stored]
-            dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=self.group)
-            low[:, stored], high[:, stored] = -shared[0][:, slots], shared[1][:, slots]
-        return low, high
 
     def gather_(self, full, part):
         raise RuntimeError("a basis that follows the model's shards never gathers weights")

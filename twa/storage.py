@@ -364,10 +364,12 @@ class Affine(Rounded):
 
 
 class GroupAligned(Affine):
-    """An 8 or 4-bit basis of a block that FSDP splits over the processes at places that need not
-    fall between quantisation groups. It stores the groups that hold this process's entries, each
-    entry at its place in its group as one process storing the whole block would put it, and leaves
-    holes where a group's other entries live on other processes; a group split between processes
+    """An 8 or 4-bit basis of a block that the processes split at places that need not fall
+    between its quantisation groups (FSDP2's shards of each parameter; column shards, which start
+    at the D-vector's groups, across a block of layer-wise TWA, whose groups count from its own
+    start). It stores the groups that hold this process's entries, each entry at its place in its
+    group as one process storing the whole block would put it, and leaves holes where a group's
+    other entries live on other processes; a group split between processes
     takes the range of all its entries (`agree`, a collective, once per stored row). Every entry then
     gets the code, scale and offset one process would give it, so that the weights match one
     process's to float32 rounding at any world size (the groups of this process's entries alone
