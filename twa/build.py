@@ -364,8 +364,10 @@ class UntrainedEntries:
 
     def compare(self, state):
         for key, own in self.entries.items():
-            saved = state.get(key)
-            if key in self.matched or not torch.is_tensor(saved) or saved.shape != own.shape:
+            if key in self.matched or key not in state:  # (a file's tensor is read on lookup)
+                continue
+            saved = state[key]
+            if not torch.is_tensor(saved) or saved.shape != own.shape:
                 continue
             self.compared.add(key)
             if torch.equal(own, saved.to(own.device, own.dtype)):

@@ -1,4 +1,5 @@
-"""Reading checkpoints: state_dicts from files (weights only), sharded checkpoint folders or mappings,
+"""Reading checkpoints: state_dicts from files (weights only), sharded checkpoint folders, Hugging
+Face safetensors files and folders (read a tensor at a time, see safetensors_files) or mappings,
 wrapper prefixes removed, flattened into the float32 vector of a model's trainable parameters (or one
 shard of it)."""
 import numbers
@@ -10,6 +11,9 @@ from collections.abc import Mapping
 
 import torch
 
+from .errors import CheckpointError, first_line
+from .safetensors_files import (SHARDED, SINGLE, SafetensorsState, check_files, is_safetensors,
+                                open_checkpoint)
 from .sharding import FSDPModule
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and torch.compile
@@ -17,13 +21,14 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and to
 MODEL_KEYS = ("state_dict", "model", "model_state_dict")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, unreadable, unsafe or of another model."""
-
 def check_readable(path):
     """Cheap up-front check that a torch.save file is whole: a zip archive's directory sits at its
     end, so reading it catches truncation without loading any tensor. A sharded checkpoint folder:
-    its index reads, and every shard file it names is there and long enough."""
+    its index reads, and every shard file it names is there and long enough. A safetensors file or
+    folder: see safetensors_files.check_files."""
+    if _holds_safetensors(path):
+        check_files(path)
+        return
     if os.path.isdir(path):
         _check_shard_files(path, _read_index(path))
         return
@@ -46,8 +51,13 @@ def load_state_dict(source, names=None, label=None):
     """A state_dict from a file or a mapping (a training checkpoint's model entry where it is one,
     see MODEL_KEYS), without wrapper prefixes; files load weights only. names: the model's own keys,
     when known; a prefix is then removed only while some are missing (so that a model with a
-    submodule called `module` keeps its names). label: how messages name the source (describe)."""
+    submodule called `module` keeps its names). label: how messages name the source (describe).
+    A safetensors file or folder gives a SafetensorsState, which reads a tensor when looked up."""
     label = describe(source) if label is None else label
+    if not isinstance(source, Mapping) and _holds_safetensors(source):
+        source = open_checkpoint(source)
+    if isinstance(source, SafetensorsState):  # tensors only, none on the meta device; each read
+        return _strip_prefixes(source, names)  # when looked up, never all of them at once
     if isinstance(source, Mapping):
         state = _unwrap_training_checkpoint(source)
     elif os.path.isdir(source):
@@ -85,9 +95,10 @@ def _unwrap_training_checkpoint(state):
     return state
 
 
-def first_line(err):
-    """The first line of an exception's message (some have none)."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+def _holds_safetensors(path):
+    """Whether Hugging Face's format is read at `path` (a folder with a sharded torch checkpoint's
+    index is one, whatever else it holds)."""
+    return is_safetensors(path) and not os.path.isfile(os.path.join(path, INDEX))
 
 
 def _strip_prefixes(state, names=None):
@@ -97,12 +108,15 @@ def _strip_prefixes(state, names=None):
         prefix = next((p for p in WRAPPER_PREFIXES if all(str(k).startswith(p) for k in state)), None)
         if prefix is None:
             return state
-        state = {key[len(prefix):]: value for key, value in state.items()}
+        state = state.without_prefix(prefix) if isinstance(state, SafetensorsState) else \
+            {key[len(prefix):]: value for key, value in state.items()}
     return state
 
 
 def describe(source, index=None):
     """How a checkpoint is named in messages: its path, or which in-memory state_dict."""
+    if isinstance(source, SafetensorsState):
+        return source.label
     if not isinstance(source, Mapping):
         return str(source)
     return "state_dict" if index is None else f"state_dict #{index}"
@@ -178,30 +192,39 @@ def flatten_checkpoint(state, params, source="state_dict", out=None, shard=None)
                       dtype=torch.float32) if out is None else out
     offset, names = 0, {name for name, _ in params}
     for name, p in params:
-        if name not in state:
-            raise CheckpointError(f"{source} does not match the model: it has no '{name}'")
-        doubled = [prefix + name for prefix in WRAPPER_PREFIXES if prefix + name in state and
-                   prefix + name not in names]
-        if doubled:
-            raise CheckpointError(f"{source} holds both '{name}' and '{doubled[0]}': which one is the "
-                                  "model's is ambiguous")
-        value = state[name]
-        if not torch.is_tensor(value):
-            raise CheckpointError(f"{source}: '{name}' is a {type(value).__name__}, not a tensor")
-        if not value.is_floating_point():
-            raise CheckpointError(f"{source}: '{name}' holds {value.dtype} values, not floating-point "
-                                  "weights")
-        if tuple(value.shape) != tuple(p.shape):
-            raise CheckpointError(f"{source} does not match the model: '{name}' has shape "
-                                  f"{tuple(value.shape)}, the model {tuple(p.shape)}")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            # the whole tensor, not just this shard: every process stops at the same file
-            raise CheckpointError(f"{source}: '{name}' holds NaN or Inf values")
-        flat = value.reshape(-1)
+        flat = _checked_tensor(state, name, p, names, source).reshape(-1)
         for first, stop, at in shard.overlaps(offset, p.numel()) if shard else [(0, p.numel(), offset)]:
             out[at:at + stop - first].copy_(flat[first:stop])
         offset += p.numel()
+        del flat  # a tensor read from a file (SafetensorsState) goes before the next is read
     return out
+
+
+def _checked_tensor(state, name, p, names, source):
+    """state[name], refused unless a finite floating-point tensor of p's shape, and unambiguous
+    (no wrapper's prefix + name among the keys besides name, unless the model has that name too)."""
+    if name not in state:
+        hint = (" (transformers saves some models' weights under older names: read its checkpoints "
+                "through twa.hf.checkpoints(model, paths))") if isinstance(state, SafetensorsState) else ""
+        raise CheckpointError(f"{source} does not match the model: it has no '{name}'{hint}")
+    doubled = [prefix + name for prefix in WRAPPER_PREFIXES if prefix + name in state and
+               prefix + name not in names]
+    if doubled:
+        raise CheckpointError(f"{source} holds both '{name}' and '{doubled[0]}': which one is the "
+                              "model's is ambiguous")
+    value = state[name]
+    if not torch.is_tensor(value):
+        raise CheckpointError(f"{source}: '{name}' is a {type(value).__name__}, not a tensor")
+    if not value.is_floating_point():
+        raise CheckpointError(f"{source}: '{name}' holds {value.dtype} values, not floating-point "
+                              "weights")
+    if tuple(value.shape) != tuple(p.shape):
+        raise CheckpointError(f"{source} does not match the model: '{name}' has shape "
+                              f"{tuple(value.shape)}, the model {tuple(p.shape)}")
+    if not bool(torch.isfinite(value).all()):
+        # the whole tensor, not just this shard: every process stops at the same file
+        raise CheckpointError(f"{source}: '{name}' holds NaN or Inf values")
+    return value
 
 
 def read_parameters(source, params, name, out=None, shard=None, inspect=None):
@@ -209,7 +232,7 @@ def read_parameters(source, params, name, out=None, shard=None, inspect=None):
     (load_state_dict), which `inspect` (if given) gets to see too; a sharded checkpoint folder
     read into a model's own shards reads only this process's rows."""
     if shard is not None and shard.follows_model and not isinstance(source, Mapping) and \
-            os.path.isdir(source):
+            os.path.isdir(source) and not _holds_safetensors(source):
         return read_local_shards(source, params, name, out, shard)
     state = load_state_dict(source, [n for n, _ in params], name)
     if inspect:
@@ -273,8 +296,8 @@ def _read_index(path):
         with open(os.path.join(path, INDEX), "rb") as f:
             index = _IndexUnpickler(f).load()
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} is a folder without {INDEX}: not a sharded "
-                              "checkpoint") from None
+        raise CheckpointError(f"checkpoint {path} is a folder without {INDEX}, {SINGLE} or "
+                              f"{SHARDED}: not a checkpoint folder") from None
     except _NotAnIndexClass as err:
         raise CheckpointError(f"refusing to load {path}: {err}") from None
     except Exception as err:  # a truncated or garbled pickle raises EOFError, ValueError and others
