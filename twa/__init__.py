@@ -43,7 +43,12 @@ Where each piece lives (imports run downwards only):
 - sharding.py   which columns of P each process keeps under torch.distributed: equal column
                 ranges (Sharding), or the entries of the process's own FSDP2 parameter shards
                 (ModelSharding), with which a TWA step needs no weight gather at all.
-- checkpoints.py reading state_dicts and flattening them.
+- checkpoints.py reading state_dicts and flattening them; safetensors_files.py reads Hugging Face's
+                files and folders a tensor at a time; errors.py holds CheckpointError.
+- batchnorm.py  BatchNorm statistics recomputed for averaged weights.
+The integrations, imported by name where their package is installed: twa.lightning (a Lightning
+callback: the span recorded while fit trains, then TWA in place of the optimizer) and twa.hf (a
+Trainer callback that records the span, and a TWA phase with the same Trainer).
 """
 from .build import combination_residual, from_checkpoints, parameter_blocks, reference_from_checkpoints
 from .checkpoints import (CheckpointError, check_readable, flatten_checkpoint, load_state_dict,

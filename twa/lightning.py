@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy,
                                          SingleDeviceStrategy)
 
+from . import batchnorm as batch_norm
 from .build import from_checkpoints
 from .checkpoints import is_int
 from .optimizer import SubspaceOptimizer
@@ -299,29 +300,11 @@ def _to_host(state):
     return state
 
 
-@torch.no_grad()
 def recompute_batch_norm(module, loader, model_input=first_element):
-    """Reset every BatchNorm layer's statistics and take their cumulative average over one pass of
-    `loader` (as torch.optim.swa_utils.update_bn), then average them over the processes."""
-    layers = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not layers:
-        return
-    momenta = {layer: layer.momentum for layer in layers}
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None
-    was_training = module.training
-    module.train()
+    """BatchNorm statistics of the module's weights over one pass of `loader` (see
+    twa.batchnorm), its forward run on model_input(batch) moved to the module's device."""
     device = next(module.parameters()).device
-    for batch in loader:
-        module(model_input(batch).to(device))
-    module.train(was_training)
-    for layer in layers:
-        layer.momentum = momenta[layer]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for stat in (layer.running_mean, layer.running_var):
-                dist.all_reduce(stat)
-                stat.div_(dist.get_world_size())
+    batch_norm.recompute_batch_norm(module, loader, lambda batch: module(model_input(batch).to(device)))
 
 
 def _write_json(path, value):
