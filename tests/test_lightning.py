@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
@@ -140,15 +141,19 @@ class Validated(Module):
 
 def test_swa_point_is_validated_before_twa(tmp_path):
     """Tail (switch at max_epochs): the report's "swa" metrics are the validation loss at the
-    snapshots' mean with BatchNorm statistics recomputed there, as computed by hand."""
+    snapshots' mean with BatchNorm statistics recomputed there, as computed by hand; the report
+    reaches the Trainer's logger."""
     callback = twa.lightning.TWA(lr=0.5, twa_epochs=1, record_from=1)
     module = Validated()
-    trainer = pl.Trainer(max_epochs=3, callbacks=[callback], accelerator="cpu", logger=False,
+    trainer = pl.Trainer(max_epochs=3, callbacks=[callback], accelerator="cpu",
+                         logger=CSVLogger(tmp_path, name="log", version=0),
                          enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, num_sanity_val_steps=0,
                          default_root_dir=str(tmp_path))
     trainer.fit(module, loader(), loader())
     assert trainer.current_epoch == 4  # the tail: the Trainer's 3 epochs, then 1 of TWA
+    logged = (tmp_path / "log" / "version_0" / "metrics.csv").read_text()
+    assert "twa/rank" in logged and "twa/orthogonality_error" in logged
     model, offset = network(), 0
     mean = callback.optimizer.twa.space.mean
     with torch.no_grad():
