@@ -143,7 +143,9 @@ def main(out, route, wrap, bits, layer_size):
         trainer.step(optimizer)
     result = {"swa": swa, "twa": full_weights(model), "rank": space.rank,
               "alpha": space.checkpoint_coefficients(trainer.coordinates),
-              "step_collectives": calls, "local_size": space.shard.local_size, "dim": space.shard.dim}
+              "step_collectives": calls, "local_size": space.shard.local_size, "dim": space.shard.dim,
+              "own_entries": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                                 for p in model.parameters())}
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save(result, out)
     if dist.is_initialized():

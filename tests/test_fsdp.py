@@ -45,7 +45,8 @@ def test_twa_on_an_fsdp_model_matches_one_process(tmp_path, route, bits, layer_s
     alpha = max((a - b).abs().max().item() for a, b in zip(one["alpha"], many["alpha"]))
     assert alpha < 1e-4 * scale
     assert many["step_collectives"] == [("all_reduce", one["rank"])]
-    assert many["local_size"] < many["dim"] // processes + many["dim"] // 4  # about D / N each
+    # rank 0 keeps the basis entries of its own shards, no more (FSDP2 splits each parameter by rows)
+    assert many["local_size"] == many["own_entries"] < many["dim"]
 
 
 @pytest.mark.parametrize("wrap,bits", [("plain", 8), ("plain", 4), ("fsdp", 8), ("fsdp", 4)])
@@ -58,3 +59,28 @@ def test_layerwise_low_bits_on_two_processes_match_one(tmp_path, wrap, bits):
     one = launch(tmp_path / "one.pt", 1, "files", "plain", bits, 0, "mlp")
     many = launch(tmp_path / "many.pt", 2, "files", wrap, bits, 0, "mlp")
     assert relative(one["twa"], many["twa"]) < 1e-5
+
+
+def test_an_fsdp_model_in_bfloat16_is_refused(tmp_path):
+    """The FSDP2 route checks the parameters' dtype as the other does (it cast them silently)."""
+    script = tmp_path / "bf16.py"
+    script.write_text(
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import torch, torch.distributed as dist\n"
+        "from torch.distributed.fsdp import fully_shard\n"
+        "import twa\n"
+        "dist.init_process_group('gloo')\n"
+        "model = fully_shard(torch.nn.Linear(8, 4).to(torch.bfloat16))\n"
+        "walk = [{k: v + i for k, v in model.state_dict().items()} for i in range(3)]\n"
+        "walk = [{k: v.full_tensor() for k, v in s.items()} for s in walk]\n"
+        "space = twa.Subspace.from_checkpoints(model, walk)\n"
+        "try:\n"
+        "    twa.TWA(model, space)\n"
+        "except ValueError as err:\n"
+        "    print('refused:', err)\n"
+        "dist.destroy_process_group()\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=1", str(script), ROOT], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: TWA needs float32 trainable parameters, not torch.bfloat16" in proc.stdout

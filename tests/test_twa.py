@@ -16,6 +16,13 @@ def mlp(seed=0):
     return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5))
 
 
+def wide_mlp(seed=0):
+    """mlp's inputs and outputs, with a first layer of 5,120 weights: a block that a layer-wise
+    basis stores at 8 or 4 bits (smaller blocks of several stay in float32, build.SMALL_BLOCK)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(20, 256), nn.ReLU(), nn.Linear(256, 5))
+
+
 def random_walk(model, n, step=0.01, seed=0):
     """n state_dicts along a random walk with small steps: neighbours have cosine >= 0.99."""
     gen = torch.Generator().manual_seed(seed)
@@ -292,10 +299,13 @@ def test_training_checkpoint_loads_its_model_or_says_what_it_holds(tmp_path):
 
 @pytest.mark.parametrize("train,bits,layer_size", [("coordinates", 32, None), ("alpha", 8, 0)])
 def test_a_training_step_copies_nothing_to_the_host(monkeypatch, train, bits, layer_size):
-    """On a GPU each of these would be a device-to-host sync; on the CPU they are traps."""
-    model = mlp()
+    """On a GPU each of these would be a device-to-host sync; on the CPU they are traps, bool(),
+    float() and int() of a tensor among them. The 8-bit case stores its first block rounded, so
+    the low-bit products run inside the trap."""
+    model = wide_mlp()
     space = twa.Subspace.from_checkpoints(model, random_walk(model, 6, step=0.05), bits=bits,
                                           layer_size=layer_size)
+    assert space.spans[0].basis.bits == bits
     trainer = twa.TWA(model, space, train=train)
     opt = torch.optim.SGD(trainer.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     calls = []
@@ -308,7 +318,7 @@ def test_a_training_step_copies_nothing_to_the_host(monkeypatch, train, bits, la
             return original(self, *args, **kwargs)
         return recorded
     train_steps(model, 1, lambda: trainer.step(opt))  # the optimizer's lazy state, outside the trap
-    for name in ("cpu", "item", "tolist", "numpy"):
+    for name in ("cpu", "item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, trap(name))
     train_steps(model, 3, lambda: trainer.step(opt))
     assert calls == []

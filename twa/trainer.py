@@ -18,12 +18,8 @@ def flatten_parameters_(params, size=None):
     channels-last parameters with their weight views: those keep their own tensors and layout (a
     view would make them contiguous, and convolutions slower), are refreshed from the flat weights
     after each write, and have their gradients copied in."""
+    check_float32(params)
     first = params[0]
-    if any(p.dtype != first.dtype or p.device != first.device for p in params):
-        raise ValueError("TWA needs all trainable parameters in one dtype on one device")
-    if first.dtype != torch.float32:  # the basis, the mean and the products are float32
-        raise ValueError(f"TWA needs float32 trainable parameters, not {first.dtype}: keep the "
-                         "weights in float32 and compute in lower precision with torch.autocast")
     dim = sum(p.numel() for p in params)
     weights = torch.zeros(size or dim, dtype=first.dtype, device=first.device)
     grads = torch.zeros(size or dim, dtype=first.dtype, device=first.device)
@@ -41,9 +37,22 @@ def flatten_parameters_(params, size=None):
     return weights, grads, grad_views, copied
 
 
+def check_float32(params):
+    """Refuse parameters that are not float32 on one device: the basis, the mean and the products
+    are float32, and TWA writes the weights it computes into the parameters as they are (an FSDP2
+    shard in another dtype would be cast on every write)."""
+    first = params[0]
+    if any(p.dtype != first.dtype or p.device != first.device for p in params):
+        raise ValueError("TWA needs all trainable parameters in one dtype on one device")
+    if first.dtype != torch.float32:
+        raise ValueError(f"TWA needs float32 trainable parameters, not {first.dtype}: keep the "
+                         "weights in float32 and compute in lower precision with torch.autocast")
+
+
 def _local_buffers(params, device):
     """Under FSDP2: flat float32 buffers of this process's entries (its local shard of every
     parameter, in order) for the weights and the gradients, and their views per parameter."""
+    check_float32(params)
     local = [p.detach().to_local() for p in params]
     weights = torch.cat([t.reshape(-1).float() for t in local]).to(device)
     grads = torch.zeros_like(weights)
