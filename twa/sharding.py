@@ -84,7 +84,7 @@ class Sharding:
         D-vector. At 8 and 4 bits on several processes, quantisation groups are placed as one
         process would place them (see GroupAligned): shards start where the D-vector's groups do,
         but a block of layer-wise TWA starts anywhere, and its groups count from its start."""
-        if bits >= 16 or self.world == 1:
+        if self.world == 1 or bits not in (8, 4):  # (Basis names a wrong format)
             columns = self.local_slice(*block)
             return Basis(capacity, columns.stop - columns.start, bits, device)
         segments, groups, local_group = self._group_layout(block)
