@@ -17,11 +17,12 @@ pytestmark = pytest.mark.slow
 EXAMPLE = os.path.join(ROOT, "examples", "lightning_resnet20.py")
 
 
-@pytest.mark.parametrize("processes,strategy", [(1, "auto"), (2, "fsdp")])
-def test_lightning_example(tmp_path, processes, strategy):
+@pytest.mark.parametrize("processes,strategy,images", [(1, "auto", 256), (2, "fsdp", 512)])
+def test_lightning_example(tmp_path, processes, strategy, images):
+    """2 batches of 128 per process and epoch: 2 epochs recorded twice each, then 1 of TWA."""
     prefix = [sys.executable] if processes == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    proc = subprocess.run([*prefix, EXAMPLE, "--data", common.cifar10_dir(), "--subset", "512",
+    proc = subprocess.run([*prefix, EXAMPLE, "--data", common.cifar10_dir(), "--subset", str(images),
                            "--switch", "2", "--twa-epochs", "1", "--strategy", strategy,
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

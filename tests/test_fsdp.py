@@ -49,14 +49,26 @@ def test_twa_on_an_fsdp_model_matches_one_process(tmp_path, route, bits, layer_s
     assert many["local_size"] == many["own_entries"] < many["dim"]
 
 
+@pytest.fixture(scope="module")
+def mlp_on_one_process(tmp_path_factory):
+    """The layer-wise runs of one process without FSDP, by bits (each made once)."""
+    folder, runs = tmp_path_factory.mktemp("mlp"), {}
+
+    def run(bits):
+        if bits not in runs:
+            runs[bits] = launch(folder / f"{bits}.pt", 1, "files", "plain", bits, 0, "mlp")
+        return runs[bits]
+    return run
+
+
 @pytest.mark.parametrize("wrap,bits", [("plain", 8), ("plain", 4), ("fsdp", 8), ("fsdp", 4)])
-def test_layerwise_low_bits_on_two_processes_match_one(tmp_path, wrap, bits):
+def test_layerwise_low_bits_on_two_processes_match_one(tmp_path, wrap, bits, mlp_on_one_process):
     """Layer-wise 8 and 4-bit bases of layers of 5,050 to 6,060 weights, which are stored rounded
     and which both routes split between 2 processes inside a layer (the column shards at entry
     8,448, inside the second layer; FSDP2 inside every layer): the quantisation groups count from
     each layer's start as on one process, so the weights agree to 1e-5 (groups counted from the
     column shard's edge differed by 5e-5 at 8 bits and 1e-3 at 4)."""
-    one = launch(tmp_path / "one.pt", 1, "files", "plain", bits, 0, "mlp")
+    one = mlp_on_one_process(bits)
     many = launch(tmp_path / "many.pt", 2, "files", wrap, bits, 0, "mlp")
     assert relative(one["twa"], many["twa"]) < 1e-5
 
