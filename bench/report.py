@@ -19,55 +19,22 @@ soups-diverse): each soup's held-out and test accuracy.
 Every file is held to its shape when read (schema.py), and every table to one protocol and one run
 per seed, whatever pooled its files; either failure is one line naming the file(s).
 
-The rule (fixed before the E = 200 runs; every verdict this report prints follows it):
-
-  Interval. For a difference (e.g. TWA - SGD, TWA - SWA) over S seeds that share one test set of N
-  images, with per-image correctness per seed: let d_s be seed s's paired difference in accuracy
-  (points), D their mean over seeds, and e_i the per-image difference averaged over seeds.
-      SE^2 = a + b,  a = var_seeds(d_s) / S,  b = var_images(e_i) / N   (sample variances, points^2)
-      interval = D +- t_{0.975, df} * SE,  df = (a + b)^2 / (a^2 / (S - 1) + b^2 / (N - 1))
-  df is Welch-Satterthwaite's (rounded down): the seed term is estimated from S - 1 degrees of
-  freedom, the image term from N - 1, and t(S - 1) on both would widen the image term's 1.96 to
-  4.3 with 3 seeds for no reason. For S = 1: the normal quantile 1.96 and the image term alone,
-  marked "(one seed)". Why both terms: the seeds
-  share the test set, so the spread of the seeds alone misses the test set's draw (over-seed t
-  intervals came out narrower than per-image noise allows, e.g. [+0.33, +0.39] on a 10k test set),
-  and the image term alone misses seed-to-seed variation; the sum counts the seed-by-image
-  interaction twice, so the interval errs wide, never narrow. Where some seeds have no per-image
-  results, the interval uses the seeds that have them and says which; with no per-image results at
-  all, the t interval over the seeds is printed and the verdict is "not settled (no per-image
-  results)". Seeds scored from other data folders share no test set: "not settled (other data
-  folders)".
-
-  Verdict, with margin M = 0.3 points: "better" when the interval's lower end > 0, "worse" when its
-  upper end < 0 (with " (within +-0.3)" appended when the whole interval also lies inside
-  [-0.3, +0.3]); otherwise "matches" when the whole interval lies inside [-0.3, +0.3]; otherwise
-  "not settled". In a row "a - b", "better" means a better (TWA - baseline: TWA better).
+The rule every verdict follows is bench/rule.py's (its docstring states it).
 """
 import argparse
-import glob
-import json
-import math
 import os
 import re
-import stat
 import statistics
 
-import numpy as np
-
 import common
-from paired import T975, describe, over_seeds
+from results_files import table_runs
+from rule import MARGIN, RULE_COLUMNS, gap_change, minus, over_seed_cells, seed_cells
 
 import loop  # noqa: E402
-import schema  # noqa: E402
 from runfiles import unpack_bits  # noqa: E402
 from plot import plot_coefficients, save_figure  # noqa: E402  (common puts the project on the path)
 from matplotlib.figure import Figure
 
-MARGIN = 0.3  # points: the rule's margin for "matches"
-NO_BITS = "not settled (no per-image results)"
-UNPOOLED = "not settled (other data folders)"
-MAX_BYTES = 64 << 20  # a results file is kilobytes to a megabyte; more is not one
 
 
 def mean_std(values):
@@ -152,99 +119,6 @@ def accuracy_figure(runs, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     save_figure(fig, path)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the rule (see the module's docstring)
-# ---------------------------------------------------------------------------------------------------
-
-def t975(df):
-    """Student's t 97.5% quantile: the table to 10 degrees of freedom, Cornish-Fisher beyond
-    (within 2e-5 there)."""
-    if df <= len(T975):
-        return T975[df - 1]
-    z = 1.959964
-    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3)
-            + (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / (92160 * df ** 4))
-
-
-def rule_interval(scores):
-    """(D, low, high) in points by the rule, from per-image scores (an integer per image: a - b, or a
-    change of gaps), one array per seed, all on one test set."""
-    if len({len(s) for s in scores}) > 1:
-        raise ValueError(f"seeds scored on {' and '.join(str(len(s)) for s in scores)} images "
-                         "cannot share one interval")
-    points = 100.0 * np.asarray(scores, dtype=float)  # seeds x images
-    seeds, images = points.shape
-    if images < 2:
-        raise ValueError("an interval over the test images needs at least 2 of them")
-    differences = points.mean(axis=1)
-    image_term = points.mean(axis=0).var(ddof=1) / images
-    if seeds == 1:
-        half = 1.96 * math.sqrt(image_term)
-    else:
-        seed_term = differences.var(ddof=1) / seeds
-        half = t975(satterthwaite(seed_term, seeds - 1, image_term, images - 1)) * math.sqrt(
-            seed_term + image_term)
-    mean = float(differences.mean())
-    return mean, mean - half, mean + half
-
-
-def satterthwaite(a, df_a, b, df_b):
-    """Welch-Satterthwaite's degrees of freedom of the variance estimate a + b, rounded down (never
-    below the smaller of the two, where both terms are 0)."""
-    if a + b == 0:
-        return min(df_a, df_b)
-    return max(min(df_a, df_b), math.floor((a + b) ** 2 / (a ** 2 / df_a + b ** 2 / df_b)))
-
-
-def verdict(low, high):
-    """The rule's word for an interval of a difference a - b."""
-    within = -MARGIN <= low and high <= MARGIN
-    if low > 0 or high < 0:
-        return ("better" if low > 0 else "worse") + (f" (within +-{MARGIN})" if within else "")
-    return "matches" if within else "not settled"
-
-
-def minus(a, b):
-    """Per image, a - b: -1, 0 or 1."""
-    return a.astype(int) - b
-
-
-def gap_change(a, a_ref, b, b_ref):
-    """Per image, (a - a_ref) - (b - b_ref): an integer in -2..2."""
-    return minus(a, a_ref) - minus(b, b_ref)
-
-
-def seed_cells(scores):
-    """[difference [interval], verdict] of one seed's per-image scores (None: no per-image results)."""
-    if scores is None:
-        return ["(no per-image results)", NO_BITS]
-    mean, low, high = rule_interval([scores])
-    return [describe(mean, low, high), verdict(low, high)]
-
-
-def over_seed_cells(scored, shared=True, unscored=()):
-    """[difference [interval], verdict, t over seeds] over the seeds: `scored` the (seed, per-image
-    scores) of seeds with per-image results, `unscored` the (seed, difference) of those without;
-    `shared` whether the scored seeds read one test set (one data folder)."""
-    differences = [100.0 * float(np.mean(s)) for _, s in scored] + [d for _, d in unscored]
-    t = describe(*over_seeds(differences))
-    if not scored:
-        return ["", NO_BITS, t]
-    if not shared:
-        return ["", UNPOOLED, t]
-    mean, low, high = rule_interval([s for _, s in scored])
-    seeds = ", ".join(str(seed) for seed, _ in scored)
-    if len(scored) == 1:
-        note = f" (one seed{': seed ' + seeds if unscored else ''})"
-    else:
-        note = f" over seeds {seeds}" if unscored else ""
-    return [describe(mean, low, high) + note, verdict(low, high), t]
-
-
-RULE_COLUMNS = ["difference [95% interval, seeds and images]", "verdict", "(t over seeds alone)"]
 
 
 def one_test_set(runs):
@@ -512,138 +386,6 @@ def soups_report(runs):
         print(markdown(["method", "held-out acc", "test acc"],
                        [[name, f"{m['held_out']['accuracy']:.2f}", f"{m['accuracy']:.2f}"]
                         for name, m in run["methods"].items()]))
-
-
-# ---------------------------------------------------------------------------------------------------
-# reading: each file held to its shape, each table to one kind, one protocol and one run per seed
-# ---------------------------------------------------------------------------------------------------
-
-class Kind:
-    """A kind of results file: the runner that writes it, how to tell it, its shape (schema.py), and
-    the settings every run of one table shares."""
-
-    def __init__(self, runner, keys, shape, protocol):
-        self.runner, self.keys, self.shape, self.protocol = runner, keys, shape, protocol
-
-
-KINDS = (  # the first whose keys a file has
-    Kind("bench/tail_swa.py", ("swa_start",), schema.TAIL, ("epochs", "checkpoints_per_epoch", "swa_start")),
-    Kind("bench/head.py", ("head", "sgd_wd"), schema.HEAD,
-         ("epochs", "arch", "sgd_wd", "checkpoints_per_epoch", "twa_end", "train_subset", "batch_size",
-          "twa")),
-    Kind("bench/soups.py", ("methods", "ingredients"), schema.SOUPS, ()),
-    Kind("bench/reproduce.py", ("epochs", "sgd", "head", "tail"), schema.REPRODUCE,
-         ("epochs", "arch", "checkpoints_per_epoch", "quick", "precision", "head_twa", "tail_twa")),
-)
-
-
-class Run(dict):
-    """One results file's record, with its path and kind."""
-
-    def __init__(self, data, path, kind):
-        super().__init__(data)
-        self.path, self.kind = path, kind
-
-
-def read_results(path, n_test):
-    """The record in `path`, held to its kind's shape with per-image results of n_test images; any
-    failure is one line naming the file."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise SystemExit(f"{path}: not a regular file")
-        if os.path.getsize(path) > MAX_BYTES:
-            raise SystemExit(f"{path}: {os.path.getsize(path)} bytes, too large for a results file")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError, RecursionError) as err:
-        raise SystemExit(f"{path}: not a readable results file ({err})") from None
-    kind = next((k for k in KINDS if isinstance(data, dict) and all(key in data for key in k.keys)),
-                None)
-    if kind is None:
-        raise SystemExit(f"{path}: not a record of {', '.join(k.runner for k in KINDS)}, which this "
-                         "report reads")
-    try:
-        schema.validate(data, kind.shape, path)
-    except schema.ShapeError as err:
-        raise SystemExit(str(err)) from None
-    check_bits(data, n_test, path)
-    return Run(data, path, kind)
-
-
-BITS_KEYS = ("correct", "test_correct", "twa_correct", "swa_correct")  # schema.bits in the shapes
-
-
-def check_bits(value, n_test, path, field=""):
-    """Refuse packed per-image results anywhere in a record that do not hold n_test flags."""
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = enumerate(value)
-    else:
-        return
-    for key, item in items:
-        where = f"{field}[{key}]" if isinstance(key, int) else f"{field}.{key}" if field else key
-        if isinstance(item, str) and (key in BITS_KEYS or field.endswith("test_correct")):
-            try:
-                unpack_bits(item, n_test)
-            except ValueError as err:
-                raise SystemExit(f"{path}: {where}: {err}") from None
-        else:
-            check_bits(item, n_test, path, where)
-
-
-def check_table(runs):
-    """Refuse one table of runs of several kinds or protocols, or the same seed twice (in one swa_lr
-    run of a tail table), naming the files."""
-    first = runs[0]
-    for run in runs[1:]:
-        if run.kind is not first.kind:
-            raise SystemExit(f"{first.path} is a record of {first.kind.runner} and {run.path} of "
-                             f"{run.kind.runner}: a table reads one kind")
-    for key in first.kind.protocol:  # among the runs that record it (older runs lack batch_size)
-        values = {}
-        for run in runs:
-            if key in run:
-                values.setdefault(json.dumps(run[key], sort_keys=True), run.path)
-        if len(values) > 1:
-            raise SystemExit(f"{' and '.join(values.values())} differ in {key} "
-                             f"({', '.join(values)}): a table holds one protocol")
-    seen = {}
-    for run in runs:
-        for table in run["runs"] if "swa_start" in run else [""]:
-            other = seen.setdefault((table, run["seed"]), run)
-            if other is not run:
-                raise SystemExit(f"seed {run['seed']}{' (' + table + ')' if table else ''} is in more "
-                                 f"than one of {other.path}, {run.path}: a table counts each seed once; "
-                                 "pick one with NAME:SEEDS")
-
-
-def named_runs(results, spec, n_test):
-    """The runs in results/NAME-seed*.json, or with NAME:K,L those of seeds K and L only."""
-    name, _, seeds = spec.partition(":")
-    files = sorted(glob.glob(os.path.join(glob.escape(results), f"{name}-seed*.json")))
-    if not files:
-        raise SystemExit(f"no {name}-seed*.json in {results}")
-    runs = [read_results(f, n_test) for f in files]
-    if not seeds:
-        return runs
-    try:
-        wanted = {int(seed) for seed in seeds.split(",")}
-    except ValueError:
-        raise SystemExit(f"--name {spec}: seeds are integers, as in {name}:1,3") from None
-    missing = wanted - {r["seed"] for r in runs}
-    if missing:
-        raise SystemExit(f"no {name}-seed{min(missing)}*.json in {results}")
-    return [r for r in runs if r["seed"] in wanted]
-
-
-def table_runs(results, specs, n_test):
-    """One table's runs from one or more --name entries (say, seeds run again under another name to
-    add a TWA length), checked as one table whatever pooled them: the same seed under two names is
-    two runs (float rounding differs between revisions and thread counts), so NAME:SEEDS picks one."""
-    runs = [run for spec in specs for run in named_runs(results, spec, n_test)]
-    check_table(runs)
-    return sorted(runs, key=lambda r: r["seed"])
 
 
 def main(argv=None):

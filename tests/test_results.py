@@ -282,6 +282,8 @@ def test_basis_spectrum_records_its_command_and_revision(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 import report  # noqa: E402
+import results_files  # noqa: E402
+import rule  # noqa: E402
 
 
 def scored(*flags):
@@ -294,26 +296,26 @@ def test_rule_interval_by_hand():
     # e_i = 100, 50, 0, 0 (mean 37.5): var_images = (62.5^2 + 12.5^2 + 2 * 37.5^2) / 3 = 6875 / 3
     # var_seeds = (25 - 50)^2 / 2 = 312.5; a = 312.5 / 2 = 156.25, b = 6875 / 12 = 572.9167
     # df = 729.1667^2 / (156.25^2 / 1 + 572.9167^2 / 3) = 3.97, rounded down 3: t(3) = 3.182
-    mean, low, high = report.rule_interval([scored(1, 0, 0, 0), scored(1, 1, 0, 0)])
+    mean, low, high = rule.rule_interval([scored(1, 0, 0, 0), scored(1, 1, 0, 0)])
     assert mean == 37.5
     assert high - mean == pytest.approx(3.182 * 729.1667 ** 0.5, rel=1e-6)
     assert mean - low == pytest.approx(high - mean)
     # one seed: e_i = 100, 0, 0, 0, var = 2500, SE = sqrt(2500 / 4) = 25, 1.96 * 25 = 49
-    assert report.rule_interval([scored(1, 0, 0, 0)]) == pytest.approx((25, -24, 74))
+    assert rule.rule_interval([scored(1, 0, 0, 0)]) == pytest.approx((25, -24, 74))
     with pytest.raises(ValueError, match="4 and 3 images"):
-        report.rule_interval([scored(1, 0, 0, 0), scored(1, 0, 0)])
+        rule.rule_interval([scored(1, 0, 0, 0), scored(1, 0, 0)])
 
 
 def test_seeds_that_agree_do_not_hide_the_test_sets_noise():
     """Three seeds with the same paired difference on noisy images: the t interval over the seeds has
     no width, the rule's is as wide as the images allow, so +0.4 points is not settled."""
     one = np.array([1] * 600 + [-1] * 560 + [0] * 8840)  # +0.40 points on 10,000 images
-    cells = report.over_seed_cells([(seed, one) for seed in (1, 2, 3)])
+    cells = rule.over_seed_cells([(seed, one) for seed in (1, 2, 3)])
     assert cells[2] == "+0.40 [+0.40, +0.40]"  # t over the seeds alone
-    mean, low, high = report.rule_interval([one] * 3)
+    mean, low, high = rule.rule_interval([one] * 3)
     image_se = (np.var(100.0 * one, ddof=1) / one.size) ** 0.5
     # no seed-to-seed spread: the image term's 9,999 degrees of freedom, t = 1.960
-    assert high - mean == pytest.approx(report.t975(9999) * image_se) and high - mean > 0.6
+    assert high - mean == pytest.approx(rule.t975(9999) * image_se) and high - mean > 0.6
     assert cells[:2] == [f"+0.40 [{low:+.2f}, {high:+.2f}]", "not settled"]
 
 
@@ -322,7 +324,7 @@ def test_seeds_that_agree_do_not_hide_the_test_sets_noise():
     (-0.25, -0.01, "worse (within +-0.3)"), (-0.2, 0.3, "matches"), (-0.5, 0.2, "not settled"),
     (-0.1, 0.31, "not settled")])
 def test_each_verdict_word(low, high, word):
-    assert report.verdict(low, high) == word
+    assert rule.verdict(low, high) == word
 
 
 def test_every_verdict_word_from_per_image_results():
@@ -338,21 +340,21 @@ def test_every_verdict_word_from_per_image_results():
         "not settled": seeds([300] * 3, [260] * 3),
     }
     for word, scored_seeds in words.items():
-        assert report.over_seed_cells(scored_seeds)[1] == word
-    assert report.over_seed_cells([], unscored=[(1, 0.5), (2, 0.4)])[1:] == [
+        assert rule.over_seed_cells(scored_seeds)[1] == word
+    assert rule.over_seed_cells([], unscored=[(1, 0.5), (2, 0.4)])[1:] == [
         "not settled (no per-image results)", "+0.45 [-0.19, +1.09]"]
-    assert report.over_seed_cells(words["better"], shared=False)[1] == "not settled (other data folders)"
-    partial = report.over_seed_cells(words["better"][:2], unscored=[(7, 8.0)])
+    assert rule.over_seed_cells(words["better"], shared=False)[1] == "not settled (other data folders)"
+    partial = rule.over_seed_cells(words["better"][:2], unscored=[(7, 8.0)])
     assert partial[0].endswith(" over seeds 0, 1") and partial[1] == "better"
-    assert report.over_seed_cells(words["better"][:1], unscored=[(7, 8.0)])[0].endswith(
+    assert rule.over_seed_cells(words["better"][:1], unscored=[(7, 8.0)])[0].endswith(
         " (one seed: seed 0)")
 
 
 def test_t_quantile_beyond_the_table():
-    assert report.t975(10) == 2.228
-    assert report.t975(11) == pytest.approx(2.20099, abs=2e-5)
-    assert report.t975(30) == pytest.approx(2.04227, abs=2e-5)
-    assert report.t975(10_000) == pytest.approx(1.960, abs=1e-3)
+    assert rule.t975(10) == 2.228
+    assert rule.t975(11) == pytest.approx(2.20099, abs=2e-5)
+    assert rule.t975(30) == pytest.approx(2.04227, abs=2e-5)
+    assert rule.t975(10_000) == pytest.approx(1.960, abs=1e-3)
 
 
 N_TEST = 40
@@ -465,7 +467,7 @@ def test_what_is_not_a_results_file_is_refused_without_reading_it(tmp_path):
     os.mkfifo(tmp_path / "f-seed1.json")  # reading would wait for a writer forever
     assert "f-seed1.json: not a regular file" in run_report(tmp_path, "f")
     with open(tmp_path / "big-seed1.json", "wb") as f:
-        f.truncate(report.MAX_BYTES + 1)
+        f.truncate(results_files.MAX_BYTES + 1)
     assert "too large for a results file" in run_report(tmp_path, "big")
     write(tmp_path, "bytes-seed1.json", "")
     (tmp_path / "bytes-seed1.json").write_bytes(b'{"seed": "\xff"}')
@@ -504,10 +506,10 @@ def test_budget_matched_sgd_is_a_baseline_of_every_twa_it_matches(tmp_path, caps
         write(tmp_path, f"head-e200-seed{seed}.json", record)
     assert run_report(tmp_path, "head-e200") == "ok"
     out = capsys.readouterr().out
-    mean, low, high = report.rule_interval(scores)
+    mean, low, high = rule.rule_interval(scores)
     row = next(x for x in out.splitlines()
                if x.startswith("| TWA, 2 ckpts, 1 ep, BN recompute - SGD(2), own schedule | 3 |"))
-    assert f"| {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {report.verdict(low, high)} |" in row
+    assert f"| {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {rule.verdict(low, high)} |" in row
     record["sgd_matched"]["test_correct"] = []
     write(tmp_path, "head-e200-seed3.json", record)
     assert "sgd_matched.test_correct" in run_report(tmp_path, "head-e200")
