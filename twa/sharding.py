@@ -6,7 +6,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .storage import QUANT_GROUP, Basis, GroupAligned
+from .storage import QUANT_GROUP, Affine, Basis, write_into
 
 try:  # a torch built without distributed support has no DTensor, and no FSDP model to follow
     from torch.distributed.fsdp import FSDPModule
@@ -209,3 +209,88 @@ def _first_row(rows, world, rank):
     """The first row of `rank`'s shard under torch.chunk's split (FSDP2's)."""
     per = math.ceil(rows / world)
     return min(rank * per, rows)
+
+
+class GroupAligned(Affine):
+    """An 8 or 4-bit basis of a block that the processes split at places that need not fall
+    between its quantisation groups (FSDP2's shards of each parameter; column shards, which start
+    at the D-vector's groups, across a block of layer-wise TWA, whose groups count from its own
+    start). It stores the groups that hold this process's entries, each entry at its place in its
+    group as one process storing the whole block would put it, and leaves holes where a group's
+    other entries live on other processes; a group split between processes
+    takes the range of all its entries (`agree`, a collective, once per stored row). Every entry then
+    gets the code, scale and offset one process would give it, so that the weights match one
+    process's to float32 rounding at any world size (the groups of this process's entries alone
+    differed by the 8-bit rounding, 3e-4 of the weights).
+
+    segments: (position among this process's entries of the block, stored column, length) for each
+    run of entries; agree(low, high) returns each group's range over all processes given this
+    process's (both rows x groups)."""
+
+    def __init__(self, capacity, segments, groups, bits, agree, device="cpu"):
+        super().__init__(capacity, groups * QUANT_GROUP, bits, device)
+        self.segments, self.agree = segments, agree
+        self.holes = _complement([(at, at + n) for _, at, n in segments], self.dim)
+        self.spread = torch.zeros(self.dim, device=device)  # a vector at its stored columns
+
+    def scratch(self):
+        return [self.spread]
+
+    def _spread(self, v):
+        """v (this process's entries of the block) at the stored columns, zero in the holes."""
+        for position, at, n in self.segments:
+            self.spread[at:at + n] = v[position:position + n]
+        for start, stop in self.holes:
+            self.spread[start:stop] = 0.0
+        return self.spread
+
+    def _owned(self):
+        owned = torch.zeros(self.dim, dtype=torch.bool, device=self.device)
+        for _, at, n in self.segments:
+            owned[at:at + n] = True
+        return owned
+
+    def append(self, row):
+        values, owned = self._spread(row), self._owned()
+        low, high = self.agree(*_ranges(values[None], owned))
+        for start, stop in self.chunks():
+            groups = slice(start // QUANT_GROUP, stop // QUANT_GROUP)
+            self.store(self.rows, start, stop, values[start:stop], (low[0, groups], high[0, groups]),
+                       owned[start:stop])
+        self.rows += 1
+
+    def matvec(self, v, float64_sums=False):
+        return super().matvec(self._spread(v), float64_sums)
+
+    def rmatvec(self, c, out, accumulate=False, alpha=1.0):
+        product = super().rmatvec(c, self.spread)
+        for position, at, n in self.segments:
+            write_into(out[position:position + n], product[at:at + n], accumulate, alpha)
+        return out
+
+    def gram(self, owned=None):
+        return super().gram(self._owned())
+
+    def mix_rows_(self, mix, bounds=None, owned=None):
+        """Two passes over the columns: the new rows' ranges, agreed, then the new rows."""
+        mix = mix.to(device=self.device, dtype=torch.float32)
+        owned = self._owned()
+        low = torch.empty(mix.shape[1], self.dim // QUANT_GROUP, device=self.device)
+        high = torch.empty_like(low)
+        for start, stop in self.chunks():
+            groups = slice(start // QUANT_GROUP, stop // QUANT_GROUP)
+            low[:, groups], high[:, groups] = _ranges(mix.t() @ self.as_float32(start, stop),
+                                                      owned[start:stop])
+        super().mix_rows_(mix, self.agree(low, high), owned)
+
+
+def _ranges(rows, owned):
+    """Each group's (low, high) over the owned columns of `rows` (m x columns): m x groups each."""
+    grouped, mask = rows.view(rows.shape[0], -1, QUANT_GROUP), owned.view(-1, QUANT_GROUP)
+    return grouped.masked_fill(~mask, math.inf).amin(2), grouped.masked_fill(~mask, -math.inf).amax(2)
+
+
+def _complement(ranges, size):
+    """The parts of [0, size) outside the given increasing, disjoint ranges."""
+    edges = [0] + [edge for pair in ranges for edge in pair] + [size]
+    return [(a, b) for a, b in zip(edges[0::2], edges[1::2]) if a < b]
