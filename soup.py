@@ -12,7 +12,7 @@ def average_state_dicts(sources):
     integer entries (BatchNorm's batch counters) are taken from the first."""
     total, first = None, None
     for source in sources:
-        state = twa.load_state_dict(source)
+        state = twa.checkpoints.load_state_dict(source)
         if total is None:
             first = state
             total = {k: v.double() for k, v in state.items() if v.is_floating_point()}

@@ -147,7 +147,7 @@ def check_inputs(args, ctx):
             raise UsageError(f"checkpoint not found: {path}")
         runfiles.check_regular(path, folders=True)
         try:
-            twa.check_readable(path)
+            twa.checkpoints.check_readable(path)
         except twa.CheckpointError as err:
             raise UsageError(str(err)) from None
     return runfiles.hash_checkpoints(files) if ctx.is_node_main else (None, 0)

@@ -126,7 +126,7 @@ def load_weights(model, path, args):
     says plainly why it does not fit."""
     check_regular(path, folders=True)
     try:
-        state = twa.load_state_dict(path, names=model.state_dict().keys())
+        state = twa.checkpoints.load_state_dict(path, names=model.state_dict().keys())
     except twa.CheckpointError as err:
         raise UsageError(str(err)) from None
     expected = model.state_dict()

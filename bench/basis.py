@@ -78,7 +78,7 @@ def naive_build(model, files, dim):
     p = torch.empty(len(files), dim)
     params = twa.trainable_parameters(model)
     for i, f in enumerate(files):
-        twa.flatten_checkpoint(twa.load_state_dict(f), params, out=p[i])
+        twa.checkpoints.flatten_checkpoint(twa.checkpoints.load_state_dict(f), params, out=p[i])
     return common.one_pass_gram_schmidt_(p)
 
 

@@ -50,7 +50,7 @@ def quality(gram):
 def main():
     args, model, paths = parse_args()
     params = twa.trainable_parameters(model)
-    rows = torch.stack([twa.flatten_checkpoint(twa.load_state_dict(p), params, p) for p in paths])
+    rows = torch.stack([twa.checkpoints.flatten_checkpoint(twa.checkpoints.load_state_dict(p), params, p) for p in paths])
     report = {"save_dir": args.save_dir, "checkpoints": [args.params_start, args.params_end - 1],
               "commands": [shlex.join(["python", *sys.argv])], "git": runfiles.git_revision()}
     ours = twa.Subspace.from_checkpoints(model, paths)

@@ -34,7 +34,7 @@ BITS = (32, 16, 8, 4)
 def random_subspace(dim, n, bits, device, seed=0):
     """A Subspace whose basis holds random rows (timing does not depend on their values)."""
     gen = torch.Generator(device).manual_seed(seed)
-    basis = twa.Basis(n, dim, bits, device)
+    basis = twa.storage.Basis(n, dim, bits, device)
     if bits >= 16:
         for i in range(n):
             basis.store(i, 0, dim, torch.randn(dim, generator=gen, device=device) / dim ** 0.5)
@@ -44,7 +44,7 @@ def random_subspace(dim, n, bits, device, seed=0):
         basis.low.fill_(-1e-4 * 127)
     basis.rows = n
     zeros = dict(dtype=torch.float64, device=device)
-    span = twa.Span(basis, slice(0, dim), torch.zeros(n, n, **zeros), torch.zeros(n, **zeros),
+    span = twa.subspace.Span(basis, slice(0, dim), torch.zeros(n, n, **zeros), torch.zeros(n, **zeros),
                     torch.zeros(n, n, **zeros))
     return twa.Subspace([span], torch.randn(dim, generator=gen, device=device),
                         [f"{i}.pt" for i in range(n)])

@@ -73,7 +73,7 @@ def test_sharded_checkpoint_folders_hold_the_same_weights_as_whole_files(runs):
     folder = runs / "sgd2-dcp"
     for i in range(5):
         whole = torch.load(runs / "sgd2" / f"{i}.pt", weights_only=True)
-        sharded = twa.load_state_dict(str(folder / f"{i}.dcp"))
+        sharded = twa.checkpoints.load_state_dict(str(folder / f"{i}.dcp"))
         assert set(sharded) == set(whole)
         assert all(torch.equal(sharded[k], whole[k]) for k in whole), i
         assert sorted(os.listdir(folder / f"{i}.dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
@@ -174,7 +174,7 @@ def test_sharded_sgd_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp
     interrupt_and_resume("train_sgd.py", [*flags(tiny_data, tmp_path / "cut"), *args],
                          tmp_path / "cut" / f"3{suffix}")
     for i in range(9):
-        a, b = (twa.load_state_dict(str(tmp_path / run / f"{i}{suffix}")) for run in ("full", "cut"))
+        a, b = (twa.checkpoints.load_state_dict(str(tmp_path / run / f"{i}{suffix}")) for run in ("full", "cut"))
         assert all(torch.equal(a[k], b[k]) for k in a), f"{i}{suffix} differs"
 
 

@@ -244,7 +244,7 @@ def test_damaged_files_and_shard_indexes_are_one_line_errors_before_any_read(sgd
     os.rename(shards[1], shards[1] + ".away")
     damaged.append((str(sharded), f"lacks its shard file {os.path.basename(shards[1])}"))
     for path, message in damaged:
-        for call in (lambda: twa.check_readable(path),
+        for call in (lambda: twa.checkpoints.check_readable(path),
                      lambda: twa.Subspace.from_checkpoints(model, [good[0], good[1], path]),
                      lambda: twa.hf.checkpoints(model, [path])):
             with pytest.raises(twa.CheckpointError, match=message) as err:
@@ -255,18 +255,18 @@ def test_damaged_files_and_shard_indexes_are_one_line_errors_before_any_read(sgd
     whole = open(shards[1], "rb").read()
     open(shards[1], "wb").write(whole[:-8])
     with pytest.raises(twa.CheckpointError, match=f"{shards[1]} is truncated"):
-        twa.check_readable(str(sharded))
+        twa.checkpoints.check_readable(str(sharded))
     open(shards[1], "wb").write(whole)
     index.write_text(saved_index[:-20])
     with pytest.raises(twa.CheckpointError, match="unreadable model.safetensors.index.json"):
-        twa.check_readable(str(sharded))
+        twa.checkpoints.check_readable(str(sharded))
     weight_map = json.loads(saved_index)
     moved = next(iter(weight_map["weight_map"]))
     weight_map["weight_map"][moved] = os.path.basename(shards[-1]) if \
         weight_map["weight_map"][moved] != os.path.basename(shards[-1]) else os.path.basename(shards[0])
     index.write_text(json.dumps(weight_map))
     with pytest.raises(twa.CheckpointError, match=f"places '{moved}' in .*, which does not hold it"):
-        twa.check_readable(str(sharded))
+        twa.checkpoints.check_readable(str(sharded))
 
 
 def test_the_recorded_span_is_the_span_of_the_saved_checkpoints(tmp_path):

@@ -262,7 +262,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_caught_by_its_manifest(sgd_run, tiny_
     raw = bytearray((rotted / "2.pt").read_bytes())
     raw[len(raw) // 2] ^= 0x10  # inside a tensor's bytes: the zip directory is still whole
     (rotted / "2.pt").write_bytes(bytes(raw))
-    twa.check_readable(rotted / "2.pt")
+    twa.checkpoints.check_readable(rotted / "2.pt")
     out = tmp_path / "out"
     proc = run("train_twa.py", *common(tiny_data, rotted, "--params_end", 5, "--epochs", 1,
                                        "--output-dir", out, "--log-dir", out), check=False)
@@ -288,8 +288,8 @@ class Payload:
 def test_a_sharded_checkpoint_reads_whole_and_its_damage_is_one_line(tmp_path, monkeypatch):
     path, state = sharded_checkpoint(tmp_path)
     assert not os.path.exists(f"{path}.tmp") and not os.path.exists(f"{path}.old")
-    twa.check_readable(path)
-    loaded = twa.load_state_dict(str(path))
+    twa.checkpoints.check_readable(path)
+    loaded = twa.checkpoints.load_state_dict(str(path))
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
     assert runfiles.hash_checkpoints([str(path)])[1] == 1  # verified against checkpoints.json
     shard = path / "__0_0.distcp"
@@ -300,21 +300,21 @@ def test_a_sharded_checkpoint_reads_whole_and_its_damage_is_one_line(tmp_path, m
         runfiles.hash_checkpoints([str(path)])
     shard.write_bytes(bytes(raw[:100]))
     with pytest.raises(twa.CheckpointError, match="shard file __0_0.distcp is truncated"):
-        twa.check_readable(path)
+        twa.checkpoints.check_readable(path)
     shard.unlink()
     with pytest.raises(twa.CheckpointError, match="lacks its shard file __0_0.distcp"):
-        twa.check_readable(path)
+        twa.checkpoints.check_readable(path)
     (path / ".metadata").write_bytes(b"\x80\x04garbage")
     with pytest.raises(twa.CheckpointError, match="unreadable .metadata"):
-        twa.load_state_dict(str(path))
+        twa.checkpoints.load_state_dict(str(path))
     monkeypatch.chdir(tmp_path)  # the payload would create ./pwned
     (path / ".metadata").write_bytes(pickle.dumps(Payload()))
     with pytest.raises(twa.CheckpointError, match="refusing to load .*posix.system"):
-        twa.check_readable(path)
+        twa.checkpoints.check_readable(path)
     assert not (tmp_path / "pwned").exists()
     (path / ".metadata").unlink()
     with pytest.raises(twa.CheckpointError, match="a folder without .metadata"):
-        twa.load_state_dict(str(path))
+        twa.checkpoints.load_state_dict(str(path))
 
 
 # -- 13: durability, random states per process ----------------------------------------------------

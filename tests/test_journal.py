@@ -19,7 +19,7 @@ from test_twa import flat, mlp, random_walk, train_steps, wide_mlp
 
 
 def block_ranges(params, min_size=None):
-    return [(start, stop) for start, stop, _ in twa.parameter_blocks(params, min_size)]
+    return [(start, stop) for start, stop, _ in twa.build.parameter_blocks(params, min_size)]
 
 
 def test_parameter_blocks_group_consecutive_tensors():
@@ -28,7 +28,7 @@ def test_parameter_blocks_group_consecutive_tensors():
     assert block_ranges(params, 0) == [(0, 12), (12, 15), (15, 21), (21, 23)]
     assert block_ranges(params, 10) == [(0, 12), (12, 23)]  # 3 + 6 <= 10: the 2 joins them
     assert block_ranges(params, 20) == [(0, 21), (21, 23)]  # 21 > 20 closes; the remainder stays alone
-    assert twa.parameter_blocks(params, 0)[1][2] == ["0.bias"]
+    assert twa.build.parameter_blocks(params, 0)[1][2] == ["0.bias"]
 
 
 def journal_block_sizes(model, layer_size):
@@ -46,7 +46,7 @@ def journal_block_sizes(model, layer_size):
 @pytest.mark.parametrize("layer_size", [0, 1000, 5000, 20000, 100000])
 def test_layer_wise_blocks_are_the_journal_codes_on_resnet20(layer_size):
     model = models.build_model("resnet20", 10)
-    blocks = twa.parameter_blocks(twa.trainable_parameters(model), layer_size)
+    blocks = twa.build.parameter_blocks(twa.trainable_parameters(model), layer_size)
     assert [stop - start for start, stop, _ in blocks] == journal_block_sizes(model, layer_size)
 
 
@@ -87,7 +87,7 @@ def test_layerwise_twa_is_block_diagonal_projected_sgd():
     params = [p for _, p in twa.trainable_parameters(ref)]
     stacked = torch.stack([flat(s, ref) for s in walk]).double()  # n x D
     projectors = []
-    for start, stop, _ in twa.parameter_blocks(twa.trainable_parameters(ref), 0):
+    for start, stop, _ in twa.build.parameter_blocks(twa.trainable_parameters(ref), 0):
         q, _ = torch.linalg.qr(stacked[:, start:stop].t())
         projectors.append((start, stop, q))
     torch.nn.utils.vector_to_parameters(stacked.mean(0).float(), params)

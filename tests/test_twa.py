@@ -35,7 +35,7 @@ def random_walk(model, n, step=0.01, seed=0):
 
 
 def flat(state, model):
-    return twa.flatten_checkpoint(state, twa.trainable_parameters(model))
+    return twa.checkpoints.flatten_checkpoint(state, twa.trainable_parameters(model))
 
 
 def test_walk_is_nearly_parallel():
@@ -222,7 +222,7 @@ def test_low_precision_bases_keep_the_weights_in_their_span(bits, orth_tol):
 def test_quantised_block_round_trip_on_ragged_dimensions():
     row = torch.randn(1000)
     for bits, tol in ((8, 0.02), (4, 0.3)):
-        basis = twa.Basis(1, 1000, bits=bits)
+        basis = twa.storage.Basis(1, 1000, bits=bits)
         basis.append(row)
         back = basis.as_float32(0, 1000)[0]
         assert (back - row).abs().max() <= tol * row.abs().max()
@@ -251,7 +251,7 @@ def test_wrapper_prefixes_are_stripped(tmp_path):
     model = mlp()
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
     torch.save(state, tmp_path / "0.pt")
-    loaded = twa.load_state_dict(tmp_path / "0.pt")
+    loaded = twa.checkpoints.load_state_dict(tmp_path / "0.pt")
     assert set(loaded) == set(model.state_dict())
 
 
@@ -267,7 +267,7 @@ def test_checkpoint_carrying_pickled_code_is_refused(tmp_path):
     marker = tmp_path / "code-ran"
     torch.save({"weight": torch.zeros(2), "payload": RunsCode(str(marker))}, tmp_path / "evil.pt")
     with pytest.raises(twa.CheckpointError, match="refusing to load"):
-        twa.load_state_dict(tmp_path / "evil.pt")
+        twa.checkpoints.load_state_dict(tmp_path / "evil.pt")
     assert not marker.exists()
 
 
@@ -290,11 +290,11 @@ def test_truncated_checkpoint_is_caught_before_loading(tmp_path):
 def test_training_checkpoint_loads_its_model_or_says_what_it_holds(tmp_path):
     model = mlp()
     torch.save({"model": model.state_dict(), "optimizer": {"lr": 0.1}}, tmp_path / "train.pt")
-    loaded = twa.load_state_dict(tmp_path / "train.pt")
+    loaded = twa.checkpoints.load_state_dict(tmp_path / "train.pt")
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "other.pt")
     with pytest.raises(twa.CheckpointError, match=r"no tensors.*'epoch', 'optimizer'"):
-        twa.load_state_dict(tmp_path / "other.pt")
+        twa.checkpoints.load_state_dict(tmp_path / "other.pt")
 
 
 @pytest.mark.parametrize("train,bits,layer_size", [("coordinates", 32, None), ("alpha", 8, 0)])
@@ -403,7 +403,7 @@ def test_ambiguous_or_non_float_checkpoints_are_refused():
     with pytest.raises(twa.CheckpointError, match="int64"):
         twa.Subspace.from_checkpoints(model, [{**state, "2.bias": state["2.bias"].long()}])
     with pytest.raises(twa.CheckpointError, match="meta"):
-        twa.load_state_dict({**state, "2.bias": torch.empty(5, device="meta")})
+        twa.checkpoints.load_state_dict({**state, "2.bias": torch.empty(5, device="meta")})
     wrapped = {f"module.{k}": v for k, v in state.items()}  # DDP's checkpoints: every key prefixed
     assert twa.Subspace.from_checkpoints(model, [wrapped, state]).rank == 1
 

@@ -23,6 +23,13 @@ coordinates: the same trajectory, with no D-sized optimizer state. With layer_si
 version's layer-wise TWA) each block of consecutive parameter tensors gets its own coefficients: P is
 block-diagonal and alpha has one row per block.
 
+The public names are the seven below: Subspace (built by Subspace.from_checkpoints, or by a
+SubspaceRecorder while SGD trains), TWA and SubspaceOptimizer (which train in it),
+combination_residual (how far alpha misses the weights), trainable_parameters (what TWA averages)
+and CheckpointError. twa.checkpoints reads checkpoint files for those who read them themselves
+(load_state_dict, check_readable, flatten_checkpoint, load_sharded); the integrations are twa.lightning
+and twa.hf. The other modules are the implementation.
+
 Wrong arguments raise ValueError or TypeError naming them (CheckpointError, a ValueError, for
 checkpoints) before anything changes; a model or subspace changed under a TWA raises RuntimeError
 at its next step.
@@ -39,10 +46,12 @@ Where each piece lives (imports run downwards only):
                 The weights lie in mean + span(P): exactly the checkpoints' span at 32 bits, the
                 stored rows' span (an approximation of it) at 16, 8 or 4 bits.
 - storage.py    the basis' storage formats (float32, float16 with a gain, affine 8/4-bit) and
-                their products; the one workaround for torch.compile.
+                their products; the one workaround for torch.compile. kernels.py: the compiled
+                products of large low-precision bases.
 - sharding.py   which columns of P each process keeps under torch.distributed: equal column
                 ranges (Sharding), or the entries of the process's own FSDP2 parameter shards
-                (ModelSharding), with which a TWA step needs no weight gather at all.
+                (ModelSharding), with which a TWA step needs no weight gather at all; either way
+                a low-bit block split between processes keeps one process's groups (GroupAligned).
 - checkpoints.py reading state_dicts and flattening them; safetensors_files.py reads Hugging Face's
                 files and folders a tensor at a time; errors.py holds CheckpointError.
 - batchnorm.py  BatchNorm statistics recomputed for averaged weights.
@@ -50,22 +59,12 @@ The integrations, imported by name where their package is installed: twa.lightni
 callback: the span recorded while fit trains, then TWA in place of the optimizer) and twa.hf (a
 Trainer callback that records the span, and a TWA phase with the same Trainer).
 """
-from .build import combination_residual, from_checkpoints, parameter_blocks, reference_from_checkpoints
-from .checkpoints import (CheckpointError, check_readable, flatten_checkpoint, load_state_dict,
-                          trainable_parameters)
+from .build import combination_residual
+from .checkpoints import CheckpointError, trainable_parameters
 from .optimizer import SubspaceOptimizer
 from .recorder import SubspaceRecorder
-from .sharding import Sharding
-from .storage import Basis
-from .subspace import Span, Subspace
+from .subspace import Subspace
 from .trainer import TWA
 
-# The constructors that read checkpoints live in build.py (subspace.py reads no files); they are
-# offered here under the names the library has always had.
-Subspace.from_checkpoints = staticmethod(from_checkpoints)
-Subspace.reference_from_checkpoints = staticmethod(reference_from_checkpoints)
-
-__all__ = ["Basis", "CheckpointError", "Sharding", "Span", "Subspace", "SubspaceOptimizer",
-           "SubspaceRecorder", "TWA", "check_readable", "combination_residual", "flatten_checkpoint",
-           "from_checkpoints", "load_state_dict", "parameter_blocks", "reference_from_checkpoints",
-           "trainable_parameters"]
+__all__ = ["CheckpointError", "Subspace", "SubspaceOptimizer", "SubspaceRecorder", "TWA",
+           "combination_residual", "trainable_parameters"]

@@ -44,6 +44,22 @@ class Subspace:
     `names` names the checkpoints; `layout` (checkpoints.layout) the trainable parameters it was
     built for, which check_model compares a model's against (None: their total size only)."""
 
+    @staticmethod
+    def from_checkpoints(model, checkpoints, bits=32, tol=1e-5, device=None, progress=None,
+                         group=None, layer_size=None):
+        """The Subspace of `checkpoints` (files, folders or state_dicts of `model`), streamed one at
+        a time: see twa.build.from_checkpoints, where reading them lives (this module reads no
+        files)."""
+        from .build import from_checkpoints  # build imports this module
+        return from_checkpoints(model, checkpoints, bits, tol, device, progress, group, layer_size)
+
+    @staticmethod
+    def reference_from_checkpoints(model, checkpoints, device=None, progress=None, group=None):
+        """The ICLR code's one-pass basis, kept as an ablation: see
+        twa.build.reference_from_checkpoints."""
+        from .build import reference_from_checkpoints
+        return reference_from_checkpoints(model, checkpoints, device, progress, group)
+
     def __init__(self, spans, mean, names, shard=None, layout=None):
         self.spans, self.mean, self.names, self.layout = spans, mean, names, layout
         self.shard = shard or Sharding(mean.numel())
