@@ -6,6 +6,8 @@ every collective that a TWA optimizer step made outside the forward and backward
 validation (of the SWA point too) leaves FSDP2's root gathered before a TWA step.
 
     python tests/lightning_worker.py OUT {single,ddp,fsdp} [CHECKPOINT_TO_RESUME]
+
+With TWA_TEST_CHECKPOINTS=A,B,... in the environment: TWA over those checkpoints from epoch 0.
 """
 import os
 import sys
@@ -111,7 +113,9 @@ def main(out, route, resume=None):
     calls = []
     count_step_collectives(calls)
     module = Module(shard=route == "fsdp")
-    callback = twa.lightning.TWA(lr=0.5, twa_epochs=2, switch_epoch=2, per_epoch=2)
+    files = os.environ.get("TWA_TEST_CHECKPOINTS")  # TWA over these instead, from epoch 0
+    callback = twa.lightning.TWA(lr=0.5, twa_epochs=2, checkpoints=files.split(",")) if files else \
+        twa.lightning.TWA(lr=0.5, twa_epochs=2, switch_epoch=2, per_epoch=2)
     saving = ModelCheckpoint(dirpath=f"{out}.checkpoints", every_n_epochs=1, save_top_k=-1,
                              filename="{epoch}")
     trainer = pl.Trainer(max_epochs=6, accelerator="cpu", devices=world, strategy=strategy,

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
+import lightning_worker
 import twa
 import twa.lightning
 from conftest import ROOT
@@ -212,6 +213,8 @@ class Manual(Module):
 @pytest.mark.parametrize("module,options,fit_options,message", [
     (Module, {"switch_epoch": 7}, {}, "past the Trainer's max_epochs 6"),
     (Module, {"switch_epoch": 2, "record_from": 2}, {}, "at least 2"),
+    (Module, {"record_from": 8}, {}, "record_from 8 is past the switch to TWA at epoch 6"),
+    (Module, {"checkpoints": ["missing.ckpt", "other.ckpt"]}, {}, "checkpoint not found: missing.ckpt"),
     (Manual, {}, {}, "manual optimization"),
     (Module, {"per_epoch": 5}, {}, "per_epoch=5 snapshots need as many batches"),
     (Module, {}, {"max_epochs": -1}, "max_epochs"),
@@ -250,19 +253,21 @@ def test_unsupported_strategies_and_arguments_are_refused():
         twa.lightning.TWA(lr=-1, twa_epochs=1)
 
 
-def launch(out, route, resume=None):
+def launch(out, route, resume=None, checkpoints=()):
     prefix = [sys.executable] if route == "single" else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.run([*prefix, WORKER, str(out), route, *([str(resume)] if resume else [])],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "TWA_TEST_CHECKPOINTS": ",".join(map(str, checkpoints))})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("one") / "one.pt", "single")
+    out = tmp_path_factory.mktemp("one") / "one.pt"
+    return {**launch(out, "single"), "folder": out.parent / "one.pt.checkpoints"}
 
 
 @pytest.mark.slow
@@ -270,9 +275,10 @@ def one_process(tmp_path_factory):
 def test_two_processes_match_one_and_resume_exactly(tmp_path, route, one_process):
     """Under DDPStrategy and ModelParallelStrategy (fully_shard) on 2 processes: the weights of one
     process to 1e-5 and its alphas to 1e-4 of their scale; under FSDP2 a TWA step's only
-    collective is the k-sized all-reduce (no weight gather), and a resume from a checkpoint taken
+    collective is the k-sized all-reduce (no weight gather), a resume from a checkpoint taken
     during TWA (a torch.distributed.checkpoint folder), whose callback state holds every process's
-    part of the recorded span, ends on the same weights, bit for bit."""
+    part of the recorded span, ends on the same weights, bit for bit, and TWA over those folders
+    is TWA over one process's .ckpt files."""
     one = one_process
     many = launch(tmp_path / "many.pt", route)
     assert many["epochs"] == one["epochs"] == 4 and many["rank"] == one["rank"]
@@ -286,3 +292,29 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path, route, one_process
         resumed = launch(tmp_path / "resumed.pt", route,
                          tmp_path / "many.pt.checkpoints" / "epoch=2.ckpt")
         assert all(torch.equal(w, resumed["weights"][k]) for k, w in many["weights"].items())
+        # TWA over Lightning's sharded checkpoints (folders holding the model under "state_dict."
+        # beside the optimizer), each process reading its rows, against the same over one
+        # process's .ckpt files of the same run
+        folders = [tmp_path / "many.pt.checkpoints" / f"epoch={e}.ckpt" for e in (0, 1)]
+        sharded = launch(tmp_path / "files-many.pt", route, checkpoints=folders)
+        module = lightning_worker.Module()
+        files = [str(one["folder"] / f"epoch={e}.ckpt") for e in (0, 1)]
+        pl.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False,
+                   default_root_dir=str(tmp_path / "files-one"),
+                   callbacks=[twa.lightning.TWA(lr=0.5, twa_epochs=2, checkpoints=files)]
+                   ).fit(module, lightning_worker.loader(1))
+        for name, w in module.net.named_parameters():
+            assert (w.detach() - sharded["weights"][name]).abs().max() < 1e-5, name
+
+
+def test_a_sharded_training_checkpoint_reads_as_its_model_state(tmp_path):
+    """A torch.distributed.checkpoint folder of {"state_dict": model, "optimizer_0": ...} (what
+    Lightning's ModelParallelStrategy writes) reads as the model's state_dict alone."""
+    from torch.distributed import checkpoint as dcp
+    model = network()
+    dcp.save({"state_dict": model.state_dict(), "optimizer_0": {"state": {"0": torch.ones(3)}}},
+             checkpoint_id=str(tmp_path / "epoch=0.ckpt"), no_dist=True)
+    state = twa.checkpoints.load_state_dict(str(tmp_path / "epoch=0.ckpt"))
+    assert set(state) == set(model.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

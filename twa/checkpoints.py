@@ -344,16 +344,36 @@ def load_sharded(state, path, **options):
 
 
 def load_sharded_whole(path):
-    """Every tensor of a sharded checkpoint, whole, read by this process alone."""
-    state = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in _tensors(path).items()}
-    load_sharded(state, path, no_dist=True)
+    """Every tensor of a sharded checkpoint, whole, read by this process alone; of a training
+    checkpoint (Lightning's under ModelParallelStrategy: the model's tensors under "state_dict.",
+    beside the optimizer's) the model's only, under their own names."""
+    saved = _tensors(path)
+    key = _model_key(saved)
+    names = {name: name[len(key) + 1:] for name in saved if name.startswith(f"{key}.")} if key \
+        else {name: name for name in saved}
+    state = {names[name]: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in saved.items()
+             if name in names}
+    load_sharded({key: state} if key else state, path, no_dist=True)
     return state
+
+
+def _model_key(saved, names=()):
+    """The MODEL_KEYS entry whose dotted prefix the model's tensors carry in a sharded training
+    checkpoint's index (torch.distributed.checkpoint flattens {"state_dict": {...}} so), or None
+    where they are at the top (some of `names`, the model's, are; or no key prefixes any name)."""
+    if any(name in saved for name in names):
+        return None
+    return next((key for key in MODEL_KEYS if any(name.startswith(f"{key}.") for name in saved)),
+                None)
 
 
 def read_local_shards(path, params, source, out, shard):
     """This process's entries of the trainable parameters of a sharded checkpoint, read into tensors
     sharded as the model's own (FSDP2 DTensors): each process reads only its rows of each file."""
     saved = _tensors(path)
+    key = _model_key(saved, [name for name, _ in params])
+    if key:
+        saved = {name[len(key) + 1:]: meta for name, meta in saved.items() if name.startswith(f"{key}.")}
     for name, p in params:  # the same index on every process: all stop at the same file, or none
         if name not in saved:
             raise CheckpointError(f"{source} does not match the model: it has no '{name}'")
@@ -364,7 +384,7 @@ def read_local_shards(path, params, source, out, shard):
             raise CheckpointError(f"{source} does not match the model: '{name}' has shape {shape}, "
                                   f"the model {tuple(p.shape)}")
     state = {name: torch.empty_like(p.detach()) for name, p in params}
-    load_sharded(state, path, process_group=shard.group)
+    load_sharded({key: state} if key else state, path, process_group=shard.group)
     local = torch.cat([state[name].to_local().reshape(-1).float() for name, _ in params])
     bad = shard.sum_(torch.tensor([0.0 if bool(torch.isfinite(local).all()) else 1.0],
                                   device=local.device))

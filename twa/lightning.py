@@ -9,6 +9,7 @@ Importable only where lightning is installed (`import twa` needs torch alone).""
 import json
 import math
 import os
+from collections.abc import Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -19,7 +20,7 @@ from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, ModelP
 
 from . import batchnorm as batch_norm
 from .build import from_checkpoints
-from .checkpoints import is_int
+from .checkpoints import check_readable, is_int
 from .optimizer import SubspaceOptimizer
 from .recorder import SubspaceRecorder
 
@@ -113,9 +114,15 @@ class TWA(pl.Callback):
             0 if self.checkpoints is not None else last
         if switch > last:
             raise ValueError(f"switch_epoch {switch} is past the Trainer's max_epochs {last}")
+        if self.checkpoints is None and self.record_from > switch:
+            raise ValueError(f"record_from {self.record_from} is past the switch to TWA at epoch "
+                             f"{switch}: nothing would be recorded")
         if self.checkpoints is None and self.snapshots(switch) < 2:
             raise ValueError(f"recording from epoch {self.record_from} to the switch at epoch "
                              f"{switch} takes {self.snapshots(switch)} snapshot: TWA needs at least 2")
+        for source in self.checkpoints or ():  # a missing or cut file: one error before training
+            if not isinstance(source, Mapping):
+                check_readable(source)
         self.switch = switch
         trainer.fit_loop.max_epochs = switch + self.twa_epochs
         # a second fit with this callback starts afresh (a resumed one loads its state after this)
