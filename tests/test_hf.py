@@ -370,6 +370,8 @@ def test_bad_use_is_one_error_before_anything_changes(sgd_run, tmp_path):
         twa.hf.train_twa(trainer, paths, epochs=0, lr=0.1)
     with pytest.raises(ValueError, match="learning rate"):
         twa.hf.train_twa(trainer, paths, epochs=1, lr=-1.0)
+    with pytest.raises(ValueError, match="lr must be a finite number, not nan"):
+        twa.hf.train_twa(trainer, paths, epochs=1, lr=float("nan"))
     with pytest.raises(ValueError, match="nothing recorded"):
         twa.hf.train_twa(trainer, twa.hf.SpanRecorder(), epochs=1, lr=0.1)
     one = twa.hf.SpanRecorder(every_steps=100, at_epoch_end=False)  # records step 0 alone

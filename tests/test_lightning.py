@@ -251,6 +251,8 @@ def test_unsupported_strategies_and_arguments_are_refused():
         twa.lightning.TWA(lr=0.5, twa_epochs=1, schedule="exponential")
     with pytest.raises(ValueError, match="learning rate"):
         twa.lightning.TWA(lr=-1, twa_epochs=1)
+    with pytest.raises(ValueError, match="lr must be a finite number, not nan"):
+        twa.lightning.TWA(lr=float("nan"), twa_epochs=1)
 
 
 def launch(out, route, resume=None, checkpoints=()):

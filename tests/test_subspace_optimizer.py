@@ -196,6 +196,11 @@ def test_wrong_options_are_the_inner_optimizers_error_before_the_model_changes()
         twa.SubspaceOptimizer(model, space_of(model), torch.optim.SGD, lr=-1)
     with pytest.raises(TypeError, match="betas"):
         twa.SubspaceOptimizer(model, space_of(model), torch.optim.SGD, lr=1, betas=(0.9, 0.99))
+    # torch's SGD takes these, and every weight would become NaN
+    for options in ({"lr": float("nan")}, {"lr": 1, "momentum": float("inf")},
+                    {"lr": 1, "weight_decay": float("nan")}):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            twa.SubspaceOptimizer(model, space_of(model), torch.optim.SGD, **options)
     assert torch.equal(weights(model), before)
 
 

@@ -21,7 +21,7 @@ from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, ModelP
 from . import batchnorm as batch_norm
 from .build import from_checkpoints
 from .checkpoints import check_readable, is_int
-from .optimizer import SubspaceOptimizer
+from .optimizer import SubspaceOptimizer, check_finite_options
 from .recorder import SubspaceRecorder
 
 SCHEDULES = {  # the coefficients' lr factor at TWA epoch e of n: a pure function, nothing to resume
@@ -80,6 +80,7 @@ class TWA(pl.Callback):
             raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, not {schedule!r}")
         if checkpoints is not None and len(checkpoints) < 2:
             raise ValueError(f"TWA needs at least two checkpoints, not {len(checkpoints)}")
+        check_finite_options({"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
         torch.optim.SGD([torch.zeros(1)], lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.options = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         self.twa_epochs, self.record_from, self.per_epoch = twa_epochs, record_from, per_epoch

@@ -1,11 +1,22 @@
 """TWA as a torch optimizer of the model: what any training loop or trainer that takes an optimizer
 (Lightning's configure_optimizers, Hugging Face's Trainer(optimizers=...), Accelerate, a plain loop)
 can run, with any torch LR scheduler on it."""
+import math
+import numbers
+
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from .trainer import TWA
+
+
+def check_finite_options(options):
+    """Refuse a NaN or infinite number among an optimizer's options (lr, momentum, weight_decay...)."""
+    for name, value in options.items():
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and \
+                not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, not {value}")
 
 
 class SubspaceOptimizer(Optimizer):
@@ -35,7 +46,9 @@ class SubspaceOptimizer(Optimizer):
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer)):
             raise TypeError("optimizer_class must be a torch.optim.Optimizer class (e.g. "
                             f"torch.optim.SGD), not {optimizer_class!r}")
-        # wrong options refused on a stand-in for the trained tensor, before TWA moves the model
+        # wrong options refused on a stand-in for the trained tensor, before TWA moves the model;
+        # torch's optimizers take a NaN rate (NaN < 0 is false), which would make every weight NaN
+        check_finite_options(options)
         optimizer_class([nn.Parameter(torch.zeros(1, dtype=torch.float64))], **options)
         self.twa = TWA(model, space, start, train)
         self.inner = optimizer_class(self.twa.parameters(), **options)
