@@ -320,3 +320,8 @@ def test_a_sharded_training_checkpoint_reads_as_its_model_state(tmp_path):
     state = twa.checkpoints.load_state_dict(str(tmp_path / "epoch=0.ckpt"))
     assert set(state) == set(model.state_dict())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    # a model's own names may start with "model." (a submodule so called): read as they are
+    wrapped = nn.Sequential()
+    wrapped.model = model
+    dcp.save(wrapped.state_dict(), checkpoint_id=str(tmp_path / "plain"), no_dist=True)
+    assert set(twa.checkpoints.load_state_dict(str(tmp_path / "plain"))) == set(wrapped.state_dict())

@@ -345,35 +345,33 @@ def load_sharded(state, path, **options):
 
 def load_sharded_whole(path):
     """Every tensor of a sharded checkpoint, whole, read by this process alone; of a training
-    checkpoint (Lightning's under ModelParallelStrategy: the model's tensors under "state_dict.",
-    beside the optimizer's) the model's only, under their own names."""
-    saved = _tensors(path)
-    key = _model_key(saved)
-    names = {name: name[len(key) + 1:] for name in saved if name.startswith(f"{key}.")} if key \
-        else {name: name for name in saved}
-    state = {names[name]: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in saved.items()
-             if name in names}
+    checkpoint (see _model_entries) the model's only, under their own names."""
+    key, saved = _model_entries(_tensors(path))
+    state = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in saved.items()}
     load_sharded({key: state} if key else state, path, no_dist=True)
     return state
 
 
-def _model_key(saved, names=()):
-    """The MODEL_KEYS entry whose dotted prefix the model's tensors carry in a sharded training
-    checkpoint's index (torch.distributed.checkpoint flattens {"state_dict": {...}} so), or None
-    where they are at the top (some of `names`, the model's, are; or no key prefixes any name)."""
-    if any(name in saved for name in names):
-        return None
-    return next((key for key in MODEL_KEYS if any(name.startswith(f"{key}.") for name in saved)),
-                None)
+TRAINING_KEY = "state_dict"
+
+
+def _model_entries(saved):
+    """(key, {name: (shape, dtype)}) of the model's tensors in a sharded checkpoint's index: in a
+    training checkpoint (Lightning's under ModelParallelStrategy), which torch.distributed.checkpoint
+    flattened from {"state_dict": model, "optimizer_0": ...}, those under "state_dict." with the
+    prefix removed (no module can own a "state_dict" attribute, so a model's own name never starts
+    so); else every tensor, under key None."""
+    prefix = f"{TRAINING_KEY}."
+    if not any(name.startswith(prefix) for name in saved):
+        return None, saved
+    return TRAINING_KEY, {name[len(prefix):]: meta for name, meta in saved.items()
+                          if name.startswith(prefix)}
 
 
 def read_local_shards(path, params, source, out, shard):
     """This process's entries of the trainable parameters of a sharded checkpoint, read into tensors
     sharded as the model's own (FSDP2 DTensors): each process reads only its rows of each file."""
-    saved = _tensors(path)
-    key = _model_key(saved, [name for name, _ in params])
-    if key:
-        saved = {name[len(key) + 1:]: meta for name, meta in saved.items() if name.startswith(f"{key}.")}
+    key, saved = _model_entries(_tensors(path))
     for name, p in params:  # the same index on every process: all stop at the same file, or none
         if name not in saved:
             raise CheckpointError(f"{source} does not match the model: it has no '{name}'")
