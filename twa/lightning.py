@@ -146,6 +146,9 @@ class TWA(pl.Callback):
             if trainer.num_training_batches < self.per_epoch:
                 raise ValueError(f"per_epoch={self.per_epoch} snapshots need as many batches per "
                                  f"epoch, not {trainer.num_training_batches}")
+            batches = trainer.num_training_batches  # the batch counts after which to record
+            self.snapshot_batches = {round((i + 1) * batches / self.per_epoch)
+                                     for i in range(self.per_epoch)}
             self.recorder = SubspaceRecorder(pl_module, self.snapshots(self.switch), bits=self.bits,
                                              layer_size=self.layer_size)
             recorded = self.saved and _this_process(self.saved["recorder"])
@@ -168,8 +171,7 @@ class TWA(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         epoch, done = trainer.current_epoch, batch_idx + 1
         if self.optimizer is None and self.recorder is not None and epoch >= self.record_from:
-            batches = trainer.num_training_batches
-            if done in {round((i + 1) * batches / self.per_epoch) for i in range(self.per_epoch)}:
+            if done in self.snapshot_batches:
                 self.recorder.add(name=f"epoch {epoch} batch {done}")
         elif self.optimizer is not None and epoch == self.switch + self.twa_epochs - 1 and \
                 done == trainer.num_training_batches:
