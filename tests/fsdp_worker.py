@@ -111,8 +111,8 @@ def count_collectives(calls):
             calls.append((_name, max((t.numel() for t in tensors), default=0)))
             return _original(*args, **kwargs)
         setattr(dist, name, counted)
-    twa.sharding._all_gather = dist.all_gather_into_tensor
-    twa.sharding._reduce_scatter = dist.reduce_scatter_tensor
+    twa.sharding.all_gather_single = dist.all_gather_into_tensor
+    twa.sharding.reduce_scatter_single = dist.reduce_scatter_tensor
 
 
 def main(out, route, wrap, bits, layer_size):

@@ -87,8 +87,8 @@ def count_step_collectives(calls):
                 calls.append((_name, max(sizes, default=0)))
             return _original(*args, **kwargs)
         setattr(dist, name, counted)
-    twa.sharding._all_gather = dist.all_gather_into_tensor
-    twa.sharding._reduce_scatter = dist.reduce_scatter_tensor
+    twa.sharding.all_gather_single = dist.all_gather_into_tensor
+    twa.sharding.reduce_scatter_single = dist.reduce_scatter_tensor
     step = twa.SubspaceOptimizer.step
 
     def traced_step(self, closure=None):

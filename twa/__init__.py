@@ -48,10 +48,14 @@ Where each piece lives (imports run downwards only):
 - storage.py    the basis' storage formats (float32, float16 with a gain, affine 8/4-bit) and
                 their products; the one workaround for torch.compile. kernels.py: the compiled
                 products of large low-precision bases.
-- sharding.py   which columns of P each process keeps under torch.distributed: equal column
-                ranges (Sharding), or the entries of the process's own FSDP2 parameter shards
-                (ModelSharding), with which a TWA step needs no weight gather at all; either way
-                a low-bit block split between processes keeps one process's groups (GroupAligned).
+- sharding.py   the two routes under torch.distributed, one class each with the same questions
+                answered: which entries of P this process keeps, how its gradient entries are
+                gathered and new weights published, how checkpoints are read and the dtypes and
+                untrained entries checked. ColumnSharding: equal column ranges (one process, DDP);
+                ModelSharding: the process's own FSDP2 parameter shards, with which a TWA step
+                needs no weight gather at all. groups.py: a low-bit block split between processes
+                keeps one process's quantisation groups (GroupAligned), on either route.
+- compat.py     the torch names that differ between builds and releases.
 - checkpoints.py reading state_dicts and flattening them; safetensors_files.py reads Hugging Face's
                 files and folders a tensor at a time; errors.py holds CheckpointError.
 - batchnorm.py  BatchNorm statistics recomputed for averaged weights.

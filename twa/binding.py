@@ -4,7 +4,7 @@ the storage each parameter had then, so a parameter given new storage afterwards
 one whose requires_grad was toggled would train silently on weights that no step writes, or not be
 trained at all. The check compares Python-side metadata only (addresses, dtypes, shapes, strides,
 identities): never a tensor's values, so it needs no copy from an accelerator to the host."""
-from .sharding import DTensor
+from .compat import DTensor
 
 
 def _layout(p):

@@ -20,10 +20,9 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
-from torch.nn.modules.batchnorm import _NormBase
 
-from .checkpoints import (basis_device, check_readable, current_weights, describe, is_int, layout,
-                          read_parameters, trainable_parameters)
+from .checkpoints import (basis_device, check_readable, describe, is_int, layout,
+                          trainable_parameters)
 from .sharding import sharding_of
 from .storage import QUANT_GROUP
 from .subspace import Span, Subspace
@@ -238,7 +237,7 @@ def from_checkpoints(model, checkpoints, bits=32, tol=1e-5, device=None, progres
     builders = span_builders(parameter_blocks(params, layer_size), n, n, shard, bits, device)
     w, anchor = torch.empty_like(mean), torch.empty_like(mean)
     for j in wrap(range(n), "orthonormal basis"):
-        read_parameters(sources[j], params, names[j], out=w, shard=shard)
+        shard.read(sources[j], params, names[j], out=w)
         add_generator(builders, j, w, anchor, shard, tol)
     warn_dropped(builders, lambda j: names[j], n)
     scheme = anchored(n)
@@ -271,7 +270,7 @@ def reference_from_checkpoints(model, checkpoints, device=None, progress=None, g
     builder, = span_builders(parameter_blocks(params), n, n, shard, 32, device, OnePassBuilder)
     w = torch.empty(shard.local_size, device=device)
     for j in wrap(range(n), "one-pass Gram-Schmidt (reference)"):
-        read_parameters(sources[j], params, names[j], out=w, shard=shard)
+        shard.read(sources[j], params, names[j], out=w)
         builder.add(j, w, None, shard)
     for j, _ in builder.dropped:
         log.warning("%s adds no new direction; left out of the reference basis", names[j])
@@ -291,11 +290,11 @@ def combination_residual(space, model, checkpoints, alpha):
     if tuple(alpha.shape) != (len(space.spans), len(checkpoints)):
         raise ValueError(f"alpha must be {len(space.spans)} x {len(checkpoints)} (blocks x "
                          f"checkpoints), not {tuple(alpha.shape)}")
-    w = current_weights(params, "the model's weights", shard=shard).to(space.device)
+    w = shard.current(params, "the model's weights").to(space.device)
     total = torch.zeros(shard.local_size, dtype=torch.float64, device=space.device)
     buffer = torch.empty(shard.local_size, device=space.device)
     for i, source in enumerate(checkpoints):
-        x = read_parameters(source, params, describe(source, i), out=buffer, shard=shard)
+        x = shard.read(source, params, describe(source, i), out=buffer)
         for span, a in zip(space.spans, alpha):
             total[span.shard_slice].add_(x[span.shard_slice], alpha=float(a[i]))
     miss = shard.norm(total - w.double())
@@ -337,59 +336,16 @@ def _first_pass(model, checkpoints, device, progress, group):
     names = [describe(s, i) for i, s in enumerate(sources)]
     wrap = progress or (lambda items, desc: items)
     shard = sharding_of(params, group)
-    # (an FSDP2 model's entries are shards, not whole tensors: not compared)
-    untrained = None if shard.follows_model else UntrainedEntries(model)
-    mean = _mean_of(sources, params, device, wrap, shard, untrained)
+    mean = _mean_of(sources, params, device, wrap, shard, shard.untrained_entries(model, device))
     return params, device, sources, names, wrap, shard, mean
 
 
-class UntrainedEntries:
-    """The model's frozen parameters and buffers, the statistics of normalisation layers excepted
-    (update_bn recomputes those), and which of them some checkpoint holds as the model does. TWA
-    writes only the trainable parameters and leaves the rest as the model holds it, so a model built
-    afresh would keep, say, a random frozen backbone without a word: check() refuses an entry that
-    no checkpoint holds as the model does."""
-
-    def __init__(self, model):
-        statistics = {f"{prefix}.{key}".lstrip(".")  # under every name a shared module has
-                      for prefix, module in model.named_modules(remove_duplicate=False)
-                      if isinstance(module, _NormBase) for key, _ in module.named_buffers(recurse=False)}
-        self.kinds = {}
-        self.entries = {}
-        for key, own in model.state_dict(keep_vars=True).items():
-            if not own.requires_grad and key not in statistics:  # (trained ones under any alias too)
-                self.entries[key] = own.detach()  # not copied: a frozen backbone may be large
-                self.kinds[key] = "frozen parameter" if isinstance(own, torch.nn.Parameter) else "buffer"
-        self.compared, self.matched = set(), set()
-
-    def compare(self, state):
-        for key, own in self.entries.items():
-            if key in self.matched or key not in state:  # (a file's tensor is read on lookup)
-                continue
-            saved = state[key]
-            if not torch.is_tensor(saved) or saved.shape != own.shape:
-                continue
-            self.compared.add(key)
-            if torch.equal(own, saved.to(own.device, own.dtype)):
-                self.matched.add(key)
-
-    def check(self):
-        for key in self.entries:
-            if key in self.compared and key not in self.matched:
-                raise ValueError(f"the model's {self.kinds[key]} '{key}' differs from every "
-                                 "checkpoint's: TWA trains only the trainable parameters and leaves "
-                                 "the rest as the model holds them; load a checkpoint into the model "
-                                 "first")
-
-
-def _mean_of(sources, params, device, wrap, shard, untrained=None):
+def _mean_of(sources, params, device, wrap, shard, untrained):
     """This shard of the checkpoints' mean, accumulated in float64 on `device`; each checkpoint's
     untrained entries compared with the model's on the way (UntrainedEntries)."""
     total = torch.zeros(shard.local_size, dtype=torch.float64, device=device)
     w = torch.empty(shard.local_size, device=device)
     for i, source in enumerate(wrap(sources, "mean of the checkpoints")):
-        total += read_parameters(source, params, describe(source, i), out=w, shard=shard,
-                                 inspect=untrained.compare if untrained else None)
-    if untrained:
-        untrained.check()
+        total += shard.read(source, params, describe(source, i), out=w, untrained=untrained)
+    untrained.check()
     return total.div_(len(sources)).float()

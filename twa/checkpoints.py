@@ -14,7 +14,7 @@ import torch
 from .errors import CheckpointError, first_line
 from .safetensors_files import (SHARDED, SINGLE, SafetensorsState, check_files, is_safetensors,
                                 open_checkpoint)
-from .sharding import FSDPModule
+from .compat import FSDPModule
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and torch.compile
 # where training checkpoints keep the model's weights, e.g. {"model": ..., "optimizer": ...}
@@ -227,28 +227,10 @@ def _checked_tensor(state, name, p, names, source):
     return value
 
 
-def read_parameters(source, params, name, out=None, shard=None, inspect=None):
-    """flatten_checkpoint of a file, folder or mapping, read with the model's own names
-    (load_state_dict), which `inspect` (if given) gets to see too; a sharded checkpoint folder
-    read into a model's own shards reads only this process's rows."""
-    if shard is not None and shard.follows_model and not isinstance(source, Mapping) and \
-            os.path.isdir(source) and not _holds_safetensors(source):
-        return read_local_shards(source, params, name, out, shard)
-    state = load_state_dict(source, [n for n, _ in params], name)
-    if inspect:
-        inspect(state)
-    return flatten_checkpoint(state, params, name, out, shard)
-
-
-def current_weights(params, name, out=None, shard=None):
-    """This process's entries of the model's own trainable weights: under FSDP2 (a shard that
-    follows the model) its local shards as they are, with no gather; else flatten_checkpoint."""
-    if shard is None or not shard.follows_model:
-        return flatten_checkpoint(dict(params), params, name, out, shard)
-    local = torch.cat([p.detach().to_local().reshape(-1).float() for _, p in params])
-    if not bool(torch.isfinite(local).all()):
-        raise CheckpointError(f"{name} hold NaN or Inf values")
-    return local if out is None else out.copy_(local)
+def holds_sharded_folder(path):
+    """Whether `path` is a sharded checkpoint folder (see below) rather than a file or a Hugging Face
+    safetensors folder."""
+    return os.path.isdir(path) and not _holds_safetensors(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -368,9 +350,11 @@ def _model_entries(saved):
                           if name.startswith(prefix)}
 
 
-def read_local_shards(path, params, source, out, shard):
+def read_local_shards(path, params, source, out, shard, untrained=None, compare=None):
     """This process's entries of the trainable parameters of a sharded checkpoint, read into tensors
-    sharded as the model's own (FSDP2 DTensors): each process reads only its rows of each file."""
+    sharded as the model's own (FSDP2 DTensors): each process reads only its rows of each file.
+    untrained: {name: the model's tensor} of entries also to read, as the model holds them, where
+    the checkpoint has them in that shape, for compare({name: tensor}) to see with the parameters."""
     key, saved = _model_entries(_tensors(path))
     for name, p in params:  # the same index on every process: all stop at the same file, or none
         if name not in saved:
@@ -381,8 +365,12 @@ def read_local_shards(path, params, source, out, shard):
         if shape != tuple(p.shape):
             raise CheckpointError(f"{source} does not match the model: '{name}' has shape {shape}, "
                                   f"the model {tuple(p.shape)}")
-    state = {name: torch.empty_like(p.detach()) for name, p in params}
+    state = {name: torch.empty_like(own) for name, own in (untrained or {}).items()
+             if saved.get(name) == (tuple(own.shape), own.dtype)}
+    state.update((name, torch.empty_like(p.detach())) for name, p in params)
     load_sharded({key: state} if key else state, path, process_group=shard.group)
+    if compare is not None:
+        compare(state)
     local = torch.cat([state[name].to_local().reshape(-1).float() for name, _ in params])
     bad = shard.sum_(torch.tensor([0.0 if bool(torch.isfinite(local).all()) else 1.0],
                                   device=local.device))

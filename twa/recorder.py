@@ -6,8 +6,7 @@ import torch
 
 from .build import (DROP_RULE, add_generator, anchored, check_tolerance, parameter_blocks,
                     span_builders, warn_dropped)
-from .checkpoints import (basis_device, check_layout, current_weights, is_int, layout,
-                          trainable_parameters)
+from .checkpoints import basis_device, check_layout, is_int, layout, trainable_parameters
 from .sharding import sharding_of
 from .subspace import Subspace
 
@@ -51,7 +50,7 @@ class SubspaceRecorder:
             raise ValueError(f"the recorder is full: capacity {self.capacity}")
         params = trainable_parameters(self.model if model is None else model)
         check_layout(self.layout, params, "the recorder")
-        w = current_weights(params, f"the weights recorded as #{j}", out=self.work, shard=self.shard)
+        w = self.shard.current(params, f"the weights recorded as #{j}", out=self.work)
         self.total += w
         add_generator(self.builders, j, w, self.anchor, self.shard, self.tol)
         self.names.append(name or f"recorded #{j}")

@@ -1,57 +1,71 @@
-"""Sharding over processes: which columns of the D-dimensional weight vectors this process keeps, and
-the collectives over them."""
-import functools
+"""Sharding over processes: which entries of the D-dimensional weight vectors this process keeps,
+and everything that depends on it. One class per route, both answering the same questions: where
+this process's gradient entries come from, how new weights reach the model, how a checkpoint's
+entries are read, what parameters are accepted and how the model's untrained entries are checked
+(`Sharding` lists them); the quantisation groups of a low-bit basis are laid out by one code for both
+(groups.aligned_basis).
+
+- ColumnSharding: equal column ranges of the flat weight vector (one process, or N under
+  torch.distributed with a replicated model, e.g. DDP's).
+- ModelSharding: the model's own FSDP2 shards of every parameter (the route of fully_shard)."""
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 
-from .storage import QUANT_GROUP, Affine, Basis, write_into
+from torch.nn.modules.batchnorm import _NormBase
 
-try:  # a torch built without distributed support has no DTensor, and no FSDP model to follow
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-except ImportError:
-    class DTensor:  # noqa: D101  (isinstance is then always false)
-        pass
-
-    class FSDPModule:  # noqa: D101
-        pass
-
-# the current names of the single-tensor collectives, and those of torch releases before them
-_all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or \
-    getattr(dist, "reduce_scatter_tensor", None)
+from .checkpoints import flatten_checkpoint, holds_sharded_folder, load_state_dict, read_local_shards
+from .compat import DTensor, all_gather_single, reduce_scatter_single
+from .errors import CheckpointError
+from .groups import aligned_basis
+from .storage import QUANT_GROUP, Basis
 
 
 class Sharding:
-    """The columns [lo, hi) of the D-dimensional weight vectors that this process keeps.
+    """This process's entries of the D-vector: `pieces`, increasing disjoint (start, stop) ranges,
+    and `owners`, (start, stop, rank) of every process's. The subclasses are the two routes."""
 
-    With N processes (torch.distributed initialised) the basis is split by columns: each rank
-    stores about D/N entries of every row, and the full k x D basis never exists anywhere. Every
-    product with the basis is then a sum of per-shard products, so the basis' own products move
-    only k-sized sums between processes; a training step (TWA.step) adds one D-sized
-    reduce-scatter of the gradient and one D-sized all-gather of the new weights, about the traffic
-    of DDP's one all-reduce. Columns rather than rows: rows would need the whole D-sized gradient
-    and weights to meet every rank's rows, and rank deficiency would leave shards uneven. Shards
-    hold whole quantisation groups (QUANT_GROUP entries) of the D-vector; a block of layer-wise
-    TWA, which starts anywhere, gets its groups placed as one process would (see basis)."""
+    def __init__(self, dim, group, world, rank, owners):
+        self.dim, self.group, self.world, self.rank, self.owners = dim, group, world, rank, owners
+        self.pieces = [(lo, hi) for lo, hi, owner in owners if owner == rank]
 
-    follows_model = False  # see ModelSharding
+    # --- the route: implemented by each subclass ---------------------------------------------------
 
-    def __init__(self, dim, group=None):
-        distributed = dist.is_available() and dist.is_initialized()
-        self.group = group
-        self.world = dist.get_world_size(group) if distributed else 1
-        self.rank = dist.get_rank(group) if distributed else 0
-        self.per_rank = math.ceil(dim / self.world / QUANT_GROUP) * QUANT_GROUP
-        self.lo = min(self.rank * self.per_rank, dim)
-        self.hi = min(self.lo + self.per_rank, dim)
-        self.dim = dim
-        # (start, stop, rank) of every process's columns, and this process's
-        self.owners = [(min(r * self.per_rank, dim), min((r + 1) * self.per_rank, dim), r)
-                       for r in range(self.world) if r * self.per_rank < dim]
-        self.pieces = [(self.lo, self.hi)]
+    def bind(self, params, device):
+        """The flat buffers through which TWA moves gradients out of and weights into `params`."""
+        raise NotImplementedError
+
+    def read(self, source, params, name, out=None, untrained=None):
+        """This process's entries of the trainable weights of a checkpoint (file, folder or
+        mapping); `untrained` (UntrainedEntries, if given) compares what it holds of the rest."""
+        state = load_state_dict(source, [n for n, _ in params], name)
+        if untrained is not None:
+            untrained.compare(state)
+        return flatten_checkpoint(state, params, name, out, self)
+
+    def current(self, params, name, out=None):
+        """This process's entries of the model's own trainable weights."""
+        raise NotImplementedError
+
+    def check_parameters(self, params):
+        """Refuse parameters that are not float32 on one device: the basis, the mean and the
+        products are float32, and TWA writes the weights it computes into the parameters as they
+        are (a parameter in another dtype would be cast on every write)."""
+        first = params[0]
+        if any(p.dtype != first.dtype or p.device != first.device for p in params):
+            raise ValueError("TWA needs all trainable parameters in one dtype on one device")
+        if first.dtype != torch.float32:
+            raise ValueError(f"TWA needs float32 trainable parameters, not {first.dtype}: keep the "
+                             "weights in float32 and compute in lower precision with torch.autocast")
+
+    def untrained_entries(self, model, device):
+        """The checker of the model's frozen parameters and buffers against the checkpoints
+        (`device`: where its one collective runs)."""
+        return UntrainedEntries(model, self, device)
+
+    # --- shared --------------------------------------------------------------------------------------
 
     @property
     def local_size(self):
@@ -82,55 +96,12 @@ class Sharding:
     def basis(self, capacity, block, bits, device):
         """Room for `capacity` rows over this process's entries of block = (start, stop) of the
         D-vector. At 8 and 4 bits on several processes, quantisation groups are placed as one
-        process would place them (see GroupAligned): shards start where the D-vector's groups do,
-        but a block of layer-wise TWA starts anywhere, and its groups count from its start."""
+        process would place them (groups.aligned_basis): a process's entries need not start where
+        a block's groups do."""
         if self.world == 1 or bits not in (8, 4):  # (Basis names a wrong format)
             columns = self.local_slice(*block)
             return Basis(capacity, columns.stop - columns.start, bits, device)
-        segments, groups, local_group = self._group_layout(block)
-        split = self._split_groups(block)
-        mine = [(at, local_group[g]) for at, g in enumerate(split) if g in local_group]
-        return GroupAligned(capacity, segments, groups, bits,
-                            functools.partial(self._agree, len(split), mine), device)
-
-    def _group_layout(self, block):
-        """Where this process's entries of the block go among the groups that hold them: the
-        segments (entry position, stored column, length), the number of groups, and the stored
-        index of the first and last group of each piece, by group number within the block."""
-        start, stop = block
-        segments, groups, local_group, last, position = [], 0, {}, -1, 0
-        for lo, hi in self.pieces:
-            lo, hi = max(lo, start), min(hi, stop)
-            if lo >= hi:
-                continue
-            first_group, last_group = (lo - start) // QUANT_GROUP, (hi - 1 - start) // QUANT_GROUP
-            index = groups - 1 if first_group == last else groups  # a group shared with the last piece
-            segments.append((position, index * QUANT_GROUP + (lo - start) % QUANT_GROUP, hi - lo))
-            local_group[first_group] = index
-            local_group[last_group] = index + last_group - first_group
-            groups, last, position = index + last_group - first_group + 1, last_group, position + hi - lo
-        return segments, groups, local_group
-
-    def _split_groups(self, block):
-        """The groups of the block (numbered within it) that hold entries of several processes,
-        the same list on every process."""
-        start, stop = block
-        inside = [(max(lo, start), rank) for lo, hi, rank in self.owners if lo < stop and hi > start]
-        changes = [lo - start for (lo, rank), (_, before) in zip(inside[1:], inside) if rank != before]
-        return sorted({at // QUANT_GROUP for at in changes if at % QUANT_GROUP})
-
-    def _agree(self, count, mine, low, high):
-        """low, high (rows x this process's groups) made the range over every process of each split
-        group (`mine`: (index among the `count` split groups, stored index) of this process's): one
-        all-reduce of 2 x rows x count values."""
-        if count:
-            shared = low.new_full((2, low.shape[0], count), -math.inf)
-            slots, stored = [s for s, _ in mine], [g for _, g in mine]
-            shared[0][:, slots], shared[1][:, slots] = -low[:, stored], high[:, stored]
-            dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=self.group)
-            low[:, stored], high[:, stored] = -shared[0][:, slots], shared[1][:, slots]
-        return low, high
-
+        return aligned_basis(self, capacity, block, bits, device)
 
     def sum_(self, tensor):
         """Sum over the processes, in place (k-sized tensors only)."""
@@ -143,16 +114,35 @@ class Sharding:
         square = torch.linalg.vector_norm(part, dtype=torch.float64).square().reshape(1)
         return self.sum_(square).sqrt().item()
 
-    def gather_(self, full, part):
-        """full[:D] = the concatenated shards; `full` holds world x per_rank entries, `part`
-        (this process's) per_rank (its tail past hi - lo is ignored)."""
-        _all_gather(full, part, group=self.group)
 
-    def scatter_sum_(self, part, full):
-        """part = this process's shard of `full` summed over the processes (the reverse of gather_:
-        `full` holds world x per_rank entries, `part` per_rank)."""
-        _reduce_scatter(part, full, group=self.group)
-        return part
+class ColumnSharding(Sharding):
+    """The columns [lo, hi) of the D-dimensional weight vectors that this process keeps.
+
+    With N processes (torch.distributed initialised) the basis is split by columns: each rank
+    stores about D/N entries of every row, and the full k x D basis never exists anywhere. Every
+    product with the basis is then a sum of per-shard products, so the basis' own products move
+    only k-sized sums between processes; a training step adds one D-sized reduce-scatter of the
+    gradient and one D-sized all-gather of the new weights, about the traffic of DDP's one
+    all-reduce. Columns rather than rows: rows would need the whole D-sized gradient and weights
+    to meet every rank's rows, and rank deficiency would leave shards uneven. Shards hold whole
+    quantisation groups (QUANT_GROUP entries) of the D-vector."""
+
+    def __init__(self, dim, group=None):
+        distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size(group) if distributed else 1
+        self.per_rank = math.ceil(dim / world / QUANT_GROUP) * QUANT_GROUP
+        owners = [(min(r * self.per_rank, dim), min((r + 1) * self.per_rank, dim), r)
+                  for r in range(world) if r * self.per_rank < dim]
+        super().__init__(dim, group, world, dist.get_rank(group) if distributed else 0, owners)
+        if not self.pieces:  # a process past the last column keeps an empty range at the end
+            self.pieces = [(dim, dim)]
+
+    def bind(self, params, device):
+        self.check_parameters(params)
+        return ColumnBuffers(params, self, device)
+
+    def current(self, params, name, out=None):
+        return flatten_checkpoint(dict(params), params, name, out, self)
 
 
 class ModelSharding(Sharding):
@@ -160,34 +150,44 @@ class ModelSharding(Sharding):
     split along its first dimension): this process keeps the entries of its local shard of every
     parameter, in parameter order, so that gradients and weights move between the model and the
     basis with no collective at all, and the basis' products sum k-sized pieces over the mesh."""
-    follows_model = True
 
     def __init__(self, params):
-        local = [p.to_local() for p in params]
         mesh = params[0].device_mesh
-        if mesh.ndim != 1 or any(not _row_sharded(p) for p in params):
+        if mesh.ndim != 1 or any(not row_sharded(p) for p in params):
             raise ValueError("TWA follows FSDP2's sharding of each parameter along its first "
                              "dimension (fully_shard on a 1-D mesh); this model is sharded otherwise")
-        self.group = mesh.get_group()
-        self.world, self.rank = mesh.size(), mesh.get_local_rank()
-        self.dim = sum(p.numel() for p in params)
-        self.owners, offset = [], 0  # (start, stop, rank) of every process's shard of every parameter
-        for p, part in zip(params, local):
+        world, rank = mesh.size(), mesh.get_local_rank()
+        owners, offset = [], 0  # (start, stop, rank) of every process's shard of every parameter
+        for p in params:
             row = p.numel() // max(p.shape[0], 1)
-            for rank in range(self.world):
-                lo, hi = (_first_row(p.shape[0], self.world, r) * row for r in (rank, rank + 1))
-                if rank == self.rank and hi - lo != part.numel():
-                    raise ValueError(f"a local shard of {part.numel()} entries where FSDP2's split "
-                                     f"along the first dimension gives {hi - lo}")
+            for owner in range(world):
+                lo, hi = (first_row(p.shape[0], world, r) * row for r in (owner, owner + 1))
+                if owner == rank and hi - lo != p.to_local().numel():
+                    raise ValueError(f"a local shard of {p.to_local().numel()} entries where "
+                                     f"FSDP2's split along the first dimension gives {hi - lo}")
                 if lo < hi:
-                    self.owners.append((offset + lo, offset + hi, rank))
+                    owners.append((offset + lo, offset + hi, owner))
             offset += p.numel()
-        self.pieces = [(lo, hi) for lo, hi, rank in self.owners if rank == self.rank]
+        super().__init__(offset, mesh.get_group(), world, rank, owners)
 
-    def gather_(self, full, part):
-        raise RuntimeError("a basis that follows the model's shards never gathers weights")
+    def bind(self, params, device):
+        self.check_parameters(params)
+        return ModelBuffers(params, device)
 
-    scatter_sum_ = gather_
+    def read(self, source, params, name, out=None, untrained=None):
+        """A sharded checkpoint folder is read as the model is sharded: each process reads only its
+        rows of each file; any other checkpoint whole."""
+        if isinstance(source, Mapping) or not holds_sharded_folder(source):
+            return super().read(source, params, name, out, untrained)
+        return read_local_shards(source, params, name, out, self,
+                                 untrained.entries if untrained is not None else {},
+                                 untrained.compare if untrained is not None else None)
+
+    def current(self, params, name, out=None):
+        local = torch.cat([p.detach().to_local().reshape(-1).float() for _, p in params])
+        if not bool(torch.isfinite(local).all()):
+            raise CheckpointError(f"{name} hold NaN or Inf values")
+        return local if out is None else out.copy_(local)
 
 
 def sharding_of(params, group=None):
@@ -198,99 +198,183 @@ def sharding_of(params, group=None):
         if group is not None:
             raise ValueError("an FSDP2 model's basis follows its own device mesh: give no group")
         return ModelSharding(tensors)
-    return Sharding(sum(p.numel() for p in tensors), group)
+    return ColumnSharding(sum(p.numel() for p in tensors), group)
 
 
-def _row_sharded(p):
+def row_sharded(p):
+    """Whether a DTensor is split along its first dimension over a 1-D mesh (FSDP2's sharding)."""
     return len(p.placements) == 1 and getattr(p.placements[0], "dim", None) == 0
 
 
-def _first_row(rows, world, rank):
+def first_row(rows, world, rank):
     """The first row of `rank`'s shard under torch.chunk's split (FSDP2's)."""
     per = math.ceil(rows / world)
     return min(rank * per, rows)
 
 
-class GroupAligned(Affine):
-    """An 8 or 4-bit basis of a block that the processes split at places that need not fall
-    between its quantisation groups (FSDP2's shards of each parameter; column shards, which start
-    at the D-vector's groups, across a block of layer-wise TWA, whose groups count from its own
-    start). It stores the groups that hold this process's entries, each entry at its place in its
-    group as one process storing the whole block would put it, and leaves holes where a group's
-    other entries live on other processes; a group split between processes
-    takes the range of all its entries (`agree`, a collective, once per stored row). Every entry then
-    gets the code, scale and offset one process would give it, so that the weights match one
-    process's to float32 rounding at any world size (the groups of this process's entries alone
-    differed by the 8-bit rounding, 3e-4 of the weights).
+class UntrainedEntries:
+    """The model's frozen parameters and buffers, the statistics of normalisation layers excepted
+    (update_bn recomputes those), and which of them some checkpoint holds as the model does. TWA
+    writes only the trainable parameters and leaves the rest as the model holds it, so a model built
+    afresh would keep, say, a random frozen backbone without a word: check() refuses an entry that
+    no checkpoint holds as the model does. An FSDP2-sharded entry is compared on this process's rows,
+    and check() agrees over the processes, so that all of them raise or none."""
 
-    segments: (position among this process's entries of the block, stored column, length) for each
-    run of entries; agree(low, high) returns each group's range over all processes given this
-    process's (both rows x groups)."""
+    def __init__(self, model, shard, device):
+        statistics = {f"{prefix}.{key}".lstrip(".")  # under every name a shared module has
+                      for prefix, module in model.named_modules(remove_duplicate=False)
+                      if isinstance(module, _NormBase) for key, _ in module.named_buffers(recurse=False)}
+        self.shard, self.device, self.kinds, self.entries = shard, device, {}, {}
+        for key, own in model.state_dict(keep_vars=True).items():
+            if not own.requires_grad and key not in statistics:  # (trained ones under any alias too)
+                self.entries[key] = own.detach()  # not copied: a frozen backbone may be large
+                self.kinds[key] = "frozen parameter" if isinstance(own, torch.nn.Parameter) else "buffer"
+        self.compared, self.matched = set(), set()
 
-    def __init__(self, capacity, segments, groups, bits, agree, device="cpu"):
-        super().__init__(capacity, groups * QUANT_GROUP, bits, device)
-        self.segments, self.agree = segments, agree
-        self.holes = _complement([(at, at + n) for _, at, n in segments], self.dim)
-        self.spread = torch.zeros(self.dim, device=device)  # a vector at its stored columns
+    def compare(self, state):
+        for key, own in self.entries.items():
+            if key in self.matched or key not in state:  # (a file's tensor is read on lookup)
+                continue
+            saved = state[key]
+            if not torch.is_tensor(saved) or saved.shape != own.shape:
+                continue
+            own, saved = _local_rows(own, saved)
+            if own is None:
+                continue
+            self.compared.add(key)
+            if torch.equal(own, saved.to(own.device, own.dtype)):
+                self.matched.add(key)
 
-    def scratch(self):
-        return [self.spread]
-
-    def _spread(self, v):
-        """v (this process's entries of the block) at the stored columns, zero in the holes."""
-        for position, at, n in self.segments:
-            self.spread[at:at + n] = v[position:position + n]
-        for start, stop in self.holes:
-            self.spread[start:stop] = 0.0
-        return self.spread
-
-    def _owned(self):
-        owned = torch.zeros(self.dim, dtype=torch.bool, device=self.device)
-        for _, at, n in self.segments:
-            owned[at:at + n] = True
-        return owned
-
-    def append(self, row):
-        values, owned = self._spread(row), self._owned()
-        low, high = self.agree(*_ranges(values[None], owned))
-        for start, stop in self.chunks():
-            groups = slice(start // QUANT_GROUP, stop // QUANT_GROUP)
-            self.store(self.rows, start, stop, values[start:stop], (low[0, groups], high[0, groups]),
-                       owned[start:stop])
-        self.rows += 1
-
-    def matvec(self, v, float64_sums=False):
-        return super().matvec(self._spread(v), float64_sums)
-
-    def rmatvec(self, c, out, accumulate=False, alpha=1.0):
-        product = super().rmatvec(c, self.spread)
-        for position, at, n in self.segments:
-            write_into(out[position:position + n], product[at:at + n], accumulate, alpha)
-        return out
-
-    def gram(self, owned=None):
-        return super().gram(self._owned())
-
-    def mix_rows_(self, mix, bounds=None, owned=None):
-        """Two passes over the columns: the new rows' ranges, agreed, then the new rows."""
-        mix = mix.to(device=self.device, dtype=torch.float32)
-        owned = self._owned()
-        low = torch.empty(mix.shape[1], self.dim // QUANT_GROUP, device=self.device)
-        high = torch.empty_like(low)
-        for start, stop in self.chunks():
-            groups = slice(start // QUANT_GROUP, stop // QUANT_GROUP)
-            low[:, groups], high[:, groups] = _ranges(mix.t() @ self.as_float32(start, stop),
-                                                      owned[start:stop])
-        super().mix_rows_(mix, self.agree(low, high), owned)
+    def check(self):
+        differing = [key for key in self.entries if key in self.compared and key not in self.matched]
+        if self.shard.world > 1:  # each process compared its own rows of the sharded entries
+            votes = torch.tensor([float(key in differing) for key in self.entries],
+                                 device=self.device)
+            differing = [key for key, vote in zip(self.entries, self.shard.sum_(votes)) if vote > 0]
+        if differing:
+            key = differing[0]
+            raise ValueError(f"the model's {self.kinds[key]} '{key}' differs from every "
+                             "checkpoint's: TWA trains only the trainable parameters and leaves "
+                             "the rest as the model holds them; load a checkpoint into the model "
+                             "first")
 
 
-def _ranges(rows, owned):
-    """Each group's (low, high) over the owned columns of `rows` (m x columns): m x groups each."""
-    grouped, mask = rows.view(rows.shape[0], -1, QUANT_GROUP), owned.view(-1, QUANT_GROUP)
-    return grouped.masked_fill(~mask, math.inf).amin(2), grouped.masked_fill(~mask, -math.inf).amax(2)
+def _local_rows(own, saved):
+    """The model's entry and a checkpoint's as far as this process holds them: an FSDP2 DTensor's
+    local rows (None if it is sharded otherwise), whole tensors else."""
+    if not isinstance(own, DTensor):
+        return own, saved.to_local() if isinstance(saved, DTensor) else saved
+    if not row_sharded(own):
+        return None, None
+    local = own.to_local()
+    if isinstance(saved, DTensor):
+        return local, saved.to_local()
+    first = first_row(own.shape[0], own.device_mesh.size(), own.device_mesh.get_local_rank())
+    return local, saved[first:first + local.shape[0]]
 
 
-def _complement(ranges, size):
-    """The parts of [0, size) outside the given increasing, disjoint ranges."""
-    edges = [0] + [edge for pair in ranges for edge in pair] + [size]
-    return [(a, b) for a, b in zip(edges[0::2], edges[1::2]) if a < b]
+# ---------------------------------------------------------------------------------------------------
+# Moving gradients and weights between the model and the basis
+# ---------------------------------------------------------------------------------------------------
+
+class ParameterBuffers:
+    """Flat float32 buffers of this process's weight and gradient entries. `weights` is where a step
+    computes the new weights of this process's entries; gradient() returns this process's entries
+    of the gradient, averaged over the processes; publish() makes the model's parameters hold the
+    weights. Subclasses set `tensors` (every buffer, for CUDA graph capture), `views` (each
+    parameter's gradient view) and `own_layout` (parameters whose gradients keep their own tensor)."""
+
+    def collect_gradients(self, params):
+        """Bring the gradients the backward pass left into the flat gradient buffer. They normally
+        accumulate in place into its views; a loop that set them to None (zero_grad(set_to_none=
+        True)), a wrapper with its own buckets or a channels-last parameter (whose gradient keeps
+        its layout) gets them copied in."""
+        for p, view in zip(params, self.views):
+            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            if grad is None:
+                view.zero_()
+            elif grad.data_ptr() != view.data_ptr():
+                view.copy_(grad.reshape(view.shape))
+            p.grad = None if p in self.own_layout else view
+
+
+class ColumnBuffers(ParameterBuffers):
+    """The column route: the parameters and their gradients become views of two flat tensors (no
+    copies per step) of world x per_rank entries, in the parameters' logical order, as checkpoints
+    are flattened. Each step reduce-scatters this process's columns of the gradient and all-gathers
+    the new weights from every process's columns. Channels-last parameters keep their own tensors
+    and layout (a view would make them contiguous, and convolutions slower): they are refreshed
+    from the flat weights after each write, and have their gradients copied in."""
+
+    def __init__(self, params, shard, device):
+        self.shard = shard
+        first = params[0]
+        size = shard.per_rank * shard.world
+        self.flat_weights = torch.zeros(size, dtype=first.dtype, device=first.device)
+        self.flat_grads = torch.zeros_like(self.flat_weights)
+        self.views, self.copied, offset = [], [], 0
+        for p in params:
+            view = self.flat_weights[offset:offset + p.numel()].view_as(p)
+            view.copy_(p.detach())
+            self.views.append(self.flat_grads[offset:offset + p.numel()].view_as(p))
+            if _channels_last(p):
+                self.copied.append((p, view))
+                p.grad = None
+            else:
+                p.data, p.grad = view, self.views[-1]
+            offset += p.numel()
+        self.own_layout = {p for p, _ in self.copied}
+        if shard.world == 1:
+            self.weights, self.shard_grads = self.flat_weights[:shard.dim], None
+        else:  # computed here, then gathered into flat_weights; reduce-scattered here from flat_grads
+            self.weights, self.shard_grads = torch.zeros(2, shard.per_rank, device=device)
+        self.tensors = [t for t in (self.flat_weights, self.flat_grads, self.weights,
+                                    self.shard_grads) if t is not None]
+
+    def gradient(self):
+        shard = self.shard
+        if shard.world == 1:
+            return self.flat_grads[:shard.dim]
+        reduce_scatter_single(self.shard_grads, self.flat_grads, group=shard.group)
+        return self.shard_grads.div_(shard.world)
+
+    def zero_gradient(self):
+        self.flat_grads.zero_()
+
+    def publish(self):
+        if self.shard.world > 1:  # every process's columns, into the parameters' views
+            all_gather_single(self.flat_weights, self.weights, group=self.shard.group)
+        for p, view in self.copied:
+            p.data.copy_(view)
+
+
+class ModelBuffers(ParameterBuffers):
+    """The FSDP2 route: flat buffers of this process's local shard of every parameter, in order;
+    FSDP2's own reduce-scatter has already averaged the gradient shards, and new weights are copied
+    into the local shards, which FSDP2 gathers in the next forward."""
+
+    def __init__(self, params, device):
+        local = [p.detach().to_local() for p in params]
+        self.weights = torch.cat([t.reshape(-1).float() for t in local]).to(device)
+        self.flat_grads = torch.zeros_like(self.weights)
+        self.params, self.views, self.weight_views, offset = params, [], [], 0
+        for t in local:
+            self.weight_views.append(self.weights[offset:offset + t.numel()].view_as(t))
+            self.views.append(self.flat_grads[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+        self.own_layout = set(params)
+        self.tensors = [self.weights, self.flat_grads]
+
+    def gradient(self):
+        return self.flat_grads
+
+    def zero_gradient(self):
+        self.flat_grads.zero_()
+
+    def publish(self):
+        for p, view in zip(self.params, self.weight_views):
+            p.detach().to_local().copy_(view)
+
+
+def _channels_last(p):
+    return p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)

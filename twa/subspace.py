@@ -6,7 +6,7 @@ import math
 import torch
 
 from .checkpoints import check_layout, is_int
-from .sharding import Sharding
+from .sharding import ColumnSharding
 
 
 class Span:
@@ -62,7 +62,7 @@ class Subspace:
 
     def __init__(self, spans, mean, names, shard=None, layout=None):
         self.spans, self.mean, self.names, self.layout = spans, mean, names, layout
-        self.shard = shard or Sharding(mean.numel())
+        self.shard = shard or ColumnSharding(mean.numel())
         self.device = mean.device
         self.revision = 0  # counts the rotations of the basis: a TWA's coordinates follow none
         self._index_spans()

@@ -7,65 +7,7 @@ from torch import nn
 
 from .binding import Binding
 from .checkpoints import fsdp_modules, trainable_parameters
-from .sharding import DTensor
 from .subspace import Subspace
-
-
-def flatten_parameters_(params, size=None):
-    """Make the parameters and their gradients views into two flat tensors (no copies per step)
-    of `size` >= D entries (room for collectives over equal shards), in the parameters' logical
-    order, as checkpoints are flattened. Returns the two tensors, the gradient views, and the
-    channels-last parameters with their weight views: those keep their own tensors and layout (a
-    view would make them contiguous, and convolutions slower), are refreshed from the flat weights
-    after each write, and have their gradients copied in."""
-    check_float32(params)
-    first = params[0]
-    dim = sum(p.numel() for p in params)
-    weights = torch.zeros(size or dim, dtype=first.dtype, device=first.device)
-    grads = torch.zeros(size or dim, dtype=first.dtype, device=first.device)
-    grad_views, copied, offset = [], [], 0
-    for p in params:
-        view = weights[offset:offset + p.numel()].view_as(p)
-        view.copy_(p.detach())
-        grad_views.append(grads[offset:offset + p.numel()].view_as(p))
-        if _channels_last(p):
-            copied.append((p, view))
-            p.grad = None
-        else:
-            p.data, p.grad = view, grad_views[-1]
-        offset += p.numel()
-    return weights, grads, grad_views, copied
-
-
-def check_float32(params):
-    """Refuse parameters that are not float32 on one device: the basis, the mean and the products
-    are float32, and TWA writes the weights it computes into the parameters as they are (an FSDP2
-    shard in another dtype would be cast on every write)."""
-    first = params[0]
-    if any(p.dtype != first.dtype or p.device != first.device for p in params):
-        raise ValueError("TWA needs all trainable parameters in one dtype on one device")
-    if first.dtype != torch.float32:
-        raise ValueError(f"TWA needs float32 trainable parameters, not {first.dtype}: keep the "
-                         "weights in float32 and compute in lower precision with torch.autocast")
-
-
-def _local_buffers(params, device):
-    """Under FSDP2: flat float32 buffers of this process's entries (its local shard of every
-    parameter, in order) for the weights and the gradients, and their views per parameter."""
-    check_float32(params)
-    local = [p.detach().to_local() for p in params]
-    weights = torch.cat([t.reshape(-1).float() for t in local]).to(device)
-    grads = torch.zeros_like(weights)
-    weight_views, grad_views, offset = [], [], 0
-    for t in local:
-        weight_views.append(weights[offset:offset + t.numel()].view_as(t))
-        grad_views.append(grads[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return weights, grads, grad_views, weight_views
-
-
-def _channels_last(p):
-    return p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
 
 
 class TWA:
@@ -115,20 +57,8 @@ class TWA:
         self.trained = nn.Parameter(torch.zeros(size, dtype=torch.float64, device=space.device))
         start = self._start_value(start)  # checked before the model is touched
         self.fsdp_modules = fsdp_modules(model)  # found once: write_weights runs every step
-        if shard.follows_model:  # FSDP2: the local shards stay the model's, copied in and out
-            self.flat_weights, self.flat_grads, self.views, self.local_weights = _local_buffers(
-                self.params, space.device)
-            self.copied, self.own_layout = [], set(self.params)
-            self.shard_weights, self.shard_grads = self.flat_weights, None
-        else:
-            self.flat_weights, self.flat_grads, self.views, self.copied = flatten_parameters_(
-                self.params, shard.per_rank * shard.world)
-            self.own_layout = {p for p, _ in self.copied}
-            # the shard's weights are computed here, then gathered into flat_weights; its gradient
-            # is reduce-scattered here from flat_grads
-            self.shard_weights, self.shard_grads = (self.flat_weights[:shard.dim], None) \
-                if shard.world == 1 else \
-                torch.zeros(2, shard.per_rank, dtype=self.flat_weights.dtype, device=space.device)
+        # the route's flat buffers: gradients are read and weights written through them
+        self.buffers = shard.bind(self.params, space.device)
         self.binding, self.revision = Binding(model, named), space.revision
         self.checked_optimizer = None  # the last optimizer found to hold the trained tensor
         self._jump(start)
@@ -139,8 +69,7 @@ class TWA:
     def tensors(self):
         """Every tensor a step reads or writes besides the model's own, e.g. for CUDA graph capture,
         which needs them at fixed addresses (torch._dynamo.mark_static_address)."""
-        found = [self.flat_weights, self.flat_grads, self.shard_weights, self.shard_grads,
-                 self.trained, self.space.mean, self.space.mean_coords]
+        found = [*self.buffers.tensors, self.trained, self.space.mean, self.space.mean_coords]
         found += [t for span in self.space.spans
                   for t in [*span.basis.tensors().values(), *span.basis.scratch()]]
         found += [t for pair in self.directions or () for t in pair]
@@ -168,18 +97,14 @@ class TWA:
     def project_gradient(self):
         """trained.grad = dL/dc = P g (or dL/dbeta) from the gradients g that the backward pass
         left in the model, which are then zeroed."""
-        self._collect_gradients()
-        shard = self.space.shard
-        if shard.world == 1 or shard.follows_model:  # FSDP2 has reduce-scattered and averaged
-            g = self.flat_grads
-        else:  # this process's shard of the gradient averaged over the processes
-            g = shard.scatter_sum_(self.shard_grads, self.flat_grads).div_(shard.world)
-        grad = self.space.gradient(g[:shard.local_size]).to(self.trained.device)
+        self.buffers.collect_gradients(self.params)
+        g = self.buffers.gradient()  # this process's entries, averaged over the processes
+        grad = self.space.gradient(g[:self.space.shard.local_size]).to(self.trained.device)
         if self.directions is not None:  # chain rule through c = P mean + D^T beta
             grad = torch.cat([unit @ piece for (unit, _), piece in
                               zip(self.directions, self.space._pieces(grad))])
         self.trained.grad = grad
-        self.flat_grads.zero_()
+        self.buffers.zero_gradient()
 
     def check(self, optimizer):
         """Raise before a step that would not train the model: see check_model, or an optimizer
@@ -247,26 +172,7 @@ class TWA:
 
     @torch.no_grad()
     def write_weights(self):
-        shard = self.space.shard
-        self.space.weights(self.coordinates, out=self.shard_weights[:shard.local_size])
-        if shard.follows_model:  # into the local shards, which FSDP gathers in the next forward
-            for unit in self.fsdp_modules:  # see checkpoints.reshard
-                unit.reshard()
-            for p, view in zip(self.params, self.local_weights):
-                p.detach().to_local().copy_(view)
-        elif shard.world > 1:
-            shard.gather_(self.flat_weights, self.shard_weights)
-        for p, view in self.copied:
-            p.data.copy_(view)
-
-    def _collect_gradients(self):
-        # Gradients normally accumulate in place into the flat views; a loop that set them to None
-        # (zero_grad(set_to_none=True)), a wrapper with its own buckets or a channels-last parameter
-        # (whose gradient keeps its layout) gets them copied in.
-        for p, view in zip(self.params, self.views):
-            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            if grad is None:
-                view.zero_()
-            elif grad.data_ptr() != view.data_ptr():
-                view.copy_(grad.reshape(view.shape))
-            p.grad = None if p in self.own_layout else view
+        self.space.weights(self.coordinates, out=self.buffers.weights[:self.space.shard.local_size])
+        for unit in self.fsdp_modules:  # FSDP2 gathers the shards in the next forward (see
+            unit.reshard()              # checkpoints.reshard)
+        self.buffers.publish()
