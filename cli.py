@@ -11,6 +11,7 @@ import traceback
 
 import data
 import distributed
+import loaders
 import loop
 import models
 import runfiles
@@ -183,7 +184,7 @@ def add_common_args(parser):
     add("--threads", type=int, default=0, help="CPU threads of torch (0: OMP_NUM_THREADS when set, "
         "else the cores that other jobs leave idle right now)")
     add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    add("--loader", default="memory", choices=data.LOADERS, help="memory: small-image datasets decoded once "
+    add("--loader", default="memory", choices=loaders.LOADERS, help="memory: small-image datasets decoded once "
         "and augmented per batch on the device; torchvision: the classic DataLoader path (always "
         "used for large images such as ImageNet)")
     add("--normalize", default=None, choices=data.NORMALIZATIONS,

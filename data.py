@@ -1,37 +1,28 @@
-"""Datasets and batch loaders; both loaders yield (images, labels) already on the training device.
-
-Small images (CIFAR-10/100, ImageFolder trees of images up to 64 px): decoded once into a uint8 tensor
-(cached beside the data), kept on the device, and cropped, flipped and normalised a whole batch at a
-time there (loaders.TensorLoader). Large images (ImageNet) and `--loader torchvision`: torchvision
-datasets, transforms and a DataLoader with worker processes (loaders.EpochLoader).
+"""The datasets a run reads: CIFAR-10/100 through torchvision and ImageFolder trees (checked before
+they are walked), small images decoded once into a uint8 tensor and cached beside the data, their
+input normalisation, and the held-out split of the training set. The batch loaders over them are
+loaders.py's.
 """
 import functools
 import hashlib
 import logging
 import os
 import stat
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets as tv_datasets
-from torchvision import transforms as T
 
-from loaders import PAD, EpochLoader, TensorImages, TensorLoader
 from runfiles import WriteFailed, save_torch
 
 log = logging.getLogger("twa")
 DATASETS = ("CIFAR10", "CIFAR100", "ImageNet", "ImageFolder")
-LOADERS = ("memory", "torchvision")
 SMALL_IMAGE = 64  # images up to this size are kept decoded in memory
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The reference code's CIFAR constants, used for CIFAR-100 too; its checkpoints expect these inputs
 REFERENCE_MEAN, REFERENCE_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 NORMALIZATIONS = ("dataset", "reference")
-# evaluation batch: on the CPU, 512 ran ResNet-20's evaluation at 1.3x the training forward's time
-# per image and 128-256 at 0.5x (bench/evaluation.py); GPUs are not slower at 256
-EVAL_BATCH = 256
 
 
 class DataError(ValueError):
@@ -224,27 +215,16 @@ def is_small_image_dataset(args):
     if args.datasets == "ImageNet":
         return False
     train_dir, _ = split_dirs(args.data_dir)
-    return max(_image_size(image_folder(train_dir).samples[0][0])) <= SMALL_IMAGE
+    return max(image_size(image_folder(train_dir).samples[0][0])) <= SMALL_IMAGE
 
 
-def _image_size(file):
+def image_size(file):
     """(width, height) of an image file, or a DataError naming it."""
     try:
         with Image.open(file) as image:
             return image.size
     except (OSError, ValueError, SyntaxError) as err:
         raise DataError(f"cannot decode image {file} ({err}); remove or replace it") from None
-
-
-class Loaders(NamedTuple):
-    """train: the training part, augmented and shuffled; test: the test set; held_out and
-    held_out_eval: the held-out part of the training set (--val-split) augmented and shuffled for
-    training on it, and plain for measuring on it (None without a split)."""
-    train: object
-    test: object
-    classes: int
-    held_out: object = None
-    held_out_eval: object = None
 
 
 def held_out_split(n, percent, seed):
@@ -255,75 +235,3 @@ def held_out_split(n, percent, seed):
                         "training images")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[:count].sort().values
-
-
-def build_loaders(args, device, rank=0, world_size=1, split=None):
-    """Loaders for args.datasets at args.data_dir. split(n) gives the held-out indices of the n
-    training examples (or None for no held-out part)."""
-    if args.datasets not in DATASETS:
-        raise DataError(f"unknown --datasets {args.datasets!r}; choose one of: {', '.join(DATASETS)}")
-    split = split or (lambda n: None)
-    if not is_small_image_dataset(args):
-        return large_image_loaders(args, device, rank, world_size, split)
-    train_x, train_y, test_x, test_y, classes = small_image_tensors(args, write_cache=rank == 0)
-    mean, std = input_normalization(args, train_x)
-    held = split(len(train_y))
-    keep = torch.ones(len(train_y), dtype=torch.bool)
-    if held is not None:
-        keep[held] = False
-    common = dict(channels_last=args.channels_last, rank=rank, world_size=world_size)
-    if args.loader == "torchvision":
-        size = train_x.shape[-1]
-        normalise = [T.ToTensor(), T.Normalize(mean, std)]
-        train_tf = T.Compose([T.RandomCrop(size, padding=PAD), T.RandomHorizontalFlip(), *normalise])
-        test_tf = T.Compose(normalise)
-
-        def loader(x, y, train):
-            return EpochLoader(TensorImages(x, y, train_tf if train else test_tf),
-                               args.batch_size if train else EVAL_BATCH, device, shuffle=train,
-                               workers=args.workers, seed=args.randomseed, **common)
-    else:
-        train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
-        keep = keep.to(device)
-
-        def loader(x, y, train):
-            return TensorLoader(x, y, args.batch_size if train else EVAL_BATCH, mean, std,
-                                augment=train, shuffle=train, seed=args.randomseed, **common)
-    loaders = Loaders(loader(train_x[keep], train_y[keep], True), loader(test_x, test_y, False),
-                      len(classes))
-    if held is None:
-        return loaders
-    held = held.to(train_y.device)
-    return loaders._replace(held_out=loader(train_x[held], train_y[held], True),
-                            held_out_eval=loader(train_x[held], train_y[held], False))
-
-
-def large_image_loaders(args, device, rank, world_size, split):
-    """ImageNet transforms (RandomResizedCrop + flip; Resize + CenterCrop) through a DataLoader."""
-    train_dir, test_dir = split_dirs(args.data_dir)
-    size = 224
-    if args.datasets == "ImageFolder":
-        size = min(_image_size(image_folder(train_dir).samples[0][0]))
-    normalise = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *normalise])
-    test_tf = T.Compose([T.Resize(round(size * 8 / 7)), T.CenterCrop(size), *normalise])
-    train_set, test_set = image_folder(train_dir), image_folder(test_dir)
-    train_set.transform, test_set.transform = train_tf, test_tf
-    common = dict(workers=args.workers, channels_last=args.channels_last, rank=rank,
-                  world_size=world_size)
-
-    def loader(dataset, train):
-        return EpochLoader(dataset, args.batch_size, device, shuffle=train, seed=args.randomseed,
-                           **common)
-    held = split(len(train_set))
-    if held is None:
-        return Loaders(loader(train_set, True), loader(test_set, False), len(train_set.classes))
-    keep = torch.ones(len(train_set), dtype=torch.bool)
-    keep[held] = False
-    plain = image_folder(train_dir)
-    plain.transform = test_tf
-    subset = torch.utils.data.Subset
-    return Loaders(loader(subset(train_set, keep.nonzero().view(-1).tolist()), True),
-                   loader(test_set, False), len(train_set.classes),
-                   loader(subset(train_set, held.tolist()), True),
-                   loader(subset(plain, held.tolist()), False))

@@ -1,14 +1,26 @@
-"""The two batch loaders; both yield (images, labels) already on the training device and shuffle
-with a generator seeded by (seed, epoch), so an epoch's order is a pure function of the two and
-resuming needs only counters. TensorLoader keeps small images decoded on the device and augments a
-whole batch at a time there; EpochLoader runs torchvision transforms in DataLoader workers."""
+"""The batch loaders of a run, built for its flags (build_loaders) over the datasets of data.py. Both
+yield (images, labels) already on the training device and shuffle with a generator seeded by (seed,
+epoch), so an epoch's order is a pure function of the two and resuming needs only counters.
+
+Small images (CIFAR-10/100, ImageFolder trees of images up to 64 px): kept decoded on the device and
+cropped, flipped and normalised a whole batch at a time there (TensorLoader). Large images (ImageNet)
+and `--loader torchvision`: torchvision transforms in DataLoader worker processes (EpochLoader).
+"""
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision import transforms as T
 
+import data
+
+LOADERS = ("memory", "torchvision")
 PAD = 4  # random-crop padding for small images
+# evaluation batch: on the CPU, 512 ran ResNet-20's evaluation at 1.3x the training forward's time
+# per image and 128-256 at 0.5x (bench/evaluation.py); GPUs are not slower at 256
+EVAL_BATCH = 256
 
 
 def epoch_generator(seed, epoch):
@@ -142,3 +154,91 @@ class TensorImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         image = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
         return self.transform(image), int(self.labels[i])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loaders of a run
+# ---------------------------------------------------------------------------------------------------
+
+class Loaders(NamedTuple):
+    """train: the training part, augmented and shuffled; test: the test set; held_out and
+    held_out_eval: the held-out part of the training set (--val-split) augmented and shuffled for
+    training on it, and plain for measuring on it (None without a split)."""
+    train: object
+    test: object
+    classes: int
+    held_out: object = None
+    held_out_eval: object = None
+
+
+def build_loaders(args, device, rank=0, world_size=1, split=None):
+    """Loaders for args.datasets at args.data_dir. split(n) gives the held-out indices of the n
+    training examples (or None for no held-out part)."""
+    if args.datasets not in data.DATASETS:
+        raise data.DataError(f"unknown --datasets {args.datasets!r}; choose one of: "
+                             f"{', '.join(data.DATASETS)}")
+    split = split or (lambda n: None)
+    if not data.is_small_image_dataset(args):
+        return large_image_loaders(args, device, rank, world_size, split)
+    train_x, train_y, test_x, test_y, classes = data.small_image_tensors(args, write_cache=rank == 0)
+    mean, std = data.input_normalization(args, train_x)
+    held = split(len(train_y))
+    keep = torch.ones(len(train_y), dtype=torch.bool)
+    if held is not None:
+        keep[held] = False
+    common = dict(channels_last=args.channels_last, rank=rank, world_size=world_size)
+    if args.loader == "torchvision":
+        size = train_x.shape[-1]
+        normalise = [T.ToTensor(), T.Normalize(mean, std)]
+        train_tf = T.Compose([T.RandomCrop(size, padding=PAD), T.RandomHorizontalFlip(), *normalise])
+        test_tf = T.Compose(normalise)
+
+        def loader(x, y, train):
+            return EpochLoader(TensorImages(x, y, train_tf if train else test_tf),
+                               args.batch_size if train else EVAL_BATCH, device, shuffle=train,
+                               workers=args.workers, seed=args.randomseed, **common)
+    else:
+        train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
+        keep = keep.to(device)
+
+        def loader(x, y, train):
+            return TensorLoader(x, y, args.batch_size if train else EVAL_BATCH, mean, std,
+                                augment=train, shuffle=train, seed=args.randomseed, **common)
+    loaders = Loaders(loader(train_x[keep], train_y[keep], True), loader(test_x, test_y, False),
+                      len(classes))
+    if held is None:
+        return loaders
+    held = held.to(train_y.device)
+    return loaders._replace(held_out=loader(train_x[held], train_y[held], True),
+                            held_out_eval=loader(train_x[held], train_y[held], False))
+
+
+def large_image_loaders(args, device, rank, world_size, split):
+    """ImageNet transforms (RandomResizedCrop + flip; Resize + CenterCrop) through a DataLoader."""
+    train_dir, test_dir = data.split_dirs(args.data_dir)
+    size = 224
+    if args.datasets == "ImageFolder":
+        size = min(data.image_size(data.image_folder(train_dir).samples[0][0]))
+    normalise = [T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
+    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *normalise])
+    test_tf = T.Compose([T.Resize(round(size * 8 / 7)), T.CenterCrop(size), *normalise])
+    train_set, test_set = data.image_folder(train_dir), data.image_folder(test_dir)
+    train_set.transform, test_set.transform = train_tf, test_tf
+    common = dict(workers=args.workers, channels_last=args.channels_last, rank=rank,
+                  world_size=world_size)
+
+    def loader(dataset, train):
+        return EpochLoader(dataset, args.batch_size, device, shuffle=train, seed=args.randomseed,
+                           **common)
+    held = split(len(train_set))
+    if held is None:
+        return Loaders(loader(train_set, True), loader(test_set, False), len(train_set.classes))
+    keep = torch.ones(len(train_set), dtype=torch.bool)
+    keep[held] = False
+    plain = data.image_folder(train_dir)
+    plain.transform = test_tf
+    subset = torch.utils.data.Subset
+    return Loaders(loader(subset(train_set, keep.nonzero().view(-1).tolist()), True),
+                   loader(test_set, False), len(train_set.classes),
+                   loader(subset(train_set, held.tolist()), True),
+                   loader(subset(plain, held.tolist()), False))

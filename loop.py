@@ -1,5 +1,6 @@
-"""The training loop both scripts share: learning-rate schedules, the epoch loop with its stop
-requests and progress, evaluation and the BatchNorm recompute. Knows nothing of TWA."""
+"""The training loop both scripts share: the epoch loop with its stop requests and progress, the
+step, evaluation and the BatchNorm recompute; the rates come from a schedules.Schedule. Knows
+nothing of TWA."""
 import contextlib
 import logging
 import math
@@ -7,7 +8,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,13 +16,10 @@ from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
 import distributed
-import runfiles
+import packed_bits
 from twa.checkpoints import reshard
 
 log = logging.getLogger("twa")
-
-
-TWA_SCHEDULES = ("step", "step-fraction", "constant", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -47,61 +44,6 @@ class LoopSettings:
                    print_freq=args.print_freq, eval_every=args.eval_every, quiet=args.quiet,
                    amp=args.amp, compile=args.compile, cuda_graphs=args.cuda_graphs,
                    label_smoothing=args.label_smoothing)
-
-
-def step_milestones(epochs):
-    """Epochs at which the step schedule divides the rate by 10 (50% and 75% of training)."""
-    return int(epochs * 0.5), int(epochs * 0.75 + 0.9)
-
-
-def lr_at(schedule, base_lr, epoch, epochs, fraction, swa_start=None, swa_lr=None):
-    """The learning rate in `epoch` at `fraction` (in [0, 1)) of all training steps: a pure function,
-    so that resuming needs only counters. step and swa: per epoch; step-fraction (the step schedule at
-    50% and 75% of the steps, so that even one epoch sees all three rates), linear and cosine: per step."""
-    if schedule == "constant":
-        return base_lr
-    if schedule == "swa":
-        return base_lr * swa_factor(epoch / swa_start, swa_lr / base_lr)
-    if schedule == "step":
-        return base_lr * 0.1 ** sum(epoch >= m for m in step_milestones(epochs))
-    if schedule == "step-fraction":
-        return base_lr * 0.1 ** ((fraction >= 0.5) + (fraction >= 0.75))
-    if schedule == "cosine":
-        return base_lr * 0.5 * (1 + math.cos(math.pi * fraction))
-    if schedule == "linear":
-        return base_lr * (1 - fraction)
-    raise ValueError(f"unknown schedule {schedule!r}")
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """A run's learning rate: schedule `name` (see lr_at) from `lr` over `epochs`, a linear warm-up
-    over the first `warmup_epochs`, and for the SWA schedule its swa_start and swa_lr. Each script
-    builds its own from its flags."""
-    name: str
-    lr: float
-    epochs: int
-    warmup_epochs: float = 0.0
-    swa_start: Optional[float] = None
-    swa_lr: Optional[float] = None
-
-    def rate(self, epoch, batch, steps):
-        """The rate of step `batch` of `steps` in `epoch`."""
-        fraction = (epoch * steps + batch) / (self.epochs * steps)
-        warmup = self.warmup_epochs * steps  # steps of linear warm-up
-        scale = min(1.0, (epoch * steps + batch + 1) / warmup) if warmup else 1.0
-        return scale * lr_at(self.name, self.lr, epoch, self.epochs, fraction, self.swa_start,
-                             self.swa_lr)
-
-
-def swa_factor(t, ratio):
-    """The SWA schedule (Izmailov et al. 2018; the reference's swa/ scripts) at t = epoch / swa_start:
-    the full rate for the first half, a linear decay to `ratio` of it by 90%, then `ratio` for good."""
-    if t <= 0.5:
-        return 1.0
-    if t <= 0.9:
-        return 1.0 - (1.0 - ratio) * (t - 0.5) / 0.4
-    return ratio
 
 
 def check_finite(tensors, what):
@@ -218,7 +160,7 @@ def autocast(device, enabled):
 def evaluate(model, loader, amp=False, ctx=None):
     """{'loss', 'accuracy' (percent), 'correct'} of `model` over the unshuffled `loader` (each rank's
     share, summed); 'correct' says which examples it got right, in the data's order, as packed bits
-    (runfiles.pack_bits), so that two models scored on the same data can be compared pairwise."""
+    (packed_bits.pack_bits), so that two models scored on the same data can be compared pairwise."""
     # FSDP2 keeps the storage of the weights it gathers for later forwards: allocated in inference
     # mode, no training step could write it again
     with torch.no_grad() if distributed.is_sharded(model) else torch.inference_mode():
@@ -244,7 +186,7 @@ def _evaluate(model, loader, amp, ctx):
     loss, correct, count = distributed.sum_(sums, ctx).tolist() if ctx else sums.tolist()
     right = distributed.sum_(right, ctx) if ctx else right  # each example is one rank's
     return {"loss": loss / count, "accuracy": 100.0 * correct / count,
-            "correct": runfiles.pack_bits(right.cpu().numpy())}
+            "correct": packed_bits.pack_bits(right.cpu().numpy())}
 
 
 BN_MODES = ("recompute", "running")
@@ -327,10 +269,10 @@ class StopRequest:
 def run_epochs(settings, ctx, model, forward, loaders, update, progress, metrics, save_state, schedule,
                on_step=lambda batch: False, until=None):
     """Train epochs progress["epoch"] .. settings.epochs - 1 (or until - 1: the schedule still spans
-    settings.epochs) at the rates of `schedule` (a Schedule) and evaluate after each. update(lr) applies
-    one optimizer step; on_step(batch) may save a checkpoint and says whether the resume state must
-    be saved as well. SIGINT/SIGTERM (on any rank) save the state at the next step and exit with
-    code 143."""
+    settings.epochs) at the rates of `schedule` (a schedules.Schedule) and evaluate after each.
+    update(lr) applies one optimizer step; on_step(batch) may save a checkpoint and says whether the
+    resume state must be saved as well. SIGINT/SIGTERM (on any rank) save the state at the next step
+    and exit with code 143."""
     train_loader, test_loader = loaders
     if schedule.name == "step" and schedule.epochs == 1:
         log.warning("the step schedule over 1 epoch runs at lr / 10 throughout (its first decay is at "

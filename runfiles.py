@@ -1,6 +1,5 @@
 """The run folder: files written atomically, loaded safely, the per-epoch metrics rows, the git
 revision that results carry. Knows nothing of models or training."""
-import base64
 import errno
 import fcntl
 import hashlib
@@ -13,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 import torch
 
 
@@ -345,23 +343,6 @@ def git_revision():
         return head + ("+dirty" if changes else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def pack_bits(flags):
-    """A boolean vector as a short string (packed bits, base64): which test images a model got right,
-    small enough to keep one per evaluated model in the JSON results."""
-    packed = np.packbits(np.asarray(flags, dtype=bool))
-    return base64.b64encode(packed.tobytes()).decode("ascii")
-
-
-def unpack_bits(text, n):
-    """The boolean vector of length n that pack_bits encoded; a ValueError where the text cannot hold
-    exactly n flags (a test set of another size)."""
-    flags = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))
-    if len(flags) != -(-n // 8) * 8 or flags[n:].any():
-        raise ValueError(f"packed results of {len(flags) // 8} bytes do not hold {n} flags (another "
-                         "test set size?)")
-    return flags[:n].astype(bool)
 
 
 class Metrics:

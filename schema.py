@@ -92,7 +92,7 @@ def flag(value, field):
 
 
 def bits(value, field):
-    """Packed per-image results (runfiles.pack_bits): a base64 string."""
+    """Packed per-image results (packed_bits.pack_bits): a base64 string."""
     text(value, field)
     try:
         base64.b64decode(value, validate=True)

@@ -13,6 +13,7 @@ import cli
 import distributed
 import loop
 import runfiles
+import schedules
 import twa
 import utils
 
@@ -110,8 +111,8 @@ def train_in_subspace(settings, ctx, loaders, model, space, report, state_path, 
              "training images", "TWA-v" if settings.val_split else "TWA-t")
     train_started = time.time()
     # the model itself, not DistributedDataParallel: TWA.step reduce-scatters the gradients
-    schedule = loop.Schedule(settings.schedule, settings.loop.lr, settings.loop.epochs,
-                             settings.warmup_epochs)
+    schedule = schedules.Schedule(settings.schedule, settings.loop.lr, settings.loop.epochs,
+                                  settings.warmup_epochs)
     loop.run_epochs(settings.loop, ctx, model, model, (coefficient_data, loaders.test), update, progress,
                     metrics, save_state, schedule)
     by_bn = measure_final(model, loaders, settings, ctx)

@@ -18,6 +18,7 @@ import cli
 import distributed
 import loop
 import runfiles
+import schedules
 import stage
 import twa
 import utils
@@ -64,7 +65,7 @@ def parse_args(argv=None):
     add("--twa-lr", type=float, default=None, help="with --twa-at: TWA learning rate (default: 2 "
         "for SGD, 0.01 for AdamW)")
     add("--twa-wd", type=float, default=1e-5, help="with --twa-at: TWA weight decay")
-    add("--twa-schedule", default="step", choices=loop.TWA_SCHEDULES,
+    add("--twa-schedule", default="step", choices=schedules.TWA_SCHEDULES,
         help="with --twa-at: TWA learning-rate schedule")
     add("--twa-opt", default="SGD", choices=("SGD", "AdamW"), help="with --twa-at: TWA optimizer")
     add("--coefficients", default="coordinates", choices=("coordinates", "alpha"),
@@ -199,8 +200,8 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    schedule = loop.Schedule(args.schedule, args.lr, args.epochs, swa_start=args.swa_start,
-                             swa_lr=args.swa_lr)
+    schedule = schedules.Schedule(args.schedule, args.lr, args.epochs, swa_start=args.swa_start,
+                                  swa_lr=args.swa_lr)
     loop.run_epochs(settings, ctx, model, forward, (train_loader, test_loader), update, progress,
                     metrics, save_state, schedule, on_step=on_step, until=args.twa_at)
     if args.save_every:

@@ -23,6 +23,7 @@ import cli
 import distributed
 import loop
 import runfiles
+import schedules
 import soup
 import stage
 import twa
@@ -50,7 +51,7 @@ def parse_args(argv=None):
         "without normalisation; 2 trained the first two but took VGG16 to chance (docs/library.md): "
         "compare a few rates on held-out data")
     add("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-5, help="weight decay")
-    add("--schedule", default="step", choices=loop.TWA_SCHEDULES,
+    add("--schedule", default="step", choices=schedules.TWA_SCHEDULES,
         help="step: /10 at 50%% and 75%% of the epochs (the reference's; 1 or 2 epochs never reach "
         "lr/100); step-fraction: /10 at 50%% and 75%% of the steps; linear and cosine: decay to 0 "
         "per step")

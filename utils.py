@@ -16,6 +16,7 @@ import data
 import distributed
 import models
 import twa
+from loaders import build_loaders
 from runfiles import FolderLock, UsageError, check_regular, git_revision, save_json, write_target
 
 log = logging.getLogger("twa")
@@ -185,7 +186,7 @@ def setup_run(args, ctx, stage, recorded_split=None, record_split_to=None):
     """Logging, seeds, data and model; rank 0 writes the resolved args and the command line. The
     held-out part of the training set is the split recorded in `recorded_split` (a split.json) if
     given, else a new one when --val-split asks for it; rank 0 records it in `record_split_to`.
-    Holds no collective, so that it can run inside distributed.agreement. Returns (data.Loaders,
+    Holds no collective, so that it can run inside distributed.agreement. Returns (loaders.Loaders,
     model)."""
     if args.batch_size < ctx.world:
         raise UsageError(f"-b {args.batch_size} is smaller than the {ctx.world} processes: every "
@@ -206,7 +207,7 @@ def setup_run(args, ctx, stage, recorded_split=None, record_split_to=None):
         split.update(resolve_split(args, n, recorded_split))
         return torch.tensor(split["held_out"], dtype=torch.int64) if split else None
     try:
-        loaders = data.build_loaders(args, ctx.device, ctx.rank, ctx.world, held_out)
+        loaders = build_loaders(args, ctx.device, ctx.rank, ctx.world, held_out)
     except data.DataError as err:
         raise UsageError(str(err)) from None
     if split and ctx.is_main and record_split_to:

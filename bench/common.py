@@ -274,7 +274,7 @@ def run_script(script, flags, commands):
 
 
 def data_args(data_dir, batch_size, loader="memory", workers=None, subset=0):
-    """The fields data.build_loaders reads, as the scripts' flags would set them."""
+    """The fields loaders.build_loaders reads, as the scripts' flags would set them."""
     return SimpleNamespace(datasets="ImageFolder", data_dir=data_dir, batch_size=batch_size,
                            workers=min(4, os.cpu_count() or 1) if workers is None else workers,
                            loader=loader, randomseed=0, channels_last=False, train_subset=subset)
@@ -301,3 +301,17 @@ def print_table(header, rows):
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
     for row in (header, ["-" * w for w in widths], *rows):
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+
+
+def markdown(header, rows):
+    """A Markdown table of `rows` under `header`."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mean_std(values):
+    """A table cell: the mean +- the standard deviation of `values` (one value as it is)."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"

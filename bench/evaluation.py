@@ -4,7 +4,7 @@ Images per second on the real CIFAR-10 test set (or its first --images) for ResN
 - training forward: the forward pass of a training step (train mode, autograd recording), on
   batches prepared beforehand: the compute that evaluation should not exceed per image;
 - loop.evaluate as the scripts run it (eval mode, the in-memory test loader, loss and accuracy
-  summed on the device), at the scripts' evaluation batch (data.EVAL_BATCH) and others;
+  summed on the device), at the scripts' evaluation batch (loaders.EVAL_BATCH) and others;
 - the same under torch.no_grad instead of loop.evaluate's torch.inference_mode, and with
   channels-last.
 Rounds are interleaved; medians and the ratio evaluation / training forward are printed.
@@ -16,9 +16,9 @@ import itertools
 import torch
 
 import common
-import data
 import loop
 import utils
+from loaders import EVAL_BATCH, build_loaders
 
 TRAIN_BATCH = 128
 
@@ -50,14 +50,14 @@ def paths(model, test, images, channels_last_model):
     plain = list(itertools.islice(test_loader(test, images, TRAIN_BATCH, False).batches(),
                                   images // TRAIN_BATCH))
     out = {"training forward, b128": lambda: training_forward(model, plain)}
-    for batch in sorted({128, 256, 512, data.EVAL_BATCH}):
+    for batch in sorted({128, 256, 512, EVAL_BATCH}):
         loader = test_loader(test, images, batch, False)
         out[f"evaluate, b{batch}"] = lambda loader=loader: loop.evaluate(model, loader)
-    loader = test_loader(test, images, data.EVAL_BATCH, False)
-    out[f"evaluate under no_grad, b{data.EVAL_BATCH}"] = \
+    loader = test_loader(test, images, EVAL_BATCH, False)
+    out[f"evaluate under no_grad, b{EVAL_BATCH}"] = \
         lambda: evaluate_with(torch.no_grad(), model, loader)
-    loader = test_loader(test, images, data.EVAL_BATCH, True)
-    out[f"evaluate channels-last, b{data.EVAL_BATCH}"] = \
+    loader = test_loader(test, images, EVAL_BATCH, True)
+    out[f"evaluate channels-last, b{EVAL_BATCH}"] = \
         lambda: loop.evaluate(channels_last_model, loader)
     return out
 
@@ -77,7 +77,7 @@ def main():
     device = utils.pick_device(args.device)
     torch.manual_seed(0)
     root = common.cifar10_dir(args.data_dir)
-    loaders = data.build_loaders(common.data_args(root, TRAIN_BATCH), device)
+    loaders = build_loaders(common.data_args(root, TRAIN_BATCH), device)
     images = min(args.images, loaders.test.n) // TRAIN_BATCH * TRAIN_BATCH
     rows = []
     for arch in args.archs:

@@ -33,7 +33,9 @@ import data  # noqa: E402
 import loop  # noqa: E402
 import models  # noqa: E402
 import runfiles  # noqa: E402
+import schedules  # noqa: E402
 import twa  # noqa: E402
+from loaders import build_loaders  # noqa: E402
 
 SNAPSHOTS_PER_EPOCH = 2
 
@@ -129,7 +131,7 @@ def twa_run(model, snapshots, loaders, lr, epochs):
     batches = len(loaders.train)
     for epoch in range(epochs):
         for i, (x, y) in enumerate(loaders.train):
-            loop.set_lr(opt, loop.lr_at("step", lr, epoch, epochs, i / batches))
+            loop.set_lr(opt, schedules.lr_at("step", lr, epoch, epochs, i / batches))
             F.cross_entropy(model(x), y).backward()
             trainer.step(opt)
     loop.recompute_bn(model, loaders.train)
@@ -174,7 +176,7 @@ def main():
     flags.randomseed = args.seed
     device = torch.device("cpu")
     try:
-        loaders = data.build_loaders(flags, device, split=lambda n: data.held_out_split(n, 10, args.seed))
+        loaders = build_loaders(flags, device, split=lambda n: data.held_out_split(n, 10, args.seed))
     except data.DataError as err:  # e.g. --train-subset beyond the data
         sys.exit(f"error: {err}")
     rows = []

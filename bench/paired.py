@@ -1,5 +1,5 @@
 """Paired comparisons of two models scored on the same test images, from the packed bits of which
-images each got right (runfiles.pack_bits): the difference in accuracy with a 95% interval from a
+images each got right (packed_bits.pack_bits): the difference in accuracy with a 95% interval from a
 paired bootstrap over the test images, and the mean over seeds with two intervals: a t interval over
 the seeds, and a bootstrap over the test images that all seeds share."""
 import statistics

@@ -8,7 +8,7 @@ import stat
 
 import common  # noqa: F401  (puts the project on the path)
 import schema
-from runfiles import unpack_bits
+from packed_bits import unpack_bits
 
 MAX_BYTES = 64 << 20  # a results file is kilobytes to a megabyte; more is not one
 

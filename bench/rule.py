@@ -122,4 +122,10 @@ def over_seed_cells(scored, shared=True, unscored=()):
     return [describe(mean, low, high) + note, verdict(low, high), t]
 
 
+def one_test_set(runs):
+    """Whether the runs scored the same test images, image i being the same one in each: the
+    rule's image term averages image i over the seeds, so it needs one data folder."""
+    return len({r["data_dir"] for r in runs if r.get("data_dir")}) <= 1
+
+
 RULE_COLUMNS = ["difference [95% interval, seeds and images]", "verdict", "(t over seeds alone)"]

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 import common  # noqa: F401  (puts the project on the path)
-import data
 import loaders
 import loop
 import utils
@@ -67,9 +66,9 @@ def main():
     device = utils.pick_device(args.device)
     torch.manual_seed(0)
     root = common.cifar10_dir(args.data_dir)
-    memory, _, classes, *_ = data.build_loaders(common.data_args(root, args.batch_size), device)
-    classic, *_ = data.build_loaders(common.data_args(root, args.batch_size, "torchvision"), device)
-    reference, *_ = data.build_loaders(
+    memory, _, classes, *_ = loaders.build_loaders(common.data_args(root, args.batch_size), device)
+    classic, *_ = loaders.build_loaders(common.data_args(root, args.batch_size, "torchvision"), device)
+    reference, *_ = loaders.build_loaders(
         common.data_args(root, args.batch_size, "torchvision", workers=4), device)
     paths = {
         "compute only": compute_only_batches(memory, args.steps),

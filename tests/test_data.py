@@ -64,9 +64,9 @@ def test_ranks_split_each_global_batch():
 def test_normalisation_matches_torchvision(tiny_data):
     args = SimpleNamespace(datasets="ImageFolder", data_dir=tiny_data, batch_size=8, workers=0,
                            randomseed=0, channels_last=False, train_subset=0)
-    _, memory_test, classes, *_ = data.build_loaders(
+    _, memory_test, classes, *_ = loaders.build_loaders(
         SimpleNamespace(**vars(args), loader="memory"), torch.device("cpu"))
-    _, classic_test, *_ = data.build_loaders(
+    _, classic_test, *_ = loaders.build_loaders(
         SimpleNamespace(**vars(args), loader="torchvision"), torch.device("cpu"))
     assert classes == 3
     for (x1, y1), (x2, y2) in zip(memory_test, classic_test):

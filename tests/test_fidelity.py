@@ -10,16 +10,18 @@ import torch
 from torch import nn
 
 import data
+import loaders
 import twa
 import loop
 import runfiles
+import schedules
 from test_cli import common, run
 from test_twa import flat, mlp, random_walk, train_steps
 
 
 def test_swa_schedule_matches_the_reference_formula():
     # VGG16BN on CIFAR-100 in the reference: 300 epochs, swa_start 161, lr 0.1 -> swa_lr 0.05
-    lrs = [loop.lr_at("swa", 0.1, e, 300, e / 300, swa_start=161, swa_lr=0.05) for e in range(300)]
+    lrs = [schedules.lr_at("swa", 0.1, e, 300, e / 300, swa_start=161, swa_lr=0.05) for e in range(300)]
     assert lrs[:81] == [0.1] * 81  # t = epoch / 161 <= 0.5
     assert lrs[145:] == [pytest.approx(0.05)] * 155  # t > 0.9
     t = 100 / 161
@@ -216,7 +218,7 @@ def loaders_with(normalize, root):
                            normalize=normalize)
     # half of the training images held out: held_out_eval serves them without augmentation, whose
     # zero padding would swamp a brightness feature
-    return data.build_loaders(args, torch.device("cpu"), split=lambda n: torch.arange(0, n, 2))
+    return loaders.build_loaders(args, torch.device("cpu"), split=lambda n: torch.arange(0, n, 2))
 
 
 def test_cifar_uses_the_reference_constants_by_default():

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import data
+import loaders
 import models
 import soup
 import twa
@@ -173,8 +174,8 @@ def test_held_out_split_is_seeded_and_disjoint_from_training(tiny_data):
     assert not torch.equal(first, data.held_out_split(48, 25, 1))
     args = SimpleNamespace(datasets="ImageFolder", data_dir=tiny_data, batch_size=8, workers=0,
                            randomseed=0, channels_last=False, train_subset=0, loader="memory")
-    split = data.build_loaders(args, torch.device("cpu"), split=lambda n: first)
-    whole = data.build_loaders(args, torch.device("cpu"))
+    split = loaders.build_loaders(args, torch.device("cpu"), split=lambda n: first)
+    whole = loaders.build_loaders(args, torch.device("cpu"))
     assert split.held_out is not None and whole.held_out is None
     assert torch.equal(split.held_out_eval.images, whole.train.images[first])
     assert torch.equal(split.held_out.labels, whole.train.labels[first])

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+import packed_bits
 import runfiles
 
 from conftest import ROOT
@@ -69,12 +70,12 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
                              text=True, timeout=300)
     assert refused.returncode == 2 and "each --twa-per-epoch must divide --per-epoch (2)" in refused.stderr
     tests = 12  # the tiny tree's test images
-    sgd = runfiles.unpack_bits(result["sgd"]["test_correct"][-1], tests)
+    sgd = packed_bits.unpack_bits(result["sgd"]["test_correct"][-1], tests)
     assert 100 * sgd.mean() == pytest.approx(result["sgd"]["test_acc"][-1])
     for head in result["head"]:
         for mode in ("recompute", "running"):
             scored = head["twa"][mode]
-            assert 100 * runfiles.unpack_bits(scored["correct"], tests).mean() == pytest.approx(
+            assert 100 * packed_bits.unpack_bits(scored["correct"], tests).mean() == pytest.approx(
                 scored["accuracy"])
     report = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), "--name",
                              "head-paper", "--results", str(tmp_path), "--test-images", str(tests)],
@@ -113,7 +114,7 @@ def test_head_pipeline_records_paired_results(tiny_data, tmp_path):
     json.dump(dict(result, seed=3), open(tmp_path / "head-paper-seed3.json", "w"))
     better = json.loads(json.dumps(result))
     better_running = next(h for h in better["head"] if h["n"] == 3)["twa"]["running"]
-    better_running["correct"] = runfiles.pack_bits([1] * tests)
+    better_running["correct"] = packed_bits.pack_bits([1] * tests)
     json.dump(dict(better, name="head-other", sgd_wd=5e-4, seed=3),
               open(tmp_path / "head-other-seed3.json", "w"))
     cmd = [sys.executable, os.path.join(ROOT, "bench", "report.py"), "--name", "head-paper", "--against",
@@ -193,8 +194,8 @@ def test_tail_report_pairs_twa_with_swa_within_and_over_seeds(tmp_path):
     a bootstrap over the test images of the seeds with per-image results; and one variant's TWA
     against another's, on the seeds with per-image results."""
     n = 1000
-    swa = runfiles.pack_bits([1] * 800 + [0] * 200)
-    twa = runfiles.pack_bits([1] * 790 + [0] * 10 + [1] * 30 + [0] * 170)  # +2 points
+    swa = packed_bits.pack_bits([1] * 800 + [0] * 200)
+    twa = packed_bits.pack_bits([1] * 790 + [0] * 10 + [1] * 30 + [0] * 170)  # +2 points
     for seed, bits in ((1, False), (2, True), (3, True)):
         variant = {"swa_acc": 80.0, "twa_acc": 82.0 if bits else 81.0,
                    "swa_correct": swa if bits else None, "twa_correct": twa if bits else None}

@@ -18,7 +18,9 @@ from torch import nn
 import loaders
 import loop
 import models
+import packed_bits
 import runfiles
+import schedules
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -28,12 +30,12 @@ import paired  # noqa: E402
 
 def test_packed_bits_round_trip():
     flags = np.random.default_rng(0).random(10_001) < 0.3
-    text = runfiles.pack_bits(flags)
+    text = packed_bits.pack_bits(flags)
     assert len(text) < 10_001 / 8 * 4 / 3 + 4  # base64 of packed bits
-    assert np.array_equal(runfiles.unpack_bits(text, len(flags)), flags)
+    assert np.array_equal(packed_bits.unpack_bits(text, len(flags)), flags)
     for wrong in (500, 10_016, 12_000):  # another test set size: refused, not cut or padded
         with pytest.raises(ValueError, match="do not hold"):
-            runfiles.unpack_bits(text, wrong)
+            packed_bits.unpack_bits(text, wrong)
 
 
 class Threshold(nn.Module):
@@ -61,7 +63,7 @@ def test_evaluate_records_which_examples_each_rank_got_right(world):
     for rank in range(world):
         loader = loaders.TensorLoader(images, labels, 8, [0.5], [0.5], rank=rank, world_size=world)
         result = loop.evaluate(model, loader)
-        right += runfiles.unpack_bits(result["correct"], 37)
+        right += packed_bits.unpack_bits(result["correct"], 37)
     assert np.array_equal(right.astype(bool), truth.numpy())
     if world == 1:
         assert result["accuracy"] == pytest.approx(100 * truth.float().mean().item())
@@ -136,9 +138,9 @@ def test_interval_over_seeds():
 
 def test_step_fraction_reaches_all_three_rates_in_one_epoch():
     steps = 10
-    rates = [loop.lr_at("step-fraction", 2.0, 0, 1, b / steps) for b in range(steps)]
+    rates = [schedules.lr_at("step-fraction", 2.0, 0, 1, b / steps) for b in range(steps)]
     assert rates == pytest.approx([2.0] * 5 + [0.2] * 3 + [0.02] * 2)
-    assert loop.lr_at("step", 2.0, 0, 1, 0.0) == pytest.approx(0.2)  # why it exists
+    assert schedules.lr_at("step", 2.0, 0, 1, 0.0) == pytest.approx(0.2)  # why it exists
 
 
 def test_running_bn_pass_continues_the_statistics_with_momentum():
@@ -361,7 +363,7 @@ N_TEST = 40
 
 
 def packed(rng, p=0.7):
-    return runfiles.pack_bits(rng.random(N_TEST) < p)
+    return packed_bits.pack_bits(rng.random(N_TEST) < p)
 
 
 def head_record(seed, epochs=3, **changes):
@@ -449,7 +451,7 @@ def broken(path, value):
     (broken(["head", 0, "twa"], []), "head[0].twa: expected an object, got a list"),
     (broken(["head", 0, "sgd_epochs"], 5), "sgd.test_correct: 3 epochs recorded, 5 needed"),
     (broken(["head", 0, "sgd_epochs"], -1), "head[0].sgd_epochs: expected an integer >= 1, got -1"),
-    (broken(["head", 0, "twa", "recompute", "correct"], runfiles.pack_bits([1] * 80)),
+    (broken(["head", 0, "twa", "recompute", "correct"], packed_bits.pack_bits([1] * 80)),
      "head[0].twa.recompute.correct: packed results of 10 bytes do not hold 40 flags"),
     (broken(["head", 0, "swa", "correct"], "not base64!"), "head[0].swa.correct: not packed"),
     ([head_record(1)], "h-seed1.json: not a record of"),
@@ -486,7 +488,7 @@ def test_names_and_folders_are_taken_as_written(tmp_path):
 def test_seeds_scored_on_test_sets_of_other_sizes_are_refused_naming_the_file(tmp_path):
     write(tmp_path, "h-seed1.json", head_record(1))
     other = head_record(2)
-    other["sgd"]["test_correct"][0] = runfiles.pack_bits([1] * 48)
+    other["sgd"]["test_correct"][0] = packed_bits.pack_bits([1] * 48)
     write(tmp_path, "h-seed2.json", other)
     assert "h-seed2.json: sgd.test_correct[0]: packed results of 6 bytes do not hold 40" in run_report(
         tmp_path, "h")
@@ -500,8 +502,8 @@ def test_budget_matched_sgd_is_a_baseline_of_every_twa_it_matches(tmp_path, caps
         record = head_record(seed)
         rng = np.random.default_rng(10 + seed)
         matched = rng.random(N_TEST) < 0.6
-        record["sgd_matched"] = {"epochs": 2, "test_correct": [packed(rng), runfiles.pack_bits(matched)]}
-        twa = runfiles.unpack_bits(record["head"][0]["twa"]["recompute"]["correct"], N_TEST)
+        record["sgd_matched"] = {"epochs": 2, "test_correct": [packed(rng), packed_bits.pack_bits(matched)]}
+        twa = packed_bits.unpack_bits(record["head"][0]["twa"]["recompute"]["correct"], N_TEST)
         scores.append(twa.astype(int) - matched)
         write(tmp_path, f"head-e200-seed{seed}.json", record)
     assert run_report(tmp_path, "head-e200") == "ok"
