@@ -32,3 +32,14 @@ def write_image_folder(root, per_class, size=32, seed=0, classes=CLASSES):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     return write_image_folder(str(tmp_path_factory.mktemp("data")), per_class=16)
+
+
+@pytest.fixture(scope="session")
+def sgd_checkpoints(tiny_data, tmp_path_factory):
+    """A finished train_sgd run on tiny_data: 2 epochs of 6 batches, a checkpoint every 3 batches
+    (0.pt .. 4.pt), its manifest, state.pt and metrics. Shared by the test files that read
+    checkpoints: a test that changes a file changes a copy."""
+    from test_cli import common, run
+    save = tmp_path_factory.mktemp("sgd-checkpoints")
+    run("train_sgd.py", *common(tiny_data, save, "--epochs", "2", "--save-every", "2"))
+    return save

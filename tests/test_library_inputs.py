@@ -1,6 +1,7 @@
 """The library's own inputs, as a hostile user gives them: every wrong argument is a ValueError or
-TypeError naming it (raised before any state changes), and a model changed after TWA(...) is caught
-at the next step, whichever parameter changed."""
+TypeError naming it (raised before any state changes), a model changed after TWA(...) is caught
+at the next step, whichever parameter changed, and checkpoints or states as they come (a duplicate,
+entries beside the weights, a state without its recorded rounding) give the basis they hold."""
 import copy
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import test_twa
 import twa
 from test_twa import random_walk
 
@@ -403,3 +405,71 @@ def test_a_model_on_the_meta_device_is_named():
         model = mlp()
     with pytest.raises(ValueError, match="parameters are on the meta device"):
         twa.SubspaceRecorder(model, capacity=2)
+
+
+# --- Checkpoints and states as they come: duplicates, extra entries, older formats --------------
+
+@pytest.mark.parametrize("bits, within", [(32, 1e-5), (16, 1e-2), (8, 3e-2)])
+def test_a_duplicated_checkpoint_adds_no_direction_at_any_precision(bits, within):
+    model = test_twa.mlp()
+    states = random_walk(model, 8, step=0.01)
+    states.insert(4, dict(states[2]))
+    space = twa.Subspace.from_checkpoints(model, states, bits=bits)
+    assert space.rank == 8  # 8 distinct checkpoints, one of them twice
+    step = torch.randn(space.rank, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    coordinates = space.mean_coords + 0.5 * step
+    trainer = twa.TWA(model, space)
+    trainer.move_to(coordinates)
+    alpha = space.checkpoint_coefficients(trainer.coordinates)
+    residual = twa.combination_residual(space, model, states, alpha)
+    assert residual["relative"] < within, residual
+
+
+def test_entries_beside_the_weights_are_left_alone(tmp_path):
+    """A checkpoint that also holds an epoch counter or an optimizer's state gives the same basis
+    as the weights alone."""
+    model = mlp()
+    states = walk(model, n=4)
+    for i, state in enumerate(states):
+        extra = {"epoch": torch.tensor(i), "optimizer": {"lr": torch.tensor(0.1)}} if i == 2 else {}
+        torch.save({**state, **extra}, tmp_path / f"{i}.pt")
+    files = twa.Subspace.from_checkpoints(model, [tmp_path / f"{i}.pt" for i in range(4)])
+    plain = twa.Subspace.from_checkpoints(model, states)
+    assert files.rank == plain.rank == 4
+    start = plain.start_coordinates(2)
+    assert torch.allclose(files.checkpoint_coefficients(start), plain.checkpoint_coefficients(start))
+
+
+def test_project_refuses_a_sharded_basis_and_gradient_takes_any_dtype():
+    model = test_twa.mlp()
+    space = twa.Subspace.from_checkpoints(model, random_walk(model, 4))
+    g = torch.randn(space.shard.dim)
+    expected = space.gradient(g)
+    assert torch.allclose(space.gradient(g.double()), expected)  # moved to the basis' dtype and device
+    space.shard.world = 2  # as under torchrun: each process holds a part of every row
+    with pytest.raises(RuntimeError, match="project_ needs the whole basis"):
+        space.project_(g)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_a_recorder_state_without_its_rounding_still_resumes(bits):
+    """A state that holds no per-row rounding (and, at 16 bits, rows in bfloat16) loads, with the
+    rounding expected for its format (within 10% of the measured one at 8 and 4 bits)."""
+    model = test_twa.mlp()
+    recorder = twa.SubspaceRecorder(model, 8, bits=bits)
+    for state in random_walk(model, 6, step=0.05):
+        model.load_state_dict(state)
+        recorder.add(model)
+    saved = recorder.state_dict()
+    measured = saved["builders"][0].pop("rounding")[:6].sqrt()
+    if bits == 16:
+        gain = recorder.builders[0].basis.gain
+        saved["builders"][0]["data"] = (saved["builders"][0]["data"].float() / gain).bfloat16()
+    again = twa.SubspaceRecorder(model, 8, bits=bits)
+    again.load_state_dict(saved)
+    expected = again.builders[0].basis.rounding[:6].sqrt()
+    if bits == 16:  # bfloat16 rounds about 8 times more than the float16 it was converted to
+        assert torch.all((expected > 5 * measured) & (expected < 12 * measured))
+    else:
+        assert torch.allclose(expected, measured, rtol=0.1)
+    assert again.subspace().rank == recorder.subspace().rank

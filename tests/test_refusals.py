@@ -176,6 +176,7 @@ def resume_state(args, world=1):
     (train_sgd, "--fsdp", [], "False", "True"),
     (train_sgd, "--channels-last", [], "False", "True"),
     (train_sgd, "--loader", ["torchvision"], "memory", "torchvision"),
+    (train_sgd, "--train-subset", ["40"], "0", "40"),
     (train_twa, "--amp", [], "False", "True"),
     (train_twa, "--fsdp", [], "False", "True"),
     (train_twa, "--bn", ["running", "recompute"], "recompute", "running recompute"),
