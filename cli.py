@@ -87,6 +87,8 @@ INPUTS = {"checkpoints": "checkpoint files", "sha256": "checkpoint contents (the
           "data": "data (the images, labels, subset or split differ)",
           "generators": "basis generators (saved by an earlier version)",
           "recorded": "recorded weights"}
+# flags and inputs renamed since states were saved under the reference code's names
+SAVED_AS = {"bits": "pbits", "train": "coefficients"}
 
 
 def read_resume(args, state_path, flags, world, inputs=None, missing_ok=False, epochs=None):
@@ -103,7 +105,7 @@ def read_resume(args, state_path, flags, world, inputs=None, missing_ok=False, e
     check_resume(resume, args, flags, state_path, args.epochs if epochs is None else epochs, world)
     saved = resume.get("inputs") or {}
     for key in inputs or ():
-        if saved.get(key) != inputs[key]:
+        if saved_value(saved, key) != inputs[key]:
             raise UsageError(f"{state_path} was saved for other {INPUTS.get(key, key)}; start without "
                              "--resume or use another output folder")
     return resume
@@ -120,16 +122,21 @@ def check_resume(resume, args, flags, state_path, epochs, world):
         raise UsageError(f"{state_path} is not a resume state of this script")
     for flag in flags:
         value = getattr(args, flag)  # a switch that a state predates was off
-        if saved.get(flag, False if isinstance(value, bool) else None) != value:
+        if saved_value(saved, flag, False if isinstance(value, bool) else None) != value:
             raise UsageError(f"{state_path} was saved with --{flag.replace('_', '-')} "
-                             f"{as_given(saved.get(flag))}, not {as_given(value)}; resume with the "
-                             "same flags, or start without --resume in another folder")
+                             f"{as_given(saved_value(saved, flag))}, not {as_given(value)}; resume "
+                             "with the same flags, or start without --resume in another folder")
     if saved_world(resume) != world:
         raise UsageError(f"{state_path} was saved by {saved_world(resume)} processes, not {world}; "
                          "resume with as many, or start without --resume in another folder")
     counters = [progress.get(key) for key in ("epoch", "batch")]
     if not all(isinstance(v, int) and v >= 0 for v in counters) or counters[0] > epochs:
         raise UsageError(f"{state_path} holds impossible counters {progress}")
+
+
+def saved_value(saved, key, default=None):
+    """saved[key], or what a state saved before the rename holds under the old name."""
+    return saved.get(key, saved.get(SAVED_AS.get(key), default))
 
 
 def as_given(value):

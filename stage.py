@@ -32,7 +32,7 @@ class TWASettings:
     schedule: str
     warmup_epochs: float
     bn: tuple
-    coefficients: str
+    train: str
     val_split: float
     randomseed: int
     deterministic: bool
@@ -44,7 +44,7 @@ class TWASettings:
     @classmethod
     def of_train_twa(cls, args):
         return cls(loop.LoopSettings.from_flags(args), args.opt, args.weight_decay, args.momentum,
-                   args.schedule, args.warmup_epochs, tuple(args.bn), args.coefficients,
+                   args.schedule, args.warmup_epochs, tuple(args.bn), args.train,
                    args.val_split, args.randomseed, args.deterministic, args.output_dir,
                    args.log_dir, dict(vars(args)), named_checkpoints=bool(args.checkpoints))
 
@@ -54,7 +54,7 @@ class TWASettings:
         recomputed, the outputs beside the checkpoints."""
         return cls(loop.LoopSettings.from_flags(args, epochs=args.twa_epochs, lr=args.twa_lr),
                    args.twa_opt, args.twa_wd, args.momentum, args.twa_schedule, 0.0, ("recompute",),
-                   args.coefficients, args.val_split, args.randomseed, args.deterministic,
+                   args.train, args.val_split, args.randomseed, args.deterministic,
                    args.save_dir, args.log_dir, dict(vars(args)))
 
 
@@ -65,12 +65,12 @@ def train_in_subspace(settings, ctx, loaders, model, space, report, state_path, 
     # the same random draws (dropout) whether the subspace came from files or from this process's SGD
     utils.seed_everything(settings.randomseed, settings.deterministic, ctx.rank)
     try:
-        trainer = twa.TWA(model, space, train=settings.coefficients)  # the model holds the mean: SWA
+        trainer = twa.TWA(model, space, train=settings.train)  # the model holds the mean: SWA
     except ValueError as err:  # e.g. nothing to train: rank 0, or alpha with every checkpoint the mean
-        hint = "; check the checkpoints, --tol and --coefficients" if "nothing to train" in str(err) else ""
+        hint = "; check the checkpoints, --tol and --train" if "nothing to train" in str(err) else ""
         raise cli.UsageError(f"{err}{hint}") from None
     loaders.train.set_epoch(0)  # the same crops for SWA's BatchNorm pass, after SGD in this process too
-    swa = measure(model, loaders, settings.loop.amp, ctx)
+    swa = evaluate(model, loaders, settings.loop.amp, ctx)
     log.info("SWA: test loss %.4f acc %.2f", swa["loss"], swa["accuracy"])
     soups = soups_beside(swa) if soups_beside else None
     if start:
@@ -115,7 +115,7 @@ def train_in_subspace(settings, ctx, loaders, model, space, report, state_path, 
                                   settings.warmup_epochs)
     loop.run_epochs(settings.loop, ctx, model, model, (coefficient_data, loaders.test), update, progress,
                     metrics, save_state, schedule)
-    by_bn = measure_final(model, loaders, settings, ctx)
+    by_bn = evaluate_final(model, loaders, settings, ctx)
     final = by_bn[settings.bn[0]]
     for mode, result in by_bn.items():
         log.info("TWA after BN %s: test loss %.4f acc %.2f (SWA %.2f)", mode, result["loss"],
@@ -134,8 +134,8 @@ def train_in_subspace(settings, ctx, loaders, model, space, report, state_path, 
                        "train_seconds": time.time() - train_started})
 
 
-def measure_final(model, loaders, settings, ctx):
-    """The trained weights measured with the BatchNorm statistics of each of settings.bn, every mode
+def evaluate_final(model, loaders, settings, ctx):
+    """The trained weights evaluated with the BatchNorm statistics of each of settings.bn, every mode
     starting from the statistics that training left; the model keeps those of the first mode."""
     trained = {name: buffer.clone() for name, buffer in model.named_buffers()}
     results = {}
@@ -145,13 +145,14 @@ def measure_final(model, loaders, settings, ctx):
                 buffer.copy_(trained[name])
         # the pass sees one fixed epoch's crops, also when a resumed run has no epoch left
         loaders.train.set_epoch(settings.loop.epochs)
-        results[mode] = measure(model, loaders, settings.loop.amp, ctx, bn=mode)
+        results[mode] = evaluate(model, loaders, settings.loop.amp, ctx, bn=mode)
     return {mode: results[mode] for mode in settings.bn}
 
 
-def measure(model, loaders, amp, ctx, bn="recompute"):
-    """Test metrics, and held-out metrics when there is a held-out part, after BatchNorm statistics
-    for an average of models (loop.recompute_bn in mode `bn`; None keeps the model's)."""
+def evaluate(model, loaders, amp, ctx, bn="recompute"):
+    """loop.evaluate on the run's test images, and on its held-out part when there is one, after
+    BatchNorm statistics for an average of models (loop.recompute_bn in mode `bn`; None keeps the
+    model's)."""
     if bn:
         loop.recompute_bn(model, loaders.train, bn)
     result = loop.evaluate(model, loaders.test, amp, ctx)
@@ -160,10 +161,10 @@ def measure(model, loaders, amp, ctx, bn="recompute"):
     return result
 
 
-def basis_report(space, seconds, pbits, ctx, **extra):
+def basis_report(space, seconds, bits, ctx, **extra):
     """What twa_results.json says of the basis, whichever way it was built."""
-    return {"checkpoints": len(space.names), "rank": space.rank, "blocks": len(space.spans),
-            "seconds": seconds, **space.basis_quality(), "pbits": pbits,
+    return {"checkpoints": len(space.names), "rank": space.rank, "blocks": len(space.blocks),
+            "seconds": seconds, **space.basis_quality(), "bits": bits,
             "basis_bytes_per_process": space.nbytes(), "processes": ctx.world,
             "columns_per_process": space.shard.local_size, **extra}
 
@@ -178,10 +179,10 @@ def make_optimizer(settings, params):
 
 def write_results(settings, weights, space, trainer, alpha, residual, results):
     names = [path if settings.named_checkpoints else os.path.basename(path) for path in space.names]
-    blocks = [{"parameters": span.names, "entries": span.entries, "alpha": a.tolist()}
-              for span, a in zip(space.spans, alpha)]
+    blocks = [{"parameters": block.names, "entries": block.entries, "alpha": a.tolist()}
+              for block, a in zip(space.blocks, alpha)]
     coefficients = {"checkpoints": names, "alpha": alpha[0].tolist() if len(blocks) == 1 else None,
-                    "blocks": blocks, "uniform": 1.0 / len(names), "trained": settings.coefficients,
+                    "blocks": blocks, "uniform": 1.0 / len(names), "train": settings.train,
                     "reconstruction": residual,
                     "coordinates": trainer.coordinates.detach().cpu().double().tolist()}
     results = {**results, "mode": "TWA-v" if settings.val_split else "TWA-t", "args": settings.flags,

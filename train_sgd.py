@@ -29,7 +29,7 @@ STATE = "state.pt"
 # the flags that shape a run: --resume refuses a state saved with other values
 SHAPING = cli.SHAPING + ("sharded_checkpoints", "swa_start", "swa_lr", "save_every", "init",
                          "twa_at", "record_every", "twa_epochs", "twa_opt", "twa_lr", "twa_wd",
-                         "twa_schedule", "coefficients", "pbits", "layer_size", "tol")
+                         "twa_schedule", "train", "bits", "layer_size", "tol")
 
 
 def parse_args(argv=None):
@@ -68,10 +68,10 @@ def parse_args(argv=None):
     add("--twa-schedule", default="step", choices=schedules.TWA_SCHEDULES,
         help="with --twa-at: TWA learning-rate schedule")
     add("--twa-opt", default="SGD", choices=("SGD", "AdamW"), help="with --twa-at: TWA optimizer")
-    add("--coefficients", default="coordinates", choices=("coordinates", "alpha"),
-        help="with --twa-at: what TWA trains (see train_twa.py --help)")
-    add("--pbits", type=int, default=32, choices=(32, 16, 8, 4),
-        help="with --twa-at: storage of the recorded basis")
+    add("--train", "--coefficients", dest="train", default="coordinates",
+        choices=("coordinates", "alpha"), help="with --twa-at: what TWA trains (see train_twa.py --help)")
+    add("--bits", "--pbits", dest="bits", type=int, default=32, choices=(32, 16, 8, 4),
+        help="with --twa-at: storage of the recorded basis (see train_twa.py --help)")
     add("--layer-size", type=int, default=None, metavar="S",
         help="with --twa-at: layer-wise TWA (see train_twa.py --help)")
     add("--tol", type=float, default=1e-5,
@@ -281,7 +281,7 @@ def make_recorder(args, model, ctx):
     """With --twa-at: the recorder of 1 + K x E weights (initial, then K per epoch), else None."""
     if not args.twa_at:
         return None
-    return twa.SubspaceRecorder(model, 1 + args.record_every * args.twa_at, bits=args.pbits,
+    return twa.SubspaceRecorder(model, 1 + args.record_every * args.twa_at, bits=args.bits,
                                 tol=args.tol, layer_size=args.layer_size, device=ctx.device)
 
 
@@ -304,13 +304,13 @@ def train_recorded_subspace(args, ctx, loaders, model, recorder):
     <save-dir>/twa_state.pt."""
     started = time.time()
     space = recorder.subspace()
-    report = {"basis": stage.basis_report(space, time.time() - started, args.pbits, ctx,
+    report = {"basis": stage.basis_report(space, time.time() - started, args.bits, ctx,
                                           recorded_online=True), "start_epoch": args.twa_at}
     log.info("subspace of %d recorded weights: rank %d, max|PP^T-I| %.1e, %.1f MB", len(space.names),
              space.rank, report["basis"]["orthogonality_error"], space.nbytes() / 1e6)
     state_path = os.path.join(args.save_dir, stage.STATE)
-    inputs = {"recorded": list(space.names), "pbits": args.pbits, "layer_size": args.layer_size,
-              "coefficients": args.coefficients, "val_split": args.val_split,
+    inputs = {"recorded": list(space.names), "bits": args.bits, "layer_size": args.layer_size,
+              "train": args.train, "val_split": args.val_split,
               "batch_size": args.batch_size, "data": utils.data_digest(loaders)}
     with distributed.agreement(ctx):  # no TWA state yet is normal: SGD was what ran
         resume = cli.read_resume(args, state_path, SHAPING, ctx.world, inputs,

@@ -37,8 +37,8 @@ NOT_CHECKPOINT_FOLDERS = ("state-", ".tmp", ".old")  # and the resume states' sh
 # the flags that shape a TWA run: --resume refuses a state saved with other values, naming the
 # first that differs (--opt before --lr, whose default it sets)
 SHAPING = ("opt",) + cli.SHAPING + ("warmup_epochs", "params_start", "params_end", "params_stride",
-                         "train_start", "extract", "n_components", "pbits", "layer_size", "tol",
-                         "basis", "coefficients", "bn")
+                         "train_start", "extract", "n_components", "bits", "layer_size", "tol",
+                         "basis", "train", "bn")
 SPLIT_RECORD = "twa_split.json"  # the split a TWA run used, in its log folder (never read back)
 
 
@@ -81,8 +81,9 @@ def parse_args(argv=None):
     add("--extract", default="Schmidt", choices=("Schmidt", "PCA"),
         help="Schmidt: the full span; PCA: mean + the top --n_components principal directions")
     add("--n_components", type=int, default=None, help="directions kept by --extract PCA")
-    add("--pbits", type=int, default=32, choices=(32, 16, 8, 4),
-        help="storage of the basis: float32, float16 (scaled), or 8/4-bit affine quantisation")
+    add("--bits", "--pbits", dest="bits", type=int, default=32, choices=(32, 16, 8, 4),
+        help="storage of the basis: float32, float16 (scaled), or 8/4-bit affine quantisation "
+        "(--pbits: the reference code's name)")
     add("--output-dir", default=None, help="folder for twa.pt, coefficients.json and the resume "
         "state (default: --save-dir)")
     add("--overwrite", action="store_true", help="replace the outputs of an earlier TWA run in "
@@ -92,8 +93,8 @@ def parse_args(argv=None):
         "from it (exact projection); reference: the ICLR code's one pass in float32 over the raw "
         "checkpoints, whose P^T P g is only a preconditioned projection in the tail (an ablation; "
         "one block, 32 bits)")
-    add("--coefficients", default="coordinates", choices=("coordinates", "alpha"),
-        help="what the optimizer trains: the orthonormal coordinates, or (as the journal code) one "
+    add("--train", "--coefficients", dest="train", default="coordinates",
+        choices=("coordinates", "alpha"), help="what the optimizer trains: the orthonormal coordinates, or (as the journal code) one "
         "coefficient per checkpoint and block along its unit deviation from the mean, which makes "
         "AdamW independent of the checkpoints' order")
     add("--tol", type=float, default=1e-5,
@@ -122,10 +123,10 @@ def check_args(args):
         raise UsageError(f"--tol must lie in (0, 1), not {args.tol}")
     if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
         raise UsageError(f"--warmup-epochs must lie in [0, --epochs], not {args.warmup_epochs}")
-    if args.basis == "reference" and (args.layer_size is not None or args.pbits != 32 or
-                                      args.extract != "Schmidt" or args.coefficients != "coordinates"):
+    if args.basis == "reference" and (args.layer_size is not None or args.bits != 32 or
+                                      args.extract != "Schmidt" or args.train != "coordinates"):
         raise UsageError("--basis reference is the ICLR code's single float32 basis: it takes no "
-                         "--layer-size, --pbits, --extract PCA or --coefficients alpha")
+                         "--layer-size, --bits, --extract PCA or --train alpha")
     args.output_dir = args.output_dir or args.save_dir
 
 
@@ -245,7 +246,7 @@ def build_subspace(args, model, ctx):
             space = twa.Subspace.reference_from_checkpoints(model, files, device=ctx.device,
                                                             progress=progress)
         else:
-            space = twa.Subspace.from_checkpoints(model, files, bits=args.pbits, tol=args.tol,
+            space = twa.Subspace.from_checkpoints(model, files, bits=args.bits, tol=args.tol,
                                                   device=ctx.device, layer_size=args.layer_size,
                                                   progress=progress)
     except twa.CheckpointError as err:
@@ -254,11 +255,11 @@ def build_subspace(args, model, ctx):
         explained = space.to_principal_components(args.n_components) if args.extract == "PCA" else None
     except ValueError as err:  # fewer independent checkpoints than components
         raise UsageError(f"--n_components: {err}") from None
-    report = stage.basis_report(space, time.time() - started, args.pbits, ctx, basis=args.basis,
+    report = stage.basis_report(space, time.time() - started, args.bits, ctx, basis=args.basis,
                                 explained_variance=explained)
     log.info("subspace: %d checkpoints, %d block(s), rank %d, max|PP^T-I| %.1e, %.1f MB per process "
-             "at %d bits (%d processes), %.1f s", len(files), len(space.spans), space.rank,
-             report["orthogonality_error"], report["basis_bytes_per_process"] / 1e6, args.pbits,
+             "at %d bits (%d processes), %.1f s", len(files), len(space.blocks), space.rank,
+             report["orthogonality_error"], report["basis_bytes_per_process"] / 1e6, args.bits,
              ctx.world, report["seconds"])
     if args.basis == "reference":
         log.warning("--basis reference: P is not orthonormal (eigenvalues of PP^T in [%.3g, %.3g]), "
@@ -273,7 +274,7 @@ def compare_soups(args, model, loaders, ctx, uniform):
     ingredients = []
     for path in files:
         utils.load_weights(model, path, args)
-        scores = stage.measure(model, loaders, args.amp, ctx, bn=None)
+        scores = stage.evaluate(model, loaders, args.amp, ctx, bn=None)
         ingredients.append({"checkpoint": path, **scores})
         log.info("ingredient %s: held-out acc %.2f, test acc %.2f", path,
                  ingredients[-1]["held_out"]["accuracy"], ingredients[-1]["accuracy"])
@@ -282,7 +283,7 @@ def compare_soups(args, model, loaders, ctx, uniform):
 
     def score(members):
         model.load_state_dict(soup.average_state_dicts([files[i] for i in members]))
-        soups[tuple(members)] = stage.measure(model, loaders, args.amp, ctx)
+        soups[tuple(members)] = stage.evaluate(model, loaders, args.amp, ctx)
         return soups[tuple(members)]["held_out"]["accuracy"]
     members, _ = soup.greedy_soup(ranked, score)
     greedy = soups[tuple(members)]  # as scored: BatchNorm recomputed, also for a soup of one

@@ -54,8 +54,8 @@ def main():
     report = {"save_dir": args.save_dir, "checkpoints": [args.params_start, args.params_end - 1],
               "commands": [shlex.join(["python", *sys.argv])], "git": runfiles.git_revision()}
     ours = twa.Subspace.from_checkpoints(model, paths)
-    report["orthonormal"] = {**quality(ours.spans[0].basis.gram()), "rank": ours.rank}
-    streamed = twa.Subspace.reference_from_checkpoints(model, paths).spans[0].basis
+    report["orthonormal"] = {**quality(ours.blocks[0].basis.gram()), "rank": ours.rank}
+    streamed = twa.Subspace.reference_from_checkpoints(model, paths).blocks[0].basis
     report["reference float32, streamed"] = quality(streamed.gram())
     matrix32 = common.one_pass_gram_schmidt_(rows.float().clone())
     report["reference float32, one matrix"] = quality(matrix32 @ matrix32.t())

@@ -3,7 +3,7 @@ split by columns, a reduce-scatter of the gradient and an all-gather of the weig
 against the FSDP2 route (the model sharded by fully_shard, the basis following its shards, one
 k-sized all-reduce per step), on 1, 2 and 4 processes (torchrun, Gloo on this CPU).
 
-    python bench/fsdp.py [--arch VGG16BN] [--checkpoints 61] [--pbits 32] [--worlds 1 2 4]
+    python bench/fsdp.py [--arch VGG16BN] [--checkpoints 61] [--bits 32] [--worlds 1 2 4]
 
 The checkpoints lie on a random walk, written once to a temporary folder. Bytes are counted from
 the tensors each process holds: its parameters (local shards under FSDP), the basis, TWA's own
@@ -38,11 +38,11 @@ def worker(args):
         model = distributed.shard(model, ctx, keep_gathered=args.route == "fsdp-keep")
     files = [os.path.join(args.dir, f"{i}.pt") for i in range(args.checkpoints)]
     started = time.perf_counter()
-    space = twa.Subspace.from_checkpoints(model, files, bits=args.pbits)
+    space = twa.Subspace.from_checkpoints(model, files, bits=args.bits)
     build = time.perf_counter() - started
     trainer = twa.TWA(model, space)
     seconds, in_trainer, optimizer = time_steps(model, trainer, ctx, args.batch_size, args.steps)
-    basis = {id(t) for span in space.spans for t in span.basis.tensors().values()}
+    basis = {id(t) for block in space.blocks for t in block.basis.tensors().values()}
     own = [t for t in trainer.tensors() if id(t) not in basis and t is not trainer.trained]
     optimizer_state = [v for state in optimizer.state.values() for v in state.values()
                        if torch.is_tensor(v)]
@@ -62,7 +62,7 @@ def launch(args, route, world, folder):
     threads = max(1, (os.cpu_count() or 1) // world)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            __file__, "--worker", "--route", route, "--dir", folder, "--arch", args.arch,
-           "--checkpoints", str(args.checkpoints), "--pbits", str(args.pbits),
+           "--checkpoints", str(args.checkpoints), "--bits", str(args.bits),
            "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
@@ -77,7 +77,8 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="VGG16BN", help="a model of models/ (10 classes)")
     parser.add_argument("--checkpoints", type=int, default=61, help="n")
-    parser.add_argument("--pbits", type=int, default=32, choices=(32, 16, 8, 4), help="basis storage")
+    parser.add_argument("--bits", "--pbits", dest="bits", type=int, default=32, choices=(32, 16, 8, 4),
+                        help="basis storage")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4], help="process counts")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one untimed)")
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="global batch size")
@@ -106,7 +107,7 @@ def main():
                              f"{worst['total'] / mib:.0f}", f"{max(r['peak_rss'] for r in ranks) / mib:.0f}",
                              f"{max(r['build_s'] for r in ranks):.1f}", f"{worst['step_s'] * 1e3:.0f}",
                              f"{worst['trainer_s'] * 1e3:.0f}"])
-    print(f"{args.arch}, n = {args.checkpoints}, {args.pbits}-bit basis, global batch "
+    print(f"{args.arch}, n = {args.checkpoints}, {args.bits}-bit basis, global batch "
           f"{args.batch_size}, Gloo on CPU, {os.cpu_count()} cores shared by the processes; per "
           "process (the largest rank)")
     common.print_table(["processes", "route", "params MiB", "basis MiB", "TWA buffers MiB",

@@ -88,7 +88,7 @@ for mode in "" "--amp" "--compile" "--compile --cuda-graphs" "--amp --compile --
     run "$name" 30 150 $python train_sgd.py --datasets ImageFolder --data-dir "$data" --arch resnet20 \
         -b 128 --device "$device" --save-dir "$out/$name" --save-every 1 --quiet "${epoch_flags[@]}" $mode
 done
-for mode in "--pbits 32" "--pbits 8" "--pbits 32 --compile --cuda-graphs" "--pbits 8 --compile --cuda-graphs"; do
+for mode in "--bits 32" "--bits 8" "--bits 32 --compile --cuda-graphs" "--bits 8 --compile --cuda-graphs"; do
     [[ -f "$out/epoch-resnet20/1.pt" ]] || break  # the eager SGD run's checkpoints 0.pt, 1.pt, ...
     name=twa-epoch-resnet20-$(tag "$mode")
     run "$name" 30 150 $python train_twa.py --datasets ImageFolder --data-dir "$data" --arch resnet20 \

@@ -40,14 +40,14 @@ def main():
     for bits in (32, 16, 8, 4):
         gen = torch.Generator().manual_seed(0)
         space = twa.Subspace.from_checkpoints(model, files, bits=bits)
-        spread = (space.spans[0].checkpoint_coords - space.mean_coords).norm(dim=1).mean()
+        spread = (space.blocks[0].checkpoint_coords - space.mean_coords).norm(dim=1).mean()
         direction = torch.randn(space.rank, generator=gen, dtype=torch.float64)
         direction[0] = 0  # the mean's own direction: stay on the checkpoints' affine hull
         trainer = twa.TWA(model, space)
         trainer.move_to(space.mean_coords + 0.5 * spread * direction / direction.norm())
         residual = twa.combination_residual(space, model, files,
                                               space.checkpoint_coefficients(trainer.coordinates))
-        rounding = space.spans[0].basis.rounding[:space.rank].max().sqrt().item()
+        rounding = space.blocks[0].basis.rounding[:space.rank].max().sqrt().item()
         print(f"| {bits} | {space.rank} | {rounding:.2g} | {residual['relative']:.2g} |", flush=True)
 
 

@@ -49,7 +49,7 @@ def parse_args():
     common.add_experiment_args(parser)
     parser.add_argument("--head-ends", type=int, nargs="*", default=[], metavar="EPOCH",
                         help="also TWA (2 epochs) over the checkpoints of epochs 0..EPOCH, for each")
-    parser.add_argument("--pbits-check", action="store_true",
+    parser.add_argument("--bits-check", "--pbits-check", dest="bits_check", action="store_true",
                         help="also run the 2-epoch dense head TWA with 8- and 4-bit bases")
     args = parser.parse_args()
     args.epochs = args.epochs or (8 if args.quick else 30)
@@ -91,7 +91,7 @@ class Pipeline(common.Experiment):
                                                          *extra, *resume])
         return folder
 
-    def twa(self, name, checkpoints, start, end, stride, epochs, hyper, train_start=-1, pbits=32):
+    def twa(self, name, checkpoints, start, end, stride, epochs, hyper, train_start=-1, bits=32):
         """A train_twa.py run in <run_dir>/<name>; returns its results and coefficients."""
         folder = os.path.join(self.run_dir, name)
         results = os.path.join(folder, "twa_results.json")
@@ -100,13 +100,13 @@ class Pipeline(common.Experiment):
                 "--save-dir", checkpoints, "--output-dir", folder, "--log-dir", folder,
                 "--params_start", start, "--params_end", end, "--params_stride", stride,
                 "--train_start", train_start, "--epochs", epochs, "--lr", hyper["lr"],
-                "--wd", hyper["wd"], "--schedule", hyper["schedule"], "--pbits", pbits,
+                "--wd", hyper["wd"], "--schedule", hyper["schedule"], "--bits", bits,
                 "--resume"])  # a killed run's state continues
         out = json.load(open(results))
         alpha = json.load(open(os.path.join(folder, "coefficients.json")))
         curve = [r["test_acc"] for r in runfiles.read_jsonl(os.path.join(folder, "metrics.jsonl"))
                  if r.get("stage") == "twa"]
-        return {"name": name, "checkpoints": f"{start}..{end - 1} step {stride}", "pbits": pbits,
+        return {"name": name, "checkpoints": f"{start}..{end - 1} step {stride}", "bits": bits,
                 "n": len(alpha["alpha"]), "twa_epochs": epochs, "lr": hyper["lr"], "wd": hyper["wd"],
                 "swa_acc": out["swa"]["accuracy"], "twa_acc": out["twa"]["accuracy"],
                 "swa_loss": out["swa"]["loss"], "twa_loss": out["twa"]["loss"],
@@ -156,9 +156,9 @@ def main():
         report["head"].append({"sgd_epochs": end, **pipe.twa(
             f"head-dense-to{end}-2", sgd, 0, end * per + 1, 1, 2, HEAD_TWA)})
         save()
-    for bits in (8, 4) if args.pbits_check else ():
-        report["precision"].append(pipe.twa(f"head-dense-2-pbits{bits}", sgd, 0, half + 1, 1, 2,
-                                            HEAD_TWA, pbits=bits))
+    for bits in (8, 4) if args.bits_check else ():
+        report["precision"].append(pipe.twa(f"head-dense-2-bits{bits}", sgd, 0, half + 1, 1, 2,
+                                            HEAD_TWA, bits=bits))
         save()
     report["complete"] = True
     save()

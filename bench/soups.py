@@ -13,7 +13,7 @@ the best single model, the uniform soup, the greedy soup, TWA-t and TWA-v (journ
 
 --diverse instead fine-tunes an existing model (--base, trained with the held-out part of --split
 left out) into DIVERSE: 2 epochs at lr 0.05-0.2, with and without label smoothing; then compares
-TWA-v training the coordinates against TWA-v training alpha (--coefficients alpha), both with AdamW.
+TWA-v training the coordinates against TWA-v training alpha (--train alpha), both with AdamW.
 
 Steps whose outputs exist are skipped. Writes results/soups-seed<k>.json and prints the table.
 """
@@ -82,7 +82,7 @@ def diverse(args, run, sgd, run_dir, commands, started):
                                 f"{args.finetune_epochs}.pt") for lr, seed, smooth in DIVERSE]
     runs = twa_runs(args, run, run_dir, ingredients, args.split,
                     [("twa-v-coordinates", ["--val-split", VAL_SPLIT]),
-                     ("twa-v-alpha", ["--val-split", VAL_SPLIT, "--coefficients", "alpha"])])
+                     ("twa-v-alpha", ["--val-split", VAL_SPLIT, "--train", "alpha"])])
     soup = runs["twa-v-coordinates"]["soup"]
     rows = {"best single": soup["best_single"], "uniform soup": soup["uniform"],
             "greedy soup": soup["greedy"], "TWA-v, coordinates": runs["twa-v-coordinates"]["twa"],

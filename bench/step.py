@@ -34,7 +34,7 @@ BITS = (32, 16, 8, 4)
 def random_subspace(dim, n, bits, device, seed=0):
     """A Subspace whose basis holds random rows (timing does not depend on their values)."""
     gen = torch.Generator(device).manual_seed(seed)
-    basis = twa.storage.Basis(n, dim, bits, device)
+    basis = twa.storage.empty_basis(n, dim, bits, device)
     if bits >= 16:
         for i in range(n):
             basis.store(i, 0, dim, torch.randn(dim, generator=gen, device=device) / dim ** 0.5)
@@ -44,9 +44,9 @@ def random_subspace(dim, n, bits, device, seed=0):
         basis.low.fill_(-1e-4 * 127)
     basis.rows = n
     zeros = dict(dtype=torch.float64, device=device)
-    span = twa.subspace.Span(basis, slice(0, dim), torch.zeros(n, n, **zeros), torch.zeros(n, **zeros),
+    block = twa.subspace.Block(basis, slice(0, dim), torch.zeros(n, n, **zeros), torch.zeros(n, **zeros),
                     torch.zeros(n, n, **zeros))
-    return twa.Subspace([span], torch.randn(dim, generator=gen, device=device),
+    return twa.Subspace([block], torch.randn(dim, generator=gen, device=device),
                         [f"{i}.pt" for i in range(n)])
 
 
@@ -64,7 +64,7 @@ def projection_table(dim, n, rounds, bytes_per_second, device, bits_list=BITS):
     g, out = torch.randn(dim, device=device), torch.empty(dim, device=device)
     for bits in bits_list:
         space = random_subspace(dim, n, bits, device)
-        basis = space.spans[0].basis
+        basis = space.blocks[0].basis
         c = torch.zeros(n, dtype=torch.float64, device=device)
 
         def project():

@@ -1,4 +1,5 @@
 """The scripts end to end on a tiny ImageFolder tree, their resume paths and their bad-input errors."""
+import argparse
 import dataclasses
 import json
 import os
@@ -14,6 +15,7 @@ import train_sgd
 import train_twa
 import cli
 import loop
+import runfiles
 import stage
 from conftest import ROOT, write_image_folder
 from test_twa import RunsCode
@@ -89,9 +91,9 @@ def test_pca_low_precision_stride_and_output_dir(sgd_run, tmp_path):
     out = tmp_path / "out"
     run("train_twa.py", *common(_data_of(sgd_run), sgd_run, "--epochs", "1", "--params_end", "5",
                                 "--params_stride", "2", "--extract", "PCA", "--n_components", "2",
-                                "--pbits", "8", "--output-dir", out, "--log-dir", out))
+                                "--bits", "8", "--output-dir", out, "--log-dir", out))
     results = json.load(open(out / "twa_results.json"))
-    assert results["basis"]["rank"] == 2 and results["basis"]["pbits"] == 8
+    assert results["basis"]["rank"] == 2 and results["basis"]["bits"] == 8
     coefficients = json.load(open(out / "coefficients.json"))
     assert coefficients["checkpoints"] == ["0.pt", "2.pt", "4.pt"]
     assert (out / "twa.pt").exists()
@@ -354,3 +356,15 @@ def test_a_resume_with_another_optimizer_names_it_not_the_rate_it_implies():
     state = {"args": vars(saved), "progress": {"epoch": 0, "batch": 0}}
     with pytest.raises(cli.UsageError, match="--opt SGD, not AdamW"):
         cli.check_resume(state, other, train_twa.SHAPING, "twa_state.pt", other.epochs, 1)
+
+
+def test_a_state_saved_under_the_reference_flag_names_resumes_under_the_new_ones():
+    """--bits and --train were saved as pbits and coefficients: such a state resumes with equal
+    values and is refused, naming the flag as it is spelt now, with other ones."""
+    state = {"args": {"pbits": 8, "coefficients": "alpha"}, "progress": {"epoch": 1, "batch": 0},
+             "rng": [torch.zeros(1)]}
+    same = argparse.Namespace(bits=8, train="alpha")
+    cli.check_resume(state, same, ("bits", "train"), "state.pt", epochs=2, world=1)
+    with pytest.raises(runfiles.UsageError, match="was saved with --bits 8, not 4"):
+        cli.check_resume(state, argparse.Namespace(bits=4, train="alpha"), ("bits", "train"),
+                         "state.pt", epochs=2, world=1)

@@ -101,7 +101,7 @@ def test_a_low_bit_basis_projects_as_its_values_in_float64(bits, monkeypatch):
     stored values multiplied in float64, on the device."""
     monkeypatch.setattr(twa.storage, "CHUNK", 512)
     monkeypatch.setattr(twa.storage, "DEVICE_CHUNK", 512)
-    basis = twa.storage.Basis(7, 3000, bits, DEVICE)
+    basis = twa.storage.empty_basis(7, 3000, bits, DEVICE)
     gen = torch.Generator().manual_seed(0)
     rows = (torch.randn(7, 3000, generator=gen) / 3000 ** 0.5).to(DEVICE)
     for row in rows:
@@ -122,7 +122,7 @@ def test_the_compiled_low_bit_products_equal_the_blocked_ones(bits):
     products and the stored values in float64, on a width that is no whole number of quantisation
     groups, both forms of rmatvec, and a second row count (a second shape for the kernels)."""
     gen = torch.Generator().manual_seed(0)
-    basis = twa.storage.Basis(7, 3001, bits, DEVICE)
+    basis = twa.storage.empty_basis(7, 3001, bits, DEVICE)
     for row in (torch.randn(7, 3001, generator=gen) / 3001 ** 0.5).to(DEVICE):
         basis.append(row)
     g = torch.randn(3001, generator=gen).to(DEVICE)
@@ -149,7 +149,7 @@ def test_a_basis_falls_back_to_blocked_products_where_compiling_fails(monkeypatc
     def fail(*args):
         raise torch._dynamo.exc.BackendCompilerFailed(fail, RuntimeError("no compiler"), None)
     monkeypatch.setattr(twa.kernels, "compiled", lambda kernel: fail)
-    basis = twa.storage.Basis(3, 3000, 8, DEVICE)
+    basis = twa.storage.empty_basis(3, 3000, 8, DEVICE)
     for row in torch.randn(3, 3000).to(DEVICE):
         basis.append(row)
     basis.fused = True

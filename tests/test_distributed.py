@@ -97,7 +97,7 @@ def test_low_precision_pca_basis_on_two_processes_matches_one(runs, tiny_data):
     """Shards start on whole quantisation groups, so each stores exactly its part of the codes."""
     for n in (1, 2):
         launch("train_twa.py", n, *flags(tiny_data, runs / "sgd1"), "--epochs", "1", "--lr", "0.1",
-               "--params_end", "5", "--pbits", "8", "--extract", "PCA", "--n_components", "3",
+               "--params_end", "5", "--bits", "8", "--extract", "PCA", "--n_components", "3",
                "--output-dir", runs / f"pca{n}", "--log-dir", runs / f"pca{n}")
     one = torch.load(runs / "pca1" / "twa.pt", weights_only=True)
     two = torch.load(runs / "pca2" / "twa.pt", weights_only=True)

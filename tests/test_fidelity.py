@@ -63,7 +63,7 @@ def test_reference_basis_is_the_one_pass_basis():
     walk = random_walk(model, 8, step=1e-2)
     rows = torch.stack([flat(s, model) for s in walk])
     expected = one_pass_gram_schmidt(rows)
-    ours = twa.Subspace.reference_from_checkpoints(model, walk).spans[0].basis.as_float32(0, rows.shape[1])
+    ours = twa.Subspace.reference_from_checkpoints(model, walk).blocks[0].basis.as_float32(0, rows.shape[1])
     assert (ours - expected).abs().max() <= 1e-3 * expected.abs().max()
 
 
@@ -94,7 +94,7 @@ def test_reference_basis_trains_as_the_reference_weight_space_update(start):
 
     ours = copy.deepcopy(base)
     space = twa.Subspace.reference_from_checkpoints(ours, walk)
-    basis = space.spans[0].basis.as_float32(0, rows.shape[1]).clone()  # P, far from orthonormal here
+    basis = space.blocks[0].basis.as_float32(0, rows.shape[1]).clone()  # P, far from orthonormal here
     assert space.orthogonality_error() > 1e-2
     trainer = twa.TWA(ours, space, start=start)
     opt = torch.optim.SGD(trainer.parameters(), **hyper)
@@ -129,7 +129,7 @@ def test_nan_checkpoint_is_refused_naming_it_and_a_nan_basis_reports_nan_quality
     with pytest.raises(twa.CheckpointError, match=r"state_dict #1: '2.bias' holds NaN or Inf"):
         twa.Subspace.from_checkpoints(model, bad)
     space = twa.Subspace.from_checkpoints(model, walk)
-    space.spans[0].basis.data[1, 0] = float("nan")
+    space.blocks[0].basis.data[1, 0] = float("nan")
     quality = space.basis_quality()
     assert quality["orthogonality_error"] != quality["orthogonality_error"]  # NaN, not max([0, nan])
 
@@ -265,7 +265,7 @@ def test_twa_cli_reports_both_bases_and_trains_alpha(tiny_data, tmp_path):
     run("train_sgd.py", *common(tiny_data, save, "--epochs", 2, "--save-every", 2))
     reports = {}
     for name, extra in (("ref", ["--basis", "reference", "--train_start", 4]),
-                        ("alpha", ["--coefficients", "alpha", "--opt", "AdamW"])):
+                        ("alpha", ["--train", "alpha", "--opt", "AdamW"])):
         out = tmp_path / name
         run("train_twa.py", *common(tiny_data, save, "--params_end", 5, "--epochs", 1,
                                     "--output-dir", out, "--log-dir", out, *extra))
@@ -280,4 +280,4 @@ def test_twa_cli_reports_both_bases_and_trains_alpha(tiny_data, tmp_path):
     resumed = run("train_twa.py", *common(tiny_data, save, "--params_end", 5, "--epochs", 1,
                                           "--output-dir", tmp_path / "alpha", "--opt", "AdamW",
                                           "--resume"), check=False)
-    assert resumed.returncode == 2 and "was saved with --coefficients alpha, not coordinates" in resumed.stderr
+    assert resumed.returncode == 2 and "was saved with --train alpha, not coordinates" in resumed.stderr

@@ -102,7 +102,7 @@ def test_an_fsdp_model_whose_frozen_rows_differ_is_refused_on_every_process(tmp_
     """The FSDP2 route checks the frozen parameters as the column route does, each process on its
     own rows: a frozen layer changed only in rank 1's rows is refused by both processes, over
     in-memory checkpoints and over sharded checkpoint folders (read shard by shard); unchanged, it
-    is accepted."""
+    is accepted, as is an integer buffer."""
     script = tmp_path / "frozen.py"
     script.write_text(
         "import sys; sys.path.insert(0, sys.argv[1])\n"
@@ -113,6 +113,7 @@ def test_an_fsdp_model_whose_frozen_rows_differ_is_refused_on_every_process(tmp_
         "torch.manual_seed(0)\n"
         "model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))\n"
         "model[0].requires_grad_(False)\n"
+        "model[1].register_buffer('counts', torch.arange(4))  # an int buffer, kept whole\n"
         "for layer in model:\n"
         "    fully_shard(layer)\n"
         "fully_shard(model)\n"
@@ -120,7 +121,8 @@ def test_an_fsdp_model_whose_frozen_rows_differ_is_refused_on_every_process(tmp_
         "for i in range(3):\n"
         "    with torch.no_grad():\n"
         "        model[1].weight.to_local().add_(0.1)\n"
-        "    walk.append({k: v.full_tensor().clone() for k, v in model.state_dict().items()})\n"
+        "    walk.append({k: getattr(v, 'full_tensor', v.clone)().clone()\n"
+        "                 for k, v in model.state_dict().items()})\n"
         "    dcp.save(model.state_dict(), checkpoint_id=f'{sys.argv[2]}/{i}.dcp')\n"
         "folders = [f'{sys.argv[2]}/{i}.dcp' for i in range(3)]\n"
         "report = open(f'{sys.argv[2]}/rank{dist.get_rank()}.txt', 'w')\n"

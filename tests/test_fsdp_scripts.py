@@ -130,7 +130,7 @@ def test_layerwise_low_precision_sharded_basis(runs, tiny_data):
     one process's codes: the weights agree to float32 rounding (TWA_ORDERS) as at 32 bits."""
     for n in (1, 2):
         launch("train_twa.py", n, *flags(tiny_data, runs / "sgd1"), "--epochs", "2", "--lr", "0.1",
-               "--params_end", "5", "--pbits", "8", "--layer-size", "20000", "--output-dir",
+               "--params_end", "5", "--bits", "8", "--layer-size", "20000", "--output-dir",
                runs / f"q{n}", "--log-dir", runs / f"q{n}", *(["--fsdp"] if n > 1 else []))
     one, two = parameters(runs / "q1" / "twa.pt"), parameters(runs / "q2" / "twa.pt")
     assert relative_difference(one, two) <= TWA_ORDERS

@@ -70,8 +70,8 @@ def loaded_state(folder):
 def assert_same_subspace(a, b):
     assert a.rank == b.rank == len(a.names) and len(a.names) == len(b.names)
     assert torch.equal(a.mean, b.mean)
-    assert torch.equal(a.spans[0].basis.as_float32(0, a.rank), b.spans[0].basis.as_float32(0, b.rank))
-    assert torch.equal(a.spans[0].checkpoint_coords, b.spans[0].checkpoint_coords)
+    assert torch.equal(a.blocks[0].basis.as_float32(0, a.rank), b.blocks[0].basis.as_float32(0, b.rank))
+    assert torch.equal(a.blocks[0].checkpoint_coords, b.blocks[0].checkpoint_coords)
 
 
 def trained(model, space, data, steps=4):
@@ -301,7 +301,7 @@ def test_recording_resumes_with_the_trainer(tmp_path):
     assert resumed.steps == whole.steps == [0, 3, 6, 9, 12]
     a, b = resumed.subspace(), whole.subspace()
     assert (a.mean - b.mean).abs().max() <= 1e-6
-    assert (a.spans[0].checkpoint_coords - b.spans[0].checkpoint_coords).abs().max() <= 1e-5
+    assert (a.blocks[0].checkpoint_coords - b.blocks[0].checkpoint_coords).abs().max() <= 1e-5
 
 
 def test_the_twa_phase_through_the_trainer_is_the_plain_loop(tmp_path):

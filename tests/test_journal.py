@@ -69,7 +69,7 @@ def test_one_block_is_the_iclr_method_step_for_step():
     walk = random_walk(base, 6, step=0.05)
     _, _, iclr = run_twa(copy.deepcopy(base), walk, 10)
     space, _, block = run_twa(copy.deepcopy(base), walk, 10, layer_size=10 ** 9)
-    assert len(space.spans) == 1
+    assert len(space.blocks) == 1
     for a, b in zip(iclr, block):
         assert torch.equal(a, b)
 
@@ -81,7 +81,7 @@ def test_layerwise_twa_is_block_diagonal_projected_sgd():
     walk = random_walk(base, 5, step=0.05)
     model = copy.deepcopy(base)
     space, trainer, _ = run_twa(model, walk, 15, layer_size=0)
-    assert len(space.spans) == 4 and space.rank == 4 * 5
+    assert len(space.blocks) == 4 and space.rank == 4 * 5
     assert space.orthogonality_error() <= 1e-5
 
     ref = copy.deepcopy(base)
@@ -126,8 +126,8 @@ def test_layerwise_basis_at_low_precision(bits):
     model = wide_mlp()
     walk = random_walk(model, 6, step=0.05)
     space = twa.Subspace.from_checkpoints(model, walk, bits=bits, layer_size=300)
-    assert [span.entries for span in space.spans] == [5120, 256 + 1280, 5]  # 1536 > 300 closes
-    assert [span.basis.bits for span in space.spans] == [bits, 32, 32]
+    assert [block.entries for block in space.blocks] == [5120, 256 + 1280, 5]  # 1536 > 300 closes
+    assert [block.basis.bits for block in space.blocks] == [bits, 32, 32]
     assert space.orthogonality_error() <= LOW_BIT_BOUNDS[bits]
     for state in walk:
         assert space.relative_residual(flat(state, model)) <= LOW_BIT_BOUNDS[bits]
@@ -141,8 +141,8 @@ def test_blocks_smaller_than_the_checkpoint_count(bits):
     model = wide_mlp()
     walk = random_walk(model, 8, step=0.05)
     space = twa.Subspace.from_checkpoints(model, walk, bits=bits, layer_size=0)
-    assert [span.rank for span in space.spans] == [8, 8, 8, 5]
-    assert [span.basis.bits for span in space.spans] == [bits, 32, 32, 32]
+    assert [block.rank for block in space.blocks] == [8, 8, 8, 5]
+    assert [block.basis.bits for block in space.blocks] == [bits, 32, 32, 32]
     assert space.orthogonality_error() <= LOW_BIT_BOUNDS[bits]
     for state in walk:
         assert space.relative_residual(flat(state, model)) <= LOW_BIT_BOUNDS[bits]

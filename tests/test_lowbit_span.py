@@ -58,10 +58,10 @@ def misses(space, walk, model):
 def rounded_spans(space, bits):
     """The spans stored at `bits`; fails unless every block large enough is, so that a test of the
     low-bit rows cannot pass on float32 ones."""
-    large = [span for span in space.spans if span.entries >= SMALL_BLOCK]
-    assert large and all(isinstance(span.basis, Affine) and span.basis.bits == bits
-                         for span in large)
-    assert all(span.basis.rounding[:span.rank].sum() > 0 for span in large)  # codes, not floats
+    large = [block for block in space.blocks if block.entries >= SMALL_BLOCK]
+    assert large and all(isinstance(block.basis, Affine) and block.basis.bits == bits
+                         for block in large)
+    assert all(block.basis.rounding[:block.rank].sum() > 0 for block in large)  # codes, not floats
     return large
 
 
@@ -72,7 +72,7 @@ def test_a_50_step_walk_keeps_its_rank_and_lies_near_the_rounded_rows(bits, make
     walk = random_walk(model, 50, step=0.05)
     space = twa.Subspace.from_checkpoints(model, walk, bits=bits, layer_size=layer_size)
     rounded_spans(space, bits)
-    assert [span.rank for span in space.spans] == [50] * len(space.spans)
+    assert [block.rank for block in space.blocks] == [50] * len(space.blocks)
     assert space.orthogonality_error() <= ORTHOGONALITY[bits]
     assert misses(space, walk, model).max() <= MISS[bits]
 
@@ -102,9 +102,9 @@ def test_files_recorder_and_resumed_recorder_build_the_same_rows(bits):
     for space in (online, resumed):
         assert space.rank == files.rank == 50
         for name, stored in rounded_spans(files, bits)[0].basis.tensors().items():
-            assert torch.equal(space.spans[0].basis.tensors()[name], stored), name
-        assert torch.equal(space.spans[0].checkpoint_coords, files.spans[0].checkpoint_coords)
-        assert torch.equal(space.spans[0].to_alpha, files.spans[0].to_alpha)
+            assert torch.equal(space.blocks[0].basis.tensors()[name], stored), name
+        assert torch.equal(space.blocks[0].checkpoint_coords, files.blocks[0].checkpoint_coords)
+        assert torch.equal(space.blocks[0].to_alpha, files.blocks[0].to_alpha)
 
 
 def test_a_state_left_out_under_another_drop_rule_resumes_with_a_warning(caplog):

@@ -49,7 +49,7 @@ def test_recorder_gives_the_files_subspace(layer_size):
     walk = random_walk(model, 7, step=0.05)
     files = twa.Subspace.from_checkpoints(model, walk, layer_size=layer_size)
     online = recorded(model, walk, layer_size=layer_size).subspace()
-    assert online.rank == files.rank and len(online.spans) == len(files.spans) > 0
+    assert online.rank == files.rank and len(online.blocks) == len(files.blocks) > 0
     assert online.orthogonality_error() <= 1e-5
     assert torch.equal(online.mean, files.mean)  # both from a float64 sum
     (w_files, a_files), (w_online, a_online) = trained(model, files), trained(model, online)
@@ -80,7 +80,7 @@ def test_recorder_state_round_trip_mid_recording():
             model.load_state_dict(state)
             recorder.add(model)
     a, b = first.subspace(), second.subspace()
-    assert torch.equal(a.spans[0].basis.data, b.spans[0].basis.data)
+    assert torch.equal(a.blocks[0].basis.data, b.blocks[0].basis.data)
     assert torch.equal(a.mean_coords, b.mean_coords) and a.names == b.names
 
 

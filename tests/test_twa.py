@@ -53,7 +53,7 @@ def test_basis_is_orthonormal_and_spans_every_checkpoint(n):
     assert space.orthogonality_error() <= 1e-5  # P P^T computed in float64
     for state in walk:
         assert space.relative_residual(flat(state, model)) <= 1e-5
-    outside = torch.randn(space.spans[0].basis.dim)
+    outside = torch.randn(space.blocks[0].basis.dim)
     assert space.relative_residual(outside) > 0.5  # the residual check can fail
 
 
@@ -83,7 +83,7 @@ def test_checkpoint_adding_no_direction_is_dropped_with_a_warning(caplog):
     assert space.orthogonality_error() <= 1e-5
     # the coefficients still reproduce any point, the duplicate simply gets a zero
     c = space.start_coordinates(4)
-    out = torch.empty(space.spans[0].basis.dim)
+    out = torch.empty(space.blocks[0].basis.dim)
     space.weights(c, out)
     alpha = space.checkpoint_coefficients(c)
     stacked = torch.stack([flat(s, model) for s in walk[:3] + [walk[1]] + walk[3:]]).double()
@@ -210,7 +210,7 @@ def test_low_precision_bases_keep_the_weights_in_their_span(bits, orth_tol):
     opt = torch.optim.SGD(trainer.parameters(), lr=0.5, momentum=0.9)
     train_steps(model, 5, lambda: trainer.step(opt))
     # the weights are exactly mean + Q^T (c - c0) for the stored (dequantised) basis Q
-    q = space.spans[0].basis.as_float32(0, space.spans[0].basis.dim).double()
+    q = space.blocks[0].basis.as_float32(0, space.blocks[0].basis.dim).double()
     expected = space.mean.double() + q.t() @ (trainer.coordinates.detach() - space.mean_coords)
     weights = torch.nn.utils.parameters_to_vector(model.parameters()).double()
     assert (weights - expected).norm() / weights.norm() <= 1e-6
@@ -222,7 +222,7 @@ def test_low_precision_bases_keep_the_weights_in_their_span(bits, orth_tol):
 def test_quantised_block_round_trip_on_ragged_dimensions():
     row = torch.randn(1000)
     for bits, tol in ((8, 0.02), (4, 0.3)):
-        basis = twa.storage.Basis(1, 1000, bits=bits)
+        basis = twa.storage.empty_basis(1, 1000, bits=bits)
         basis.append(row)
         back = basis.as_float32(0, 1000)[0]
         assert (back - row).abs().max() <= tol * row.abs().max()
@@ -236,14 +236,14 @@ def test_pca_keeps_the_top_directions():
     assert space.rank == 3 and 0 < explained < 1
     assert space.orthogonality_error() <= 1e-5
     c = space.start_coordinates(4)
-    out = torch.empty(space.spans[0].basis.dim)
+    out = torch.empty(space.blocks[0].basis.dim)
     space.weights(c, out)
     stacked = torch.stack([flat(s, model) for s in walk]).double()
     alpha = space.checkpoint_coefficients(c)
     assert (alpha @ stacked - out.double()).norm() / out.double().norm() <= 1e-5
     centred = stacked - stacked.mean(0)
     top = torch.linalg.svd(centred, full_matrices=False).Vh[:3]
-    q = space.spans[0].basis.as_float32(0, space.spans[0].basis.dim).double()
+    q = space.blocks[0].basis.as_float32(0, space.blocks[0].basis.dim).double()
     assert torch.linalg.matrix_norm(top @ q.t() @ q - top) <= 1e-4  # same 3-dim space
 
 
@@ -305,7 +305,7 @@ def test_a_training_step_copies_nothing_to_the_host(monkeypatch, train, bits, la
     model = wide_mlp()
     space = twa.Subspace.from_checkpoints(model, random_walk(model, 6, step=0.05), bits=bits,
                                           layer_size=layer_size)
-    assert space.spans[0].basis.bits == bits
+    assert space.blocks[0].basis.bits == bits
     trainer = twa.TWA(model, space, train=train)
     opt = torch.optim.SGD(trainer.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     calls = []
@@ -387,8 +387,8 @@ def test_a_tensor_that_is_zero_in_one_checkpoint_adds_no_noise_direction():
     walk = random_walk(model, 4, step=0.05)
     walk[2]["2.bias"] = torch.zeros_like(walk[2]["2.bias"])
     space = twa.Subspace.from_checkpoints(model, walk, layer_size=0)
-    bias = next(i for i, span in enumerate(space.spans) if span.names == ["2.bias"])
-    assert space.spans[bias].rank == 3
+    bias = next(i for i, block in enumerate(space.blocks) if block.names == ["2.bias"])
+    assert space.blocks[bias].rank == 3
     alpha = space.checkpoint_coefficients(space.start_coordinates(3))
     assert alpha.abs().max() < 10  # a noise direction gave alphas of about 1e7
     for state in walk:

@@ -42,7 +42,7 @@ Where each piece lives (imports run downwards only):
 - build.py      the streaming construction from checkpoints and its generator schemes; what m (the
                 stored mean's coordinates), the checkpoints' coordinates and to_alpha
                 (alpha = 1/n + to_alpha (c - m)) are is decided in SpanBuilder.finish.
-- subspace.py   Span and Subspace: the algebra of the weights, gradients and alpha; reads no files.
+- subspace.py   Block and Subspace: the algebra of the weights, gradients and alpha; reads no files.
                 The weights lie in mean + span(P): exactly the checkpoints' span at 32 bits, the
                 stored rows' span (an approximation of it) at 16, 8 or 4 bits.
 - storage.py    the basis' storage formats (float32, float16 with a gain, affine 8/4-bit) and

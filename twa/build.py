@@ -12,7 +12,7 @@ Two generator schemes share one loop (add_generator, SpanBuilder.add) and one fi
   checkpoint, w_i - w_{i-1}, would add up the roundings of all the steps before it);
 - raw, the reference's one pass (reference_from_checkpoints): the checkpoints themselves.
 A Scheme says what the generators are in terms of the checkpoints and back; finish turns that into
-the Span's checkpoint coordinates, mean coordinates m and to_alpha."""
+the Block's checkpoint coordinates, mean coordinates m and to_alpha."""
 import logging
 import numbers
 import os
@@ -25,7 +25,7 @@ from .checkpoints import (basis_device, check_readable, describe, is_int, layout
                           trainable_parameters)
 from .sharding import sharding_of
 from .storage import QUANT_GROUP
-from .subspace import Span, Subspace
+from .subspace import Block, Subspace
 
 log = logging.getLogger("twa")
 
@@ -172,7 +172,7 @@ class SpanBuilder:
         return (beta * r.diagonal() * errors).norm().item()
 
     def finish(self, scheme):
-        """The Span of the generators streamed so far, related to the checkpoints by `scheme`:
+        """The Block of the generators streamed so far, related to the checkpoints by `scheme`:
         the checkpoints' coordinates, the mean coordinates m = the stored mean's, and to_alpha."""
         k, m = self.basis.rows, len(scheme.generators)
         coords = self.coords[:m, :k]
@@ -181,7 +181,7 @@ class SpanBuilder:
         r_inv_t = torch.linalg.solve_triangular(coords[self.kept].t(),
                                                 torch.eye(k, dtype=torch.float64), upper=True)
         to_alpha = scheme.generators[self.kept].t() @ r_inv_t
-        return Span(self.basis, self.shard_slice, scheme.points @ coords, scheme.mean @ coords,
+        return Block(self.basis, self.shard_slice, scheme.points @ coords, scheme.mean @ coords,
                     to_alpha, self.names, self.entries)
 
 
@@ -287,16 +287,16 @@ def combination_residual(space, model, checkpoints, alpha):
     params, shard = trainable_parameters(model), space.shard
     space.check_model(params)
     checkpoints, alpha = list(checkpoints), torch.as_tensor(alpha)
-    if tuple(alpha.shape) != (len(space.spans), len(checkpoints)):
-        raise ValueError(f"alpha must be {len(space.spans)} x {len(checkpoints)} (blocks x "
+    if tuple(alpha.shape) != (len(space.blocks), len(checkpoints)):
+        raise ValueError(f"alpha must be {len(space.blocks)} x {len(checkpoints)} (blocks x "
                          f"checkpoints), not {tuple(alpha.shape)}")
     w = shard.current(params, "the model's weights").to(space.device)
     total = torch.zeros(shard.local_size, dtype=torch.float64, device=space.device)
     buffer = torch.empty(shard.local_size, device=space.device)
     for i, source in enumerate(checkpoints):
         x = shard.read(source, params, describe(source, i), out=buffer)
-        for span, a in zip(space.spans, alpha):
-            total[span.shard_slice].add_(x[span.shard_slice], alpha=float(a[i]))
+        for block, a in zip(space.blocks, alpha):
+            total[block.shard_slice].add_(x[block.shard_slice], alpha=float(a[i]))
     miss = shard.norm(total - w.double())
     move = shard.norm(w.double() - space.mean.double())
     return {"miss": miss, "move": move, "relative": miss / move if move > 0 else None}

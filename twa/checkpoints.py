@@ -353,8 +353,9 @@ def _model_entries(saved):
 def read_local_shards(path, params, source, out, shard, untrained=None, compare=None):
     """This process's entries of the trainable parameters of a sharded checkpoint, read into tensors
     sharded as the model's own (FSDP2 DTensors): each process reads only its rows of each file.
-    untrained: {name: the model's tensor} of entries also to read, as the model holds them, where
-    the checkpoint has them in that shape, for compare({name: tensor}) to see with the parameters."""
+    untrained: {name: the model's tensor} of entries also to read, sharded as the model holds them
+    and in the checkpoint's dtype, where the checkpoint has them in that shape, for
+    compare({name: tensor}) to see with the parameters."""
     key, saved = _model_entries(_tensors(path))
     for name, p in params:  # the same index on every process: all stop at the same file, or none
         if name not in saved:
@@ -365,8 +366,8 @@ def read_local_shards(path, params, source, out, shard, untrained=None, compare=
         if shape != tuple(p.shape):
             raise CheckpointError(f"{source} does not match the model: '{name}' has shape {shape}, "
                                   f"the model {tuple(p.shape)}")
-    state = {name: torch.empty_like(own) for name, own in (untrained or {}).items()
-             if saved.get(name) == (tuple(own.shape), own.dtype)}
+    state = {name: torch.empty_like(own, dtype=saved[name][1]) for name, own in (untrained or {}).items()
+             if name in saved and saved[name][0] == tuple(own.shape)}
     state.update((name, torch.empty_like(p.detach())) for name, p in params)
     load_sharded({key: state} if key else state, path, process_group=shard.group)
     if compare is not None:

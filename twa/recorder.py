@@ -59,7 +59,7 @@ class SubspaceRecorder:
         n = len(self.names)
         if n == 0:
             raise ValueError("no checkpoint recorded")
-        self.handed_out = True  # the spans below share the builders' bases
+        self.handed_out = True  # the blocks below share the builders' bases
         warn_dropped(self.builders, lambda j: self.names[j], n)
         scheme = anchored(n)
         return Subspace([b.finish(scheme) for b in self.builders], (self.total / n).float(),

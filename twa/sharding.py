@@ -20,7 +20,7 @@ from .checkpoints import flatten_checkpoint, holds_sharded_folder, load_state_di
 from .compat import DTensor, all_gather_single, reduce_scatter_single
 from .errors import CheckpointError
 from .groups import aligned_basis
-from .storage import QUANT_GROUP, Basis
+from .storage import QUANT_GROUP, empty_basis
 
 
 class Sharding:
@@ -31,7 +31,8 @@ class Sharding:
         self.dim, self.group, self.world, self.rank, self.owners = dim, group, world, rank, owners
         self.pieces = [(lo, hi) for lo, hi, owner in owners if owner == rank]
 
-    # --- the route: implemented by each subclass ---------------------------------------------------
+    # --- the route: bind and current differ by route; read, check_parameters and untrained_entries
+    # are shared, and ModelSharding reads sharded folders its own way ------------------------------
 
     def bind(self, params, device):
         """The flat buffers through which TWA moves gradients out of and weights into `params`."""
@@ -98,9 +99,9 @@ class Sharding:
         D-vector. At 8 and 4 bits on several processes, quantisation groups are placed as one
         process would place them (groups.aligned_basis): a process's entries need not start where
         a block's groups do."""
-        if self.world == 1 or bits not in (8, 4):  # (Basis names a wrong format)
+        if self.world == 1 or bits not in (8, 4):  # (empty_basis names a wrong format)
             columns = self.local_slice(*block)
-            return Basis(capacity, columns.stop - columns.start, bits, device)
+            return empty_basis(capacity, columns.stop - columns.start, bits, device)
         return aligned_basis(self, capacity, block, bits, device)
 
     def sum_(self, tensor):
@@ -116,7 +117,7 @@ class Sharding:
 
 
 class ColumnSharding(Sharding):
-    """The columns [lo, hi) of the D-dimensional weight vectors that this process keeps.
+    """One column range of the D-dimensional weight vectors per process (its one piece).
 
     With N processes (torch.distributed initialised) the basis is split by columns: each rank
     stores about D/N entries of every row, and the full k x D basis never exists anywhere. Every
@@ -247,10 +248,11 @@ class UntrainedEntries:
 
     def check(self):
         differing = [key for key in self.entries if key in self.compared and key not in self.matched]
-        if self.shard.world > 1:  # each process compared its own rows of the sharded entries
+        if self.shard.world > 1 and self.entries:  # each process compared its own rows
             votes = torch.tensor([float(key in differing) for key in self.entries],
                                  device=self.device)
-            differing = [key for key, vote in zip(self.entries, self.shard.sum_(votes)) if vote > 0]
+            differing = [key for key, vote in zip(self.entries, self.shard.sum_(votes).tolist())
+                         if vote > 0]
         if differing:
             key = differing[0]
             raise ValueError(f"the model's {self.kinds[key]} '{key}' differs from every "
@@ -263,7 +265,10 @@ def _local_rows(own, saved):
     """The model's entry and a checkpoint's as far as this process holds them: an FSDP2 DTensor's
     local rows (None if it is sharded otherwise), whole tensors else."""
     if not isinstance(own, DTensor):
-        return own, saved.to_local() if isinstance(saved, DTensor) else saved
+        if not isinstance(saved, DTensor):
+            return own, saved
+        whole = all(placement.is_replicate() for placement in saved.placements)
+        return (own, saved.to_local()) if whole else (None, None)
     if not row_sharded(own):
         return None, None
     local = own.to_local()
@@ -281,8 +286,21 @@ class ParameterBuffers:
     """Flat float32 buffers of this process's weight and gradient entries. `weights` is where a step
     computes the new weights of this process's entries; gradient() returns this process's entries
     of the gradient, averaged over the processes; publish() makes the model's parameters hold the
-    weights. Subclasses set `tensors` (every buffer, for CUDA graph capture), `views` (each
-    parameter's gradient view) and `own_layout` (parameters whose gradients keep their own tensor)."""
+    weights. On the column route with several processes both hold per_rank entries, padded past
+    local_size (collectives move equal shards): readers take [:local_size]. Subclasses set
+    `flat_grads`, `tensors` (every buffer, for CUDA graph capture), `views` (each parameter's
+    gradient view) and `own_layout` (parameters whose gradients keep their own tensor)."""
+
+    def gradient(self):
+        raise NotImplementedError
+
+    def publish(self, fsdp_units):
+        """fsdp_units: the model's FSDP2 units, which a route writing into their shards releases
+        first (see checkpoints.reshard)."""
+        raise NotImplementedError
+
+    def zero_gradient(self):
+        self.flat_grads.zero_()
 
     def collect_gradients(self, params):
         """Bring the gradients the backward pass left into the flat gradient buffer. They normally
@@ -327,7 +345,8 @@ class ColumnBuffers(ParameterBuffers):
         if shard.world == 1:
             self.weights, self.shard_grads = self.flat_weights[:shard.dim], None
         else:  # computed here, then gathered into flat_weights; reduce-scattered here from flat_grads
-            self.weights, self.shard_grads = torch.zeros(2, shard.per_rank, device=device)
+            self.weights, self.shard_grads = torch.zeros(2, shard.per_rank, dtype=first.dtype,
+                                                         device=device)
         self.tensors = [t for t in (self.flat_weights, self.flat_grads, self.weights,
                                     self.shard_grads) if t is not None]
 
@@ -338,10 +357,7 @@ class ColumnBuffers(ParameterBuffers):
         reduce_scatter_single(self.shard_grads, self.flat_grads, group=shard.group)
         return self.shard_grads.div_(shard.world)
 
-    def zero_gradient(self):
-        self.flat_grads.zero_()
-
-    def publish(self):
+    def publish(self, fsdp_units):
         if self.shard.world > 1:  # every process's columns, into the parameters' views
             all_gather_single(self.flat_weights, self.weights, group=self.shard.group)
         for p, view in self.copied:
@@ -368,10 +384,9 @@ class ModelBuffers(ParameterBuffers):
     def gradient(self):
         return self.flat_grads
 
-    def zero_gradient(self):
-        self.flat_grads.zero_()
-
-    def publish(self):
+    def publish(self, fsdp_units):
+        for unit in fsdp_units:  # the next forward then gathers the shards written here
+            unit.reshard()
         for p, view in zip(self.params, self.weight_views):
             p.detach().to_local().copy_(view)
 

@@ -26,7 +26,7 @@ QUANT_GROUP = 256  # entries per row that share one affine quantisation scale (8
 FUSED_MIN_COLUMNS = 1 << 18
 
 
-def Basis(capacity, dim, bits=32, device="cpu"):
+def empty_basis(capacity, dim, bits=32, device="cpu"):
     """Room for `capacity` rows of length `dim` in the format of `bits` (32, 16, 8 or 4)."""
     formats = {32: Float32, 16: Float16, 8: Affine, 4: Affine}
     if bits not in formats:

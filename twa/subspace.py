@@ -1,4 +1,4 @@
-"""The subspace's algebra: per block of parameters a Span (an orthonormal basis P of the block's
+"""The subspace's algebra: a Block per group of parameters (an orthonormal basis P of the block's
 part of the checkpoints' span, with the checkpoints' coordinates), and Subspace, which writes the
 weights as mean + P^T (c - m) over all the blocks. Reads no files: twa.build makes these."""
 import math
@@ -9,7 +9,7 @@ from .checkpoints import check_layout, is_int
 from .sharding import ColumnSharding
 
 
-class Span:
+class Block:
     """The span of the checkpoints restricted to one block of parameters: an orthonormal basis P
     (k x this process's entries of the block, rows kept in a storage format), the coordinates of the
     checkpoints (n x k) and of the mean m (k), and to_alpha (n x k), which maps a step c - m in
@@ -37,7 +37,7 @@ class Subspace:
     as mean + P^T (c - P mean).
 
     The mean is kept in float32. P is block-diagonal: each block b of parameters
-    (one block for the ICLR method, one per layer group for layer-wise TWA) has its own span (a Span
+    (one block for the ICLR method, one per layer group for layer-wise TWA) has its own span (a Block,
     with orthonormal rows over the block's entries), and c concatenates their coordinates. Storing P
     in 16, 8 or 4 bits then perturbs only the deviation from the mean, never the mean itself.
 
@@ -60,26 +60,26 @@ class Subspace:
         from .build import reference_from_checkpoints
         return reference_from_checkpoints(model, checkpoints, device, progress, group)
 
-    def __init__(self, spans, mean, names, shard=None, layout=None):
-        self.spans, self.mean, self.names, self.layout = spans, mean, names, layout
+    def __init__(self, blocks, mean, names, shard=None, layout=None):
+        self.blocks, self.mean, self.names, self.layout = blocks, mean, names, layout
         self.shard = shard or ColumnSharding(mean.numel())
         self.device = mean.device
         self.revision = 0  # counts the rotations of the basis: a TWA's coordinates follow none
-        self._index_spans()
+        self._index_blocks()
 
-    def _index_spans(self):
-        """Where each span's coordinates sit in c, and the coordinates of the mean (kept, since
+    def _index_blocks(self):
+        """Where each block's coordinates sit in c, and the coordinates of the mean (kept, since
         every training step needs them)."""
-        sizes = [span.rank for span in self.spans]
+        sizes = [block.rank for block in self.blocks]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        self.mean_coords = self._concat(span.mean_coords for span in self.spans)
+        self.mean_coords = self._concat(block.mean_coords for block in self.blocks)
 
     @property
     def rank(self):
         return self.offsets[-1]
 
     def _concat(self, pieces):
-        return torch.cat([p.reshape(-1) for p in pieces]) if self.spans else \
+        return torch.cat([p.reshape(-1) for p in pieces]) if self.blocks else \
             torch.zeros(0, dtype=torch.float64, device=self.device)
 
     def check_model(self, params):
@@ -122,35 +122,35 @@ class Subspace:
         return w
 
     def _pieces(self, c):
-        """c split into the spans' coordinates."""
+        """c split into the blocks' coordinates."""
         return [c[a:b] for a, b in zip(self.offsets, self.offsets[1:])]
 
     def nbytes(self):
-        return sum(span.basis.nbytes() for span in self.spans)
+        return sum(block.basis.nbytes() for block in self.blocks)
 
     def to_principal_components(self, n_components):
         """Keep only the top principal directions of the centred checkpoints (the DLDR subspace), in
         each block: mean + their span. They lie in the span, so this is a rotation of P; nothing is
         reloaded. Returns the fraction of the checkpoints' variance that the kept directions explain."""
-        largest = max(span.rank for span in self.spans)
+        largest = max(block.rank for block in self.blocks)
         if not is_int(n_components):
             raise TypeError(f"n_components must be an int, not {type(n_components).__name__}")
         if not 1 <= n_components <= largest:
             raise ValueError(f"n_components must be in [1, {largest}], not {n_components}")
         kept = total = 0.0
-        for span in (span for span in self.spans if span.rank):
-            m = min(n_components, span.rank)
-            centred = span.checkpoint_coords - span.mean_coords
+        for block in (block for block in self.blocks if block.rank):
+            m = min(n_components, block.rank)
+            centred = block.checkpoint_coords - block.mean_coords
             _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
             directions = vh[:m].t()  # k x m
-            span.basis.mix_rows_(directions)
-            span.checkpoint_coords = span.checkpoint_coords @ directions
-            span.mean_coords = span.mean_coords @ directions
-            span.to_alpha = span.to_alpha @ directions
+            block.basis.mix_rows_(directions)
+            block.checkpoint_coords = block.checkpoint_coords @ directions
+            block.mean_coords = block.mean_coords @ directions
+            block.to_alpha = block.to_alpha @ directions
             energy = singular.square()
             kept, total = kept + energy[:m].sum().item(), total + energy.sum().item()
         self.revision += 1
-        self._index_spans()
+        self._index_blocks()
         return kept / max(total, 1e-300)
 
     def start_coordinates(self, start="mean"):
@@ -158,12 +158,12 @@ class Subspace:
         if isinstance(start, str) and start == "mean":
             return self.mean_coords.clone()
         start = self.checkpoint_index(start)
-        return self._concat(span.checkpoint_coords[start] for span in self.spans)
+        return self._concat(block.checkpoint_coords[start] for block in self.blocks)
 
     def gradient(self, g):
         """P g (float64, summed over the shards) for this shard's entries g of a D-vector."""
         g = g.to(device=self.device, dtype=torch.float32)
-        products = self._concat(span.basis.matvec(g[span.shard_slice]) for span in self.spans)
+        products = self._concat(block.basis.matvec(g[block.shard_slice]) for block in self.blocks)
         return self.shard.sum_(products)
 
     def nearest_coordinates(self, w):
@@ -171,16 +171,16 @@ class Subspace:
         part = self.shard.local_part(self._whole_vector(w, "w")).to(device=self.device,
                                                                     dtype=torch.float32)
         centred = part - self.mean
-        products = self._concat(span.basis.matvec(centred[span.shard_slice], float64_sums=True)
-                                for span in self.spans)
+        products = self._concat(block.basis.matvec(centred[block.shard_slice], float64_sums=True)
+                                for block in self.blocks)
         return self.shard.sum_(products) + self.mean_coords
 
     def weights(self, c, out):
         """out = mean + P^T (c - P mean): the weights at coordinates c (this shard's entries)."""
         step = self.coordinates(c) - self.mean_coords
         out.copy_(self.mean)
-        for span, piece in zip(self.spans, self._pieces(step)):
-            span.basis.rmatvec(piece, out[span.shard_slice], accumulate=True)
+        for block, piece in zip(self.blocks, self._pieces(step)):
+            block.basis.rmatvec(piece, out[block.shard_slice], accumulate=True)
         return out
 
     def project_(self, g):
@@ -190,17 +190,17 @@ class Subspace:
             raise RuntimeError("project_ needs the whole basis; under torch.distributed use "
                                "gradient() (summed over the shards) and the TWA trainer")
         self._whole_vector(g, "g")
-        for span in self.spans:
-            span.basis.rmatvec(span.basis.matvec(g[span.shard_slice]), out=g[span.shard_slice])
+        for block in self.blocks:
+            block.basis.rmatvec(block.basis.matvec(g[block.shard_slice]), out=g[block.shard_slice])
         return g
 
     def deviation_directions(self):
-        """Per span: the checkpoints' deviations from the mean in coordinates, as unit rows D (n x k,
+        """Per block: the checkpoints' deviations from the mean in coordinates, as unit rows D (n x k,
         a zero row for a checkpoint equal to the mean), with their norms (n) = |w_i - mean| in the
-        span's block."""
+        block."""
         out = []
-        for span in self.spans:
-            deviations = span.checkpoint_coords.to(self.device) - span.mean_coords.to(self.device)
+        for block in self.blocks:
+            deviations = block.checkpoint_coords.to(self.device) - block.mean_coords.to(self.device)
             norms = torch.linalg.vector_norm(deviations, dim=1)
             out.append((deviations / norms.clamp_min(1e-300)[:, None], norms))
         return out
@@ -208,8 +208,8 @@ class Subspace:
     def checkpoint_coefficients(self, c):
         """alpha (blocks x n) with sum_i alpha_bi w_i = the weights at coordinates c in block b."""
         step = self.coordinates(c) - self.mean_coords
-        return torch.stack([1.0 / len(self.names) + span.to_alpha @ piece
-                            for span, piece in zip(self.spans, self._pieces(step))]).cpu()
+        return torch.stack([1.0 / len(self.names) + block.to_alpha @ piece
+                            for block, piece in zip(self.blocks, self._pieces(step))]).cpu()
 
     def orthogonality_error(self):
         """max |P P^T - I| over the blocks, computed in float64 (NaN if the basis holds a NaN)."""
@@ -219,9 +219,9 @@ class Subspace:
         """How far P is from orthonormal: max |P P^T - I| and the range of P P^T's eigenvalues over
         the blocks (both 1 for an orthonormal basis), in float64."""
         errors, low, high = [0.0], [1.0], [1.0]
-        for span in (span for span in self.spans if span.rank):
-            gram = self.shard.sum_(span.basis.gram())
-            errors.append((gram - torch.eye(span.rank, dtype=torch.float64, device=self.device))
+        for block in (block for block in self.blocks if block.rank):
+            gram = self.shard.sum_(block.basis.gram())
+            errors.append((gram - torch.eye(block.rank, dtype=torch.float64, device=self.device))
                           .abs().max().item())
             eigenvalues = torch.linalg.eigvalsh(gram) if gram.isfinite().all() else gram.new_full(
                 (1,), math.nan)

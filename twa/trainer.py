@@ -50,7 +50,7 @@ class TWA:
         space.check_model(named)
         self.params = [p for _, p in named]
         self.directions = space.deviation_directions() if train == "alpha" else None
-        size = space.rank if train == "coordinates" else len(space.names) * len(space.spans)
+        size = space.rank if train == "coordinates" else len(space.names) * len(space.blocks)
         if space.rank == 0 or (self.directions and not any(n.any() for _, n in self.directions)):
             raise ValueError("nothing to train: the subspace has rank 0" if space.rank == 0 else
                              "nothing to train: with train='alpha' every checkpoint equals the mean")
@@ -70,8 +70,8 @@ class TWA:
         """Every tensor a step reads or writes besides the model's own, e.g. for CUDA graph capture,
         which needs them at fixed addresses (torch._dynamo.mark_static_address)."""
         found = [*self.buffers.tensors, self.trained, self.space.mean, self.space.mean_coords]
-        found += [t for span in self.space.spans
-                  for t in [*span.basis.tensors().values(), *span.basis.scratch()]]
+        found += [t for block in self.space.blocks
+                  for t in [*block.basis.tensors().values(), *block.basis.scratch()]]
         found += [t for pair in self.directions or () for t in pair]
         return [t for t in found if t is not None]
 
@@ -80,7 +80,7 @@ class TWA:
         """The coordinates c of the current weights (the trained tensor itself unless train="alpha")."""
         if self.directions is None:
             return self.trained
-        beta = self.trained.detach().view(len(self.space.spans), -1)
+        beta = self.trained.detach().view(len(self.space.blocks), -1)
         return self.space.mean_coords.to(beta.device) + torch.cat(
             [unit.t() @ b for (unit, _), b in zip(self.directions, beta)])
 
@@ -164,7 +164,7 @@ class TWA:
             return start.detach().to(self.trained)
         if self.directions is None:
             return self.space.start_coordinates(start)
-        beta = torch.zeros_like(self.trained).view(len(self.space.spans), -1)
+        beta = torch.zeros_like(self.trained).view(len(self.space.blocks), -1)
         if not (isinstance(start, str) and start == "mean"):  # beta: zero at the mean; checkpoint
             j = self.space.checkpoint_index(start)  # j is |w_j - mean| along its own direction
             beta[:, j] = torch.stack([norms[j] for _, norms in self.directions])
@@ -173,6 +173,4 @@ class TWA:
     @torch.no_grad()
     def write_weights(self):
         self.space.weights(self.coordinates, out=self.buffers.weights[:self.space.shard.local_size])
-        for unit in self.fsdp_modules:  # FSDP2 gathers the shards in the next forward (see
-            unit.reshard()              # checkpoints.reshard)
-        self.buffers.publish()
+        self.buffers.publish(self.fsdp_modules)
