@@ -67,14 +67,15 @@ def test_layerwise_low_bits_on_two_processes_match_one(tmp_path, wrap, bits, mlp
     and which both routes split between 2 processes inside a layer (the column shards at entry
     8,448, inside the second layer; FSDP2 inside every layer): the quantisation groups count from
     each layer's start as on one process, so the weights agree to 1e-5 (groups counted from the
-    column shard's edge differed by 5e-5 at 8 bits and 1e-3 at 4)."""
+    column shard's edge would differ by about 5e-5 at 8 bits and 1e-3 at 4)."""
     one = mlp_on_one_process(bits)
     many = launch(tmp_path / "many.pt", 2, "files", wrap, bits, 0, "mlp")
     assert relative(one["twa"], many["twa"]) < 1e-5
 
 
 def test_an_fsdp_model_in_bfloat16_is_refused(tmp_path):
-    """The FSDP2 route checks the parameters' dtype as the other does (it cast them silently)."""
+    """The FSDP2 route checks the parameters' dtype as the column route does: TWA writes float32
+    weights, and a cast into the shards on every write would be silent."""
     script = tmp_path / "bf16.py"
     script.write_text(
         "import sys; sys.path.insert(0, sys.argv[1])\n"

@@ -27,8 +27,9 @@ The public names are the seven below: Subspace (built by Subspace.from_checkpoin
 SubspaceRecorder while SGD trains), TWA and SubspaceOptimizer (which train in it),
 combination_residual (how far alpha misses the weights), trainable_parameters (what TWA averages)
 and CheckpointError. twa.checkpoints reads checkpoint files for those who read them themselves
-(load_state_dict, check_readable, flatten_checkpoint, load_sharded); the integrations are twa.lightning
-and twa.hf. The other modules are the implementation.
+(its __all__: load_state_dict, check_readable, flatten_checkpoint, load_sharded, and reshard for an
+FSDP2 model evaluated between steps); the integrations are twa.lightning and twa.hf. The other
+modules are the implementation, and the scripts use only these names.
 
 Wrong arguments raise ValueError or TypeError naming them (CheckpointError, a ValueError, for
 checkpoints) before anything changes; a model or subspace changed under a TWA raises RuntimeError

@@ -12,9 +12,13 @@ from collections.abc import Mapping
 import torch
 
 from .errors import CheckpointError, first_line
+from .compat import FSDPModule
 from .safetensors_files import (SHARDED, SINGLE, SafetensorsState, check_files, is_safetensors,
                                 open_checkpoint)
-from .compat import FSDPModule
+
+# what those who read checkpoints themselves use (the scripts among them); the rest serves twa's own
+__all__ = ["CheckpointError", "check_readable", "flatten_checkpoint", "load_sharded",
+           "load_state_dict", "reshard"]
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and torch.compile
 # where training checkpoints keep the model's weights, e.g. {"model": ..., "optimizer": ...}
