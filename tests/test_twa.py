@@ -513,3 +513,34 @@ def test_checkpoints_given_as_one_path_or_in_memory_training_states(tmp_path):
     assert message.startswith("checkpoint state_dict #0 holds no tensors") and len(message) < 300
     with pytest.raises(ValueError, match="layer_size must be None or >= 0"):
         twa.Subspace.from_checkpoints(model, walk, layer_size=-1)
+
+
+@pytest.mark.parametrize("bits", [32, 16, 8, 4])
+def test_a_float64_default_dtype_changes_nothing(bits):
+    """Every tensor TWA makes names its dtype: under torch.set_default_dtype(torch.float64) a
+    float32 model builds the same basis (from state_dicts and recorded) and trains to the same
+    weights (a buffer made in the default dtype would stop the basis build with a dtype mismatch)."""
+    walk = random_walk(wide_mlp(), 5, step=0.05)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen))
+               for _ in range(3)]
+
+    def run(default):
+        model = wide_mlp()
+        torch.set_default_dtype(default)
+        try:
+            space = twa.Subspace.from_checkpoints(model, walk, bits=bits, layer_size=0)
+            recorder = twa.SubspaceRecorder(model, 5, bits=bits)
+            for state in walk:
+                model.load_state_dict(state)
+                recorder.add()
+            opt = twa.SubspaceOptimizer(model, space, torch.optim.SGD, lr=0.1, momentum=0.9)
+            for x, y in batches:
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            return flat(model.state_dict(), model), recorder.subspace().rank
+        finally:
+            torch.set_default_dtype(torch.float32)
+    (weights, rank), (weights64, rank64) = run(torch.float32), run(torch.float64)
+    assert rank64 == rank and torch.equal(weights64, weights)

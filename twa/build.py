@@ -268,7 +268,7 @@ def reference_from_checkpoints(model, checkpoints, device=None, progress=None, g
                                                                     progress, group)
     n = len(sources)
     builder, = span_builders(parameter_blocks(params), n, n, shard, 32, device, OnePassBuilder)
-    w = torch.empty(shard.local_size, device=device)
+    w = torch.empty(shard.local_size, dtype=torch.float32, device=device)
     for j in wrap(range(n), "one-pass Gram-Schmidt (reference)"):
         shard.read(sources[j], params, names[j], out=w)
         builder.add(j, w, None, shard)
@@ -292,7 +292,7 @@ def combination_residual(space, model, checkpoints, alpha):
                          f"checkpoints), not {tuple(alpha.shape)}")
     w = shard.current(params, "the model's weights").to(space.device)
     total = torch.zeros(shard.local_size, dtype=torch.float64, device=space.device)
-    buffer = torch.empty(shard.local_size, device=space.device)
+    buffer = torch.empty(shard.local_size, dtype=torch.float32, device=space.device)
     for i, source in enumerate(checkpoints):
         x = shard.read(source, params, describe(source, i), out=buffer)
         for block, a in zip(space.blocks, alpha):
@@ -344,7 +344,7 @@ def _mean_of(sources, params, device, wrap, shard, untrained):
     """This shard of the checkpoints' mean, accumulated in float64 on `device`; each checkpoint's
     untrained entries compared with the model's on the way (UntrainedEntries)."""
     total = torch.zeros(shard.local_size, dtype=torch.float64, device=device)
-    w = torch.empty(shard.local_size, device=device)
+    w = torch.empty(shard.local_size, dtype=torch.float32, device=device)
     for i, source in enumerate(wrap(sources, "mean of the checkpoints")):
         total += shard.read(source, params, describe(source, i), out=w, untrained=untrained)
     untrained.check()

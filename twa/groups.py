@@ -81,7 +81,8 @@ class GroupAligned(Affine):
         super().__init__(capacity, groups * QUANT_GROUP, bits, device)
         self.segments, self.agree = segments, agree
         self.holes = _complement([(at, at + n) for _, at, n in segments], self.dim)
-        self.spread = torch.zeros(self.dim, device=device)  # a vector at its stored columns
+        # a vector at its stored columns
+        self.spread = torch.zeros(self.dim, dtype=torch.float32, device=device)
 
     def scratch(self):
         return [self.spread]
@@ -125,7 +126,8 @@ class GroupAligned(Affine):
         """Two passes over the columns: the new rows' ranges, agreed, then the new rows."""
         mix = mix.to(device=self.device, dtype=torch.float32)
         owned = self._owned()
-        low = torch.empty(mix.shape[1], self.dim // QUANT_GROUP, device=self.device)
+        low = torch.empty(mix.shape[1], self.dim // QUANT_GROUP, dtype=torch.float32,
+                          device=self.device)
         high = torch.empty_like(low)
         for start, stop in self.chunks():
             groups = slice(start // QUANT_GROUP, stop // QUANT_GROUP)

@@ -35,8 +35,8 @@ class SubspaceRecorder:
         self.capacity, self.tol, self.names, self.handed_out = capacity, tol, [], False
         self.builders = span_builders(blocks, capacity, capacity, self.shard, bits, device)
         self.total = torch.zeros(self.shard.local_size, dtype=torch.float64, device=device)
-        self.anchor = torch.zeros(self.shard.local_size, device=device)
-        self.work = torch.empty(self.shard.local_size, device=device)
+        self.anchor = torch.zeros(self.shard.local_size, dtype=torch.float32, device=device)
+        self.work = torch.empty(self.shard.local_size, dtype=torch.float32, device=device)
 
     @torch.no_grad()
     def add(self, model=None, name=None):

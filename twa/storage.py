@@ -96,7 +96,8 @@ class Storage:
 
     def as_float32(self, start, stop):
         """Columns [start, stop) of the stored rows as float32."""
-        buffer = torch.empty(self.rows * (padded(stop) - start), device=self.device)
+        buffer = torch.empty(self.rows * (padded(stop) - start), dtype=torch.float32,
+                             device=self.device)
         tile, low = self._converted(start, stop, buffer)
         if low is None:
             return tile.div_(self.gain)
@@ -211,7 +212,7 @@ class Float32(Storage):
 
     def __init__(self, capacity, dim, bits=32, device="cpu"):
         super().__init__(capacity, dim, bits, device)
-        self.data = torch.zeros(capacity, dim, device=device)
+        self.data = torch.zeros(capacity, dim, dtype=torch.float32, device=device)
 
     def tensors(self):
         return {"data": self.data}
@@ -226,7 +227,7 @@ class Float32(Storage):
         return self.data[:self.rows, start:stop]  # a view, no copy
 
     def _buffer(self, dtype=torch.float32):
-        return torch.empty(0, device=self.device)  # nothing is converted
+        return torch.empty(0, dtype=torch.float32, device=self.device)  # nothing is converted
 
     def store(self, i, start, stop, values):
         self.data[i, start:stop] = values
@@ -316,8 +317,9 @@ class Affine(Rounded):
         super().__init__(capacity, dim, bits, device)
         self.fused = dim >= FUSED_MIN_COLUMNS
         self.data = torch.zeros(capacity, padded(dim) * bits // 8, dtype=torch.uint8, device=device)
-        self.scale = torch.zeros(capacity, padded(dim) // QUANT_GROUP, device=device)
-        self.low = torch.zeros(capacity, padded(dim) // QUANT_GROUP, device=device)
+        groups = padded(dim) // QUANT_GROUP
+        self.scale = torch.zeros(capacity, groups, dtype=torch.float32, device=device)
+        self.low = torch.zeros(capacity, groups, dtype=torch.float32, device=device)
 
     def tensors(self):
         return {"data": self.data, "scale": self.scale, "low": self.low}
