@@ -17,6 +17,7 @@ args); --output-dir moves the first two.
 import glob
 import json
 import os
+import re
 import time
 
 import cli
@@ -197,12 +198,18 @@ def checkpoint_files(args):
         return [checkpoint_path(args, i) for i in checkpoint_indices(args)]
     files = []
     for pattern in args.checkpoints:
-        matches = [path for path in sorted(glob.glob(pattern)) if is_checkpoint(path)] \
-            if glob.has_magic(pattern) else [pattern]
+        matches = [path for path in sorted(glob.glob(pattern), key=in_number_order)
+                   if is_checkpoint(path)] if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise UsageError(f"--checkpoints {pattern} matches no file")
         files += matches
     return files
+
+
+def in_number_order(path):
+    """A sort key that puts numbered names in number order (2.pt before 10.pt), as the saving run
+    wrote them: the first checkpoint anchors the basis, and --train_start counts in this order."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path)]
 
 
 def is_checkpoint(path):

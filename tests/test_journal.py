@@ -1,4 +1,5 @@
 """The journal version's extensions: layer-wise coefficients, model soups, the held-out split."""
+import argparse
 import copy
 import json
 import os
@@ -14,6 +15,7 @@ import data
 import loaders
 import models
 import soup
+import train_twa
 import twa
 from conftest import ROOT
 from test_twa import flat, mlp, random_walk, train_steps, wide_mlp
@@ -262,3 +264,13 @@ def test_resume_refuses_other_settings(finetunes, tiny_data):
     assert cli("train_twa.py", *flags).returncode == 0
     proc = cli("train_twa.py", *flags, "--resume", "--layer-size", 0)
     assert proc.returncode == 2 and "was saved with --" in proc.stderr
+
+
+def test_a_checkpoint_glob_lists_the_files_in_number_order(tmp_path):
+    """--checkpoints 'dir/*.pt' takes 2.pt before 10.pt (text order would not: the first file
+    anchors the basis and --train_start counts in this order), and skips the scripts' other outputs."""
+    for name in ("0.pt", "1.pt", "2.pt", "10.pt", "state.pt", "twa.pt", "twa_state.pt"):
+        (tmp_path / name).write_bytes(b"")
+    args = argparse.Namespace(checkpoints=[str(tmp_path / "*.pt")])
+    assert [os.path.basename(f) for f in train_twa.checkpoint_files(args)] == \
+        ["0.pt", "1.pt", "2.pt", "10.pt"]
