@@ -241,9 +241,16 @@ def size_of(path):
 
 
 def _files_of(folder):
+    """(name relative to `folder`, path) of every file under it, subfolders included, in sorted
+    order: a flat folder's names are its files' own, so its digest does not depend on the walk."""
     if not os.path.isdir(folder):
         return []
-    return [(name, os.path.join(folder, name)) for name in sorted(os.listdir(folder))]
+    found = []
+    for root, subfolders, files in os.walk(folder):
+        subfolders.sort()
+        found += [(os.path.relpath(os.path.join(root, name), folder), os.path.join(root, name))
+                  for name in files]
+    return sorted(found)
 
 
 def replace_folder(tmp, path):

@@ -3,6 +3,7 @@ are written whole (flushed, renamed, the folder flushed) or not at all, a full d
 leave no torn file and the next run removes the temp files, a checkpoint that changed on disk is
 refused by its manifest, signals at any moment stop the run with a resumable state, and resuming a
 finished run rewrites nothing but what it wrote."""
+import hashlib
 import json
 import os
 import pickle
@@ -296,3 +297,22 @@ def test_a_sharded_checkpoint_reads_whole_and_its_damage_is_one_line(tmp_path, m
     (path / ".metadata").unlink()
     with pytest.raises(twa.CheckpointError, match="a folder without .metadata"):
         twa.checkpoints.load_state_dict(str(path))
+
+
+def test_a_checkpoint_folder_with_a_subfolder_is_hashed_whole(tmp_path):
+    """A folder's digest covers the files of its subfolders too (a changed file there changes it),
+    and a flat folder's digest is its files' names and digests (the manifests of flat folders keep
+    their entries)."""
+    folder = tmp_path / "7.dcp"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "a.distcp").write_bytes(b"weights")
+    (folder / "nested" / "b.bin").write_bytes(b"more")
+    digest = runfiles.sha256_of(folder)
+    assert runfiles.size_of(folder) == len(b"weights") + len(b"more")
+    (folder / "nested" / "b.bin").write_bytes(b"mere")
+    assert runfiles.sha256_of(folder) != digest
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.distcp").write_bytes(b"weights")
+    expected = hashlib.sha256(f"a.distcp\0{hashlib.sha256(b'weights').hexdigest()}\n".encode())
+    assert runfiles.sha256_of(flat) == expected.hexdigest()
