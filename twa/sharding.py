@@ -13,7 +13,6 @@ from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
-
 from torch.nn.modules.batchnorm import _NormBase
 
 from .checkpoints import flatten_checkpoint, holds_sharded_folder, load_state_dict, read_local_shards
