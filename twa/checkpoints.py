@@ -11,8 +11,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import CheckpointError, first_line
 from .compat import FSDPModule
+from .errors import CheckpointError, first_line
 from .safetensors_files import (SHARDED, SINGLE, SafetensorsState, check_files, is_safetensors,
                                 open_checkpoint)
 
@@ -354,12 +354,12 @@ def _model_entries(saved):
                           if name.startswith(prefix)}
 
 
-def read_local_shards(path, params, source, out, shard, untrained=None, compare=None):
+def read_local_shards(path, params, source, out, shard, untrained=None):
     """This process's entries of the trainable parameters of a sharded checkpoint, read into tensors
     sharded as the model's own (FSDP2 DTensors): each process reads only its rows of each file.
-    untrained: {name: the model's tensor} of entries also to read, sharded as the model holds them
-    and in the checkpoint's dtype, where the checkpoint has them in that shape, for
-    compare({name: tensor}) to see with the parameters."""
+    untrained (sharding.UntrainedEntries): its entries are also read, sharded as the model holds
+    them and in the checkpoint's dtype, where the checkpoint has them in that shape, for its
+    compare() to see with the parameters."""
     key, saved = _model_entries(_tensors(path))
     for name, p in params:  # the same index on every process: all stop at the same file, or none
         if name not in saved:
@@ -370,12 +370,13 @@ def read_local_shards(path, params, source, out, shard, untrained=None, compare=
         if shape != tuple(p.shape):
             raise CheckpointError(f"{source} does not match the model: '{name}' has shape {shape}, "
                                   f"the model {tuple(p.shape)}")
-    state = {name: torch.empty_like(own, dtype=saved[name][1]) for name, own in (untrained or {}).items()
+    state = {name: torch.empty_like(own, dtype=saved[name][1])
+             for name, own in (untrained.entries.items() if untrained else ())
              if name in saved and saved[name][0] == tuple(own.shape)}
     state.update((name, torch.empty_like(p.detach())) for name, p in params)
     load_sharded({key: state} if key else state, path, process_group=shard.group)
-    if compare is not None:
-        compare(state)
+    if untrained:
+        untrained.compare(state)
     local = torch.cat([state[name].to_local().reshape(-1).float() for name, _ in params])
     bad = shard.sum_(torch.tensor([0.0 if bool(torch.isfinite(local).all()) else 1.0],
                                   device=local.device))

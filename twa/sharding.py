@@ -179,9 +179,7 @@ class ModelSharding(Sharding):
         rows of each file; any other checkpoint whole."""
         if isinstance(source, Mapping) or not holds_sharded_folder(source):
             return super().read(source, params, name, out, untrained)
-        return read_local_shards(source, params, name, out, self,
-                                 untrained.entries if untrained is not None else {},
-                                 untrained.compare if untrained is not None else None)
+        return read_local_shards(source, params, name, out, self, untrained)
 
     def current(self, params, name, out=None):
         local = torch.cat([p.detach().to_local().reshape(-1).float() for _, p in params])
@@ -285,9 +283,7 @@ class ParameterBuffers:
     """Flat float32 buffers of this process's weight and gradient entries. `weights` is where a step
     computes the new weights of this process's entries; gradient() returns this process's entries
     of the gradient, averaged over the processes; publish() makes the model's parameters hold the
-    weights. On the column route with several processes both hold per_rank entries, padded past
-    local_size (collectives move equal shards): readers take [:local_size]. Subclasses set
-    `flat_grads`, `tensors` (every buffer, for CUDA graph capture), `views` (each parameter's
+    weights. Both have exactly local_size entries. Subclasses set `flat_grads`, `tensors` (every buffer, for CUDA graph capture), `views` (each parameter's
     gradient view) and `own_layout` (parameters whose gradients keep their own tensor)."""
 
     def gradient(self):
@@ -341,24 +337,28 @@ class ColumnBuffers(ParameterBuffers):
                 p.data, p.grad = view, self.views[-1]
             offset += p.numel()
         self.own_layout = {p for p, _ in self.copied}
+        self.tensors = [self.flat_weights, self.flat_grads]
         if shard.world == 1:
-            self.weights, self.shard_grads = self.flat_weights[:shard.dim], None
-        else:  # computed here, then gathered into flat_weights; reduce-scattered here from flat_grads
-            self.weights, self.shard_grads = torch.zeros(2, shard.per_rank, dtype=first.dtype,
-                                                         device=device)
-        self.tensors = [t for t in (self.flat_weights, self.flat_grads, self.weights,
-                                    self.shard_grads) if t is not None]
+            self.weights, self.local_grads = self.flat_weights[:shard.dim], self.flat_grads[:shard.dim]
+            return
+        # this process's columns, padded to per_rank (collectives move equal shards): computed in
+        # `padded_weights`, then gathered into flat_weights; reduce-scattered into `padded_grads`
+        self.padded_weights, self.padded_grads = torch.zeros(2, shard.per_rank, dtype=first.dtype,
+                                                             device=device)
+        self.tensors += [self.padded_weights, self.padded_grads]
+        self.weights = self.padded_weights[:shard.local_size]
+        self.local_grads = self.padded_grads[:shard.local_size]
 
     def gradient(self):
         shard = self.shard
-        if shard.world == 1:
-            return self.flat_grads[:shard.dim]
-        reduce_scatter_single(self.shard_grads, self.flat_grads, group=shard.group)
-        return self.shard_grads.div_(shard.world)
+        if shard.world > 1:
+            reduce_scatter_single(self.padded_grads, self.flat_grads, group=shard.group)
+            self.padded_grads.div_(shard.world)
+        return self.local_grads
 
     def publish(self, fsdp_units):
         if self.shard.world > 1:  # every process's columns, into the parameters' views
-            all_gather_single(self.flat_weights, self.weights, group=self.shard.group)
+            all_gather_single(self.flat_weights, self.padded_weights, group=self.shard.group)
         for p, view in self.copied:
             p.data.copy_(view)
 

@@ -99,7 +99,7 @@ class TWA:
         left in the model, which are then zeroed."""
         self.buffers.collect_gradients(self.params)
         g = self.buffers.gradient()  # this process's entries, averaged over the processes
-        grad = self.space.gradient(g[:self.space.shard.local_size]).to(self.trained.device)
+        grad = self.space.gradient(g).to(self.trained.device)
         if self.directions is not None:  # chain rule through c = P mean + D^T beta
             grad = torch.cat([unit @ piece for (unit, _), piece in
                               zip(self.directions, self.space._pieces(grad))])
@@ -172,5 +172,5 @@ class TWA:
 
     @torch.no_grad()
     def write_weights(self):
-        self.space.weights(self.coordinates, out=self.buffers.weights[:self.space.shard.local_size])
+        self.space.weights(self.coordinates, out=self.buffers.weights)
         self.buffers.publish(self.fsdp_modules)
