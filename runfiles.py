@@ -246,8 +246,7 @@ def _files_of(folder):
     if not os.path.isdir(folder):
         return []
     found = []
-    for root, subfolders, files in os.walk(folder):
-        subfolders.sort()
+    for root, _, files in os.walk(folder):
         found += [(os.path.relpath(os.path.join(root, name), folder), os.path.join(root, name))
                   for name in files]
     return sorted(found)
